@@ -1,0 +1,1 @@
+"""llmscratch: a GPT-style language model built from scratch in PyTorch."""

@@ -1,0 +1,210 @@
+"""Self-attention, built up one idea at a time, ending in the fast path the model uses.
+
+Read top to bottom, this file retraces how attention is usually taught:
+
+1. `simplified_self_attention` — no weights at all: each token's output is an average of
+   every token's embedding, weighted by softmax(dot products).
+2. `SelfAttention` — trainable query/key/value projections and the 1/sqrt(d) scaling.
+3. `CausalAttention` — a mask so a token only sees itself and the tokens before it, plus
+   dropout on the attention weights.
+4. `MultiHeadAttentionWrapper` — several causal heads side by side, outputs concatenated.
+5. `MultiHeadAttention` — the same thing done with one projection and a reshape, so all
+   heads run in one batched matmul.
+6. `CausalSelfAttention` — what `GPT` uses: the Q, K and V projections fused into one
+   matrix (`c_attn`, GPT-2's name), `scaled_dot_product_attention` (flash / memory-efficient
+   kernels where the device has them), and an optional KV cache for generation.
+
+Steps 1–5 exist to be read, plotted and tested; `tests/test_attention.py` checks that the
+fast path (6) computes exactly the naive formula of step 5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def simplified_self_attention(x: torch.Tensor) -> torch.Tensor:
+    """Attention with no trainable weights.
+
+    Args:
+        x: `(T, d)` or `(B, T, d)` embeddings.
+
+    Returns:
+        Context vectors of the same shape: row t is `sum_s softmax_s(x_t · x_s) x_s`.
+    """
+    scores = x @ x.transpose(-2, -1)  # (.., T, T): similarity of every pair of tokens
+    weights = torch.softmax(scores, dim=-1)  # each row sums to 1
+    return weights @ x  # (.., T, d)
+
+
+class SelfAttention(nn.Module):
+    """Scaled dot-product self-attention with trainable query, key and value projections."""
+
+    def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The `(B, T, T)` attention matrix (rows sum to 1), e.g. for a heat map."""
+        q, k = self.W_query(x), self.W_key(x)
+        # Dividing by sqrt(d_k) keeps the dot products' variance near 1, so the softmax
+        # does not saturate into a one-hot vector with vanishing gradients.
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1]), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d_in) -> (B, T, d_out)
+        return self.attention_weights(x) @ self.W_value(x)
+
+
+class CausalAttention(nn.Module):
+    """One causal attention head: token t attends only to tokens 0..t."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float = 0.0,
+                 qkv_bias: bool = False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        # True above the diagonal = "future" positions to hide. A buffer moves with .to().
+        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        q, k = self.W_query(x), self.W_key(x)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])  # (B, T, T)
+        # -inf before the softmax gives the future exactly zero weight and keeps rows summing to 1
+        scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.attention_weights(x)) @ self.W_value(x)
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """`n_head` independent causal heads whose outputs are concatenated: clear but slow."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, n_head: int,
+                 dropout: float = 0.0, qkv_bias: bool = False):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            CausalAttention(d_in, d_out, context_length, dropout, qkv_bias) for _ in range(n_head)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d_in) -> (B, T, n_head*d_out)
+        return torch.cat([head(x) for head in self.heads], dim=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head causal attention with one projection per Q/K/V split into heads by a view.
+
+    This is the naive formula the fast path is tested against: explicit scores, mask,
+    softmax, dropout and weighted sum.
+    """
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, n_head: int,
+                 dropout: float = 0.0, qkv_bias: bool = False):
+        super().__init__()
+        if d_out % n_head != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by n_head ({n_head})")
+        self.n_head, self.head_dim = n_head, d_out // n_head
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)  # mixes what the heads found
+        self.dropout = nn.Dropout(dropout)
+        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B, n_head, T, T)` attention weights."""
+        B, T, _ = x.shape
+        q = self.W_query(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.W_key(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, T, T)
+        scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        v = self.W_value(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        ctx = self.dropout(self.attention_weights(x)) @ v  # (B, nh, T, hs)
+        ctx = ctx.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, d_out)
+        return self.out_proj(ctx)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values of one attention layer, for incremental decoding.
+
+    Allocated once at its full size, so appending a token is an in-place copy rather than
+    a `torch.cat` that reallocates the whole cache at every step.
+    """
+
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int,
+                 device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write `k`, `v` `(B, nh, T, hs)` at positions `start..start+T`; return all keys and
+        values so far, `(B, nh, start+T, hs)` each."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention as GPT-2 computes it, on the fast path.
+
+    One fused `c_attn` projection yields Q, K and V (one matmul instead of three), and
+    `scaled_dot_product_attention` does mask + softmax + weighted sum in one kernel.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, qkv_bias: bool = True):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, n_embd // n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=qkv_bias)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Args:
+            x: `(B, T, n_embd)` hidden states of positions `start..start+T`.
+            cache: when given, this layer's keys/values are stored in it and the queries
+                attend to every cached position before them as well.
+            start: position of `x`'s first token (only meaningful with a cache).
+
+        Returns:
+            `(B, T, n_embd)`.
+        """
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None or start == 0:
+            if cache is not None:
+                cache.update(0, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            k, v = cache.update(start, k, v)  # (B, nh, start+T, hs)
+            if T == 1:
+                # one new token may look at everything cached: no mask at all
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:
+                # a chunk after a prefix: query i (absolute start+i) sees keys 0..start+i
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))

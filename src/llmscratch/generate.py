@@ -1,0 +1,205 @@
+"""Decoding: turn a model's next-token distributions into text.
+
+`sample` picks one token from logits (greedy, temperature, top-k, top-p) and knows nothing
+about models. `generate_stream` is the decoding loop, yielding one new token per row per
+step; `generate` collects it into a tensor and `stream_text` decodes it into text pieces
+for the CLI and the server.
+
+With `use_cache=True` (the default) each layer's keys and values are kept in a
+pre-allocated KV cache, so a new token costs one position's work instead of the whole
+sequence's. Once the sequence fills the context window, the model with learned absolute
+positions has to see the last `context_length` tokens at new positions, so from then on
+each step recomputes that window (exactly what the uncached loop does) — the cached and
+uncached paths give the same tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+
+from .model import GPT
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from `(B, V)` logits; returns `(B,)` ids.
+
+    temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature,
+    restricted to the `top_k` most likely tokens and/or the smallest set whose probability
+    reaches `top_p`, and one token is drawn.
+    """
+    if temperature is None or temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already reach top_p; the first
+        # token always survives because the mass above it is 0
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _fit_prompt(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    ctx = model.config.context_length
+    if idx.shape[1] > ctx:
+        warnings.warn(
+            f"prompt of {idx.shape[1]} tokens is longer than the context length {ctx}; "
+            f"keeping its last {ctx} tokens",
+            stacklevel=3,
+        )
+        idx = idx[:, -ctx:]
+    return idx
+
+
+@torch.inference_mode()
+def generate_stream(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield `(B,)` new token ids, one step at a time.
+
+    A row that has produced `eos_id` keeps yielding `eos_id` (padding) until every row is
+    done, then the loop stops; so stopping works at any batch size.
+    """
+    if idx.dim() == 1:
+        idx = idx.unsqueeze(0)
+    if idx.shape[1] == 0:
+        raise ValueError("generate needs a prompt of at least one token")
+    idx = _fit_prompt(model, idx)
+    ctx = model.config.context_length
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    eos = None
+    if eos_id is not None:
+        eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=idx.device)
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+
+    caches = model.make_kv_caches(idx.shape[0], ctx) if use_cache else None
+    seq = idx
+    logits = model(seq, caches, 0, last_only=True)[:, -1]  # prefill: (B, V)
+    for _ in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        if eos is not None:
+            nxt = torch.where(done, eos[0], nxt)
+            done = done | torch.isin(nxt, eos)
+        yield nxt
+        if eos is not None and bool(done.all()):
+            return
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if seq.shape[1] > ctx:  # slide the window: positions change, recompute it
+            seq = seq[:, -ctx:]
+            logits = model(seq, caches, 0, last_only=True)[:, -1]
+        elif use_cache:
+            logits = model(nxt[:, None], caches, seq.shape[1] - 1, last_only=True)[:, -1]
+        else:
+            logits = model(seq, None, 0, last_only=True)[:, -1]
+
+
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Continue `idx` by up to `max_new_tokens` tokens.
+
+    Args:
+        model: a `GPT` (switched to eval mode for the call).
+        idx: `(B, T)` (or `(T,)`) prompt ids. Prompts longer than the context window are
+            left-truncated with a warning.
+        max_new_tokens: how many tokens to add (fewer if every row hits `eos_id`).
+        temperature: 0 for greedy decoding; higher is more random.
+        top_k / top_p: restrict sampling to the k likeliest tokens / the nucleus of mass p.
+        eos_id: stop a row when it emits this id (or any of these ids); finished rows are
+            padded with it.
+        seed: seeds a private generator, so the same call gives the same tokens.
+        use_cache: use the KV cache (same tokens as without, much faster).
+
+    Returns:
+        `(B, T' + n)` ids: the (possibly truncated) prompt followed by the new tokens.
+    """
+    if idx.dim() == 1:
+        idx = idx.unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p,
+                                   eos_id, seed, use_cache))
+    finally:
+        model.train(was_training)
+    prompt = idx[:, -model.config.context_length:]
+    if not new:
+        return prompt.clone()
+    return torch.cat([prompt, torch.stack(new, dim=1)], dim=1)
+
+
+def stream_text(
+    model: GPT,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    device: torch.device | str | None = None,
+) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text, piece by piece (batch size 1).
+
+    A byte-level BPE token can end in the middle of a UTF-8 character, so text is emitted
+    only once the decoded tail no longer ends in an incomplete character.
+    """
+    device = device or next(model.parameters()).device
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        ids = [tokenizer.eot_id]  # an empty prompt starts a new document
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    new: list[int] = []
+    emitted = ""
+    try:
+        eos = tokenizer.eot_id if stop_at_eos else None
+        for tok in generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos, seed):
+            t = int(tok[0])
+            if eos is not None and t == eos:
+                break
+            new.append(t)
+            text = tokenizer.decode(new)
+            if text.endswith("\ufffd"):
+                continue  # wait for the rest of the character
+            yield text[len(emitted):]
+            emitted = text
+        text = tokenizer.decode(new)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+    finally:
+        model.train(was_training)
