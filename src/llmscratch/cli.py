@@ -87,6 +87,102 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (and a preset's random init)")
 
 
+# ------------------------------------------------------------------------ pretrain
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field, its help text from the field's metadata. Defaults are
+    SUPPRESSed so the command can tell which flags were given (they override --config)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata["help"] + f" (default: {f.default})"
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=helptext)
+            continue
+        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=helptext,
+                       choices=f.metadata.get("choices"), metavar=f.name.upper())
+
+
+def _load_config_file(path: str, cls) -> dict:
+    import dataclasses
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path}: not valid TOML ({e})") from None
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"--config {path}: unknown setting(s) {unknown}; valid: {sorted(names)}")
+    return values
+
+
+def cmd_pretrain(args) -> int:
+    """Pretrain a GPT from scratch on a corpus, writing a self-contained run folder."""
+    from .train import TrainConfig, pretrain
+
+    values = _load_config_file(args.config, TrainConfig) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k not in ("command", "func", "config")})
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise UserError(f"bad setting: {e}") from None
+    result = pretrain(cfg)
+    out = result.out
+    if result.interrupted:
+        print(f"\ninterrupted at step {result.step}: checkpoint saved in {out}; "
+              f"continue with --resume --out {out}", file=sys.stderr)
+        return 130
+    print(f"\ndone: {result.step} steps, {result.tokens_seen:,} tokens; "
+          f"validation loss {result.val_loss:.3f} ({result.val_bpb:.3f} bits/byte)")
+    if result.sample:
+        print(f"sample: {result.sample!r}")
+    print(f"run folder:  {out}")
+    print(f"checkpoint:  {out / 'model.safetensors'} (+ train_state.safetensors for --resume)")
+    print(f"loss plot:   {out / 'loss.png'}")
+    print(f"metrics:     {out / 'metrics.jsonl'}")
+    print(f"try:         llmscratch generate --model {out} --prompt \"...\"")
+    return 0
+
+
+# ---------------------------------------------------------------------------- eval
+def cmd_eval(args) -> None:
+    """Loss, perplexity and bits per byte of a model on a dataset or text."""
+    from .checkpoint import load_model
+    from .data import load_bin, tokenize_to_bin
+    from .datasets import cache_root, load_text
+    from .train import evaluate, metrics_from_loss
+    from .utils import pick_device
+
+    device = pick_device(args.device)
+    model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args.dtype))
+    T = min(args.context_length or model.config.context_length, model.config.context_length)
+    docs = load_text(args.data, encoding_errors=args.encoding_errors)
+    n_bytes = sum(len(d.text.encode("utf-8")) for d in docs)
+    ids = load_bin(tokenize_to_bin(docs, tokenizer, cache_root() / "tokens", source=args.data))
+    if len(ids) < T + 1:
+        raise UserError(f"--data {args.data}: {len(ids)} tokens, fewer than one window of {T} + 1")
+    loss = evaluate(model, ids, args.batch_size, T, args.max_batches, device)
+    m = metrics_from_loss(loss, n_bytes / len(ids))
+    n_windows = (len(ids) - 1) // T
+    if args.max_batches:
+        n_windows = min(n_windows, args.max_batches * args.batch_size)
+    print(f"data         {args.data}: {len(ids):,} tokens ({n_bytes:,} bytes), "
+          f"{n_windows} windows of {T}")
+    print(f"loss         {m['val_loss']:.4f} nats/token")
+    print(f"perplexity   {m['val_ppl']:.2f}")
+    print(f"bits/byte    {m['val_bpb']:.4f}")
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -107,6 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     p.set_defaults(func=cmd_generate)
 
+    from .train import TrainConfig
+
+    p = sub.add_parser("pretrain", help="pretrain a GPT from scratch", description=cmd_pretrain.__doc__)
+    p.add_argument("--config", help="TOML file of settings (names as below, with _ or -); flags override it")
+    _add_dataclass_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits/byte on a dataset", description=cmd_eval.__doc__)
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="dataset name, text file or folder of .txt files")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--context-length", type=int, default=None, help="window length (default: the model's)")
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
+    p.add_argument("--encoding-errors", choices=("strict", "replace", "ignore"), default="strict")
+    p.set_defaults(func=cmd_eval)
+
     return parser
 
 
@@ -119,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.showwarning = one_line_warning
     try:
-        args.func(args)
+        code = args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -128,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `llmscratch generate ... | head`
         return 0
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

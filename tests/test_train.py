@@ -1,0 +1,201 @@
+"""The pretraining loop: schedule, exact resume, DDP equivalence, run folder, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmscratch.errors import UserError
+from llmscratch.train import TrainConfig, get_lr, pretrain
+
+TINY = dict(data="the-verdict", model="tiny", tokenizer="bpe:320", context_length=32, batch_size=4,
+            eval_every=5, eval_batches=2, sample_tokens=4, warmup_steps=3, lr=3e-3,
+            precision="fp32", progress=False, seed=7)
+
+
+def cfg(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "out": str(tmp_path / name), **kw})
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(l)["train_loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    c = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert get_lr(0, c) == pytest.approx(0.1)
+    assert get_lr(9, c) == pytest.approx(1.0)
+    assert get_lr(10, c) == pytest.approx(1.0)
+    assert get_lr(60, c) == pytest.approx(0.55)  # halfway down the cosine
+    assert get_lr(110, c) == pytest.approx(0.1)
+    lrs = [get_lr(s, c) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_run_folder_and_loss_falls(tmp_path, data_dir):
+    res = pretrain(cfg(tmp_path, max_steps=30, eval_every=10))
+    out = res.out
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "train_state.safetensors",
+              "metrics.jsonl", "loss.png"):
+        assert (out / f).is_file(), f
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["format"] == "llmscratch" and conf["model"]["vocab_size"] == 320
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 31))
+    evals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"] - 1.0
+    assert res.val_bpb == pytest.approx(evals[-1]["val_bpb"])
+    # the saved model loads and generates
+    from llmscratch.checkpoint import load_model
+    from llmscratch.generate import generate
+
+    model, tok = load_model(str(out))
+    assert tok.vocab_size == 320
+    assert generate(model, torch.tensor([[1, 2]]), 5).shape == (1, 7)
+
+
+def test_same_seed_same_run(tmp_path, data_dir):
+    a = pretrain(cfg(tmp_path, "a", max_steps=8, dropout=0.1)).out
+    b = pretrain(cfg(tmp_path, "b", max_steps=8, dropout=0.1)).out
+    assert losses(a) == losses(b)
+    for k, v in weights(a).items():
+        assert torch.equal(v, weights(b)[k])
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
+    """20 steps straight == 10 steps, stop, resume to 20 (dropout on: the RNG is restored too)."""
+    full = pretrain(cfg(tmp_path, "full", max_steps=20, dropout=0.1, grad_accum=2)).out
+    first = pretrain(cfg(tmp_path, "split", max_steps=20, dropout=0.1, grad_accum=2), stop_after=10)
+    assert first.interrupted and first.step == 10
+    second = pretrain(cfg(tmp_path, "split", max_steps=20, dropout=0.1, grad_accum=2, resume=True))
+    assert second.step == 20 and not second.interrupted
+    assert losses(first.out) == pytest.approx(losses(full), abs=1e-6)
+    wf, ws = weights(full), weights(first.out)
+    for k in wf:
+        torch.testing.assert_close(ws[k], wf[k], atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_changed_settings(tmp_path, data_dir):
+    pretrain(cfg(tmp_path, max_steps=2))
+    with pytest.raises(UserError, match=r"different settings: batch_size \(4 -> 8\)"):
+        pretrain(cfg(tmp_path, max_steps=4, batch_size=8, resume=True))
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        pretrain(cfg(tmp_path, max_steps=4))
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        pretrain(cfg(tmp_path, "nothing", resume=True))
+
+
+def test_bad_settings_are_user_errors(tmp_path, data_dir):
+    with pytest.raises(UserError, match="--max-steps must be positive"):
+        pretrain(cfg(tmp_path, max_steps=0))
+    with pytest.raises(UserError, match=r"need at least .*4097"):
+        pretrain(cfg(tmp_path, max_steps=1, context_length=4096, model="small"))
+    with pytest.raises(UserError, match="unknown model preset"):
+        pretrain(cfg(tmp_path, max_steps=1, model="huge"))
+    with pytest.raises(UserError, match="bpe:VOCAB_SIZE"):
+        pretrain(cfg(tmp_path, max_steps=1, tokenizer="bpe:lots"))
+    assert not (tmp_path / "run" / "train_state.safetensors").exists()
+
+
+def _cli(*args, env_extra=None, **kw):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "llmscratch", *args], capture_output=True, text=True,
+                          env=env, timeout=300, **kw)
+
+
+def _cli_args(out: Path, **kw) -> list[str]:
+    opts = {**TINY, "out": str(out), **kw}
+    args = []
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            args += [flag, str(v)]
+    return args
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path, data_dir):
+    """torchrun with 2 CPU processes (gloo) follows the single-process loss trajectory."""
+    single = tmp_path / "single"
+    r = _cli("pretrain", *_cli_args(single, max_steps=6))
+    assert r.returncode == 0, r.stderr
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "llmscratch", "pretrain", *_cli_args(ddp, max_steps=6)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(ddp) == pytest.approx(losses(single), abs=1e-4)
+    ws, wd = weights(single), weights(ddp)
+    for k in ws:
+        torch.testing.assert_close(wd[k], ws[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path, data_dir):
+    out = tmp_path / "killed"
+    args = _cli_args(out, max_steps=100000, eval_every=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "llmscratch", "pretrain", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err
+    state = load_file(str(out / "train_state.safetensors"))
+    assert "rng.cpu" in state
+    step = len(metrics.read_text().splitlines())
+    r = _cli("pretrain", *_cli_args(out, max_steps=step + 2, eval_every=100000, resume=True))
+    assert r.returncode == 0, r.stderr
+    assert len(metrics.read_text().splitlines()) == step + 2
+
+
+def test_cli_errors_are_one_line(tmp_path, data_dir):
+    r = _cli("pretrain", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and "missing.txt" in r.stderr
+    assert "Traceback" not in r.stderr
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello \xff\xfe world " * 10)
+    r = _cli("pretrain", "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "byte" in r.stderr and "--encoding-errors replace" in r.stderr
+    toml = tmp_path / "run.toml"
+    toml.write_text('max_steps = 3\nbogus = 1\n')
+    r = _cli("pretrain", "--config", str(toml))
+    assert r.returncode == 2 and "bogus" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_config_file_and_flags(tmp_path, data_dir):
+    toml = tmp_path / "run.toml"
+    toml.write_text('data = "the-verdict"\nmodel = "tiny"\ntokenizer = "bpe:300"\ncontext-length = 32\n'
+                    'batch_size = 2\nmax_steps = 50\neval_every = 2\neval_batches = 1\nprecision = "fp32"\n')
+    out = tmp_path / "cfgrun"
+    r = _cli("pretrain", "--config", str(toml), "--max-steps", "2", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    conf = json.loads((out / "config.json").read_text())["train"]
+    assert conf["max_steps"] == 2 and conf["batch_size"] == 2 and conf["tokenizer"] == "bpe:300"
+    assert "run folder:" in r.stdout and "loss.png" in r.stdout
+    r = _cli("eval", "--model", str(out), "--data", "the-verdict", "--max-batches", "2")
+    assert r.returncode == 0, r.stderr
+    assert "bits/byte" in r.stdout and "perplexity" in r.stdout
