@@ -1,0 +1,83 @@
+"""Tokenizers: text <-> token ids.
+
+- `WordTokenizer`: word-level, built from a text, `<|unk|>` for unseen words.
+- `BPETokenizer`: byte-level BPE you can train, or GPT-2's exactly from its files.
+- `GPT2Tokenizer`: GPT-2's BPE at tiktoken speed (what `get_tokenizer("gpt2")` returns).
+
+Example:
+    >>> tok = get_tokenizer("gpt2")
+    >>> tok.encode("Hello world<|endoftext|>")
+    [15496, 995, 50256]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import UserError
+from .base import Tokenizer
+from .bpe import BPETokenizer
+from .gpt2 import GPT2Tokenizer
+from .word import WordTokenizer
+
+__all__ = [
+    "Tokenizer",
+    "WordTokenizer",
+    "BPETokenizer",
+    "GPT2Tokenizer",
+    "get_tokenizer",
+    "load_tokenizer",
+]
+
+TOKENIZER_FILE = "tokenizer.json"
+"""The file name a run folder stores its tokenizer under."""
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer saved by any of our tokenizers' `save`.
+
+    Args:
+        path: the JSON file (its `"type"` field, `"gpt2"`, `"bpe"` or `"word"`, picks the
+            class), or a folder holding `tokenizer.json`.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        UserError: missing or malformed file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    return Tokenizer.load(path)
+
+
+def get_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer by name, or loaded from a saved file.
+
+    Args:
+        name_or_path: `"gpt2"`, or the path of a file written by a tokenizer's `save`
+            (or a run folder holding `tokenizer.json`).
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        UserError: an unknown name, or a path that does not hold a tokenizer.
+    """
+    if isinstance(name_or_path, str) and name_or_path.strip().lower() in ("gpt2", "gpt-2"):
+        return GPT2Tokenizer()
+    path = Path(name_or_path)
+    if path.is_file() or (path.is_dir() and (path / TOKENIZER_FILE).is_file()):
+        return load_tokenizer(path)
+    # "word" and "bpe" are kinds, not ready-made tokenizers: say how to make one.
+    how = {
+        "word": "WordTokenizer.from_text(text)",
+        "bpe": "BPETokenizer().train(text, vocab_size)",
+    }.get(str(name_or_path).strip().lower())
+    hint = f"; build a {name_or_path} tokenizer with {how}, save it, and pass its path" if how else ""
+    raise UserError(
+        f"unknown tokenizer {str(name_or_path)!r}: valid choices are 'gpt2' or the path of a "
+        f"saved tokenizer JSON file (or a folder holding {TOKENIZER_FILE}){hint}"
+    )
