@@ -183,6 +183,64 @@ def cmd_eval(args) -> None:
     print(f"bits/byte    {m['val_bpb']:.4f}")
 
 
+# ------------------------------------------------------------------ download / convert
+def cmd_download(args) -> None:
+    """Download OpenAI's GPT-2 weights (Hugging Face format), verify and load-check them."""
+    from .hub import download_gpt2
+
+    folder = download_gpt2(args.name, args.out, endpoint=args.endpoint, revision=args.revision)
+    print(f"GPT-2 checkpoint ready in {folder}")
+    print(f"try: llmscratch generate --model {folder} --prompt \"Hello, I'm a language model,\"")
+
+
+def cmd_convert(args) -> None:
+    """Convert between a Hugging Face GPT-2 folder and an llmscratch run folder."""
+    from .hub import convert
+
+    dst = convert(args.src, args.dst, to=args.to)
+    print(f"wrote {dst}")
+
+
+# ----------------------------------------------------------------------------- bench
+def cmd_bench(args) -> None:
+    """Measure the machine's matmul peak and memory bandwidth, training throughput (with
+    MFU) and generation speed, against transformers when it is installed."""
+    import torch
+
+    from . import bench
+
+    device = args.device if args.device != "auto" else "cpu"
+    report: dict = {"threads": torch.get_num_threads(), "device": device}
+    peak32 = bench.matmul_peak(torch.float32, device=device)
+    peak16 = bench.matmul_peak(torch.bfloat16, device=device)
+    bw = bench.memory_bandwidth(device=device)
+    report["machine"] = {"matmul_fp32_gflops": peak32, "matmul_bf16_gflops": peak16, "copy_gb_s": bw}
+    print(f"machine: {torch.get_num_threads()} threads on {device}; matmul fp32 {peak32:.0f} GFLOP/s, "
+          f"bf16 {peak16:.0f} GFLOP/s; copy {bw:.1f} GB/s")
+    if "train" in args.what:
+        shapes = [bench.TrainShape("small", 8, 256), bench.TrainShape("gpt2-124m", 1, 1024)]
+        if args.quick:
+            shapes = [bench.TrainShape("tiny", 4, 128)]
+        rows = bench.bench_training(shapes, args.rounds, device, peers=not args.no_peers,
+                                    peak_fp32=peak32, peak_bf16=peak16)
+        bench.print_rows(rows, f"training step (forward + backward + AdamW), median of {args.rounds}")
+        report["train"] = rows
+    if "generate" in args.what:
+        preset = "tiny" if args.quick else "gpt2-124m"
+        n_new = 20 if args.quick else 200
+        for bs in (1, 8):
+            rows, same = bench.bench_generation(preset, bs, 20, n_new, args.rounds, device,
+                                                peers=not args.no_peers, uncached=bs == 1)
+            bench.print_rows(rows, f"generation, greedy, prompt 20, {n_new} new tokens, batch {bs}"
+                             + ("" if same is None else f" (tokens identical to transformers: {same})"))
+            report[f"generate_batch{bs}"] = rows
+    if args.json:
+        from .utils import write_json
+
+        write_json(args.json, report)
+        print(f"\nwrote {args.json}")
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -218,6 +276,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
     p.add_argument("--encoding-errors", choices=("strict", "replace", "ignore"), default="strict")
     p.set_defaults(func=cmd_eval)
+
+    from .hub import gpt2_names
+
+    p = sub.add_parser("download", help="download GPT-2 weights", description=cmd_download.__doc__)
+    p.add_argument("name", choices=gpt2_names(), help="which GPT-2")
+    p.add_argument("--out", default=None, help="folder (default: the llmscratch cache)")
+    p.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--revision", default="main")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="Hugging Face GPT-2 folder <-> run folder", description=cmd_convert.__doc__)
+    p.add_argument("src", help="a Hugging Face GPT-2 folder or an llmscratch run folder")
+    p.add_argument("dst", help="new folder to write")
+    p.add_argument("--to", choices=("hf", "run"), default=None, help="target format (default: the other one)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="speed: machine peak, training MFU, generation", description=cmd_bench.__doc__)
+    p.add_argument("--what", nargs="+", choices=("train", "generate"), default=["train", "generate"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
+    p.add_argument("--no-peers", action="store_true", help="skip transformers")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write the results here as JSON")
+    p.set_defaults(func=cmd_bench)
 
     return parser
 

@@ -1,0 +1,235 @@
+"""Speed measurements: the machine's own limits, training throughput and generation speed.
+
+Every figure is reported against what the hardware can do (measured matmul GFLOP/s), and,
+when `transformers` is installed, against its GPT-2 on the same shapes in the same run.
+Implementations are interleaved round by round, so a burst of machine noise hits all of
+them alike, and medians are reported. Peers are imported lazily: the package itself never
+needs them.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .model import GPT, GPTConfig, lm_loss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, device="cpu", seconds: float = 1.0) -> float:
+    """Measured GFLOP/s of an n x n x n `torch.mm` (best of a few timed bursts)."""
+    device = torch.device(device)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    torch.mm(a, b)
+    _sync(device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            torch.mm(a, b)
+        _sync(device)
+        best = max(best, 3 * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def memory_bandwidth(mb: int = 256, device="cpu") -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written)."""
+    device = torch.device(device)
+    a = torch.empty(mb * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync(device)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def interleave(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, calling them round-robin."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@dataclass
+class TrainShape:
+    preset: str
+    batch_size: int
+    seq_len: int
+
+
+def ours_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, device="cpu",
+                    compile: bool = False) -> tuple[Callable[[], None], float]:
+    """A closure doing one forward + backward + fused AdamW step of our GPT, and its
+    training FLOPs per token."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    fwd = torch.compile(model) if compile else model
+    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+
+    def step():
+        with ctx():
+            logits = fwd(x)
+        lm_loss(logits, x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+
+    return step, model.flops_per_token(T)
+
+
+def hf_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, device="cpu") -> Callable[[], None]:
+    """The same step on `transformers`' GPT2LMHeadModel (sdpa attention)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    device = torch.device(device)
+    hcfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.n_embd,
+                      n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(hcfg, attn_implementation="sdpa").to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+
+    def step():
+        with ctx():
+            out = model(x, labels=x)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+
+    return step
+
+
+def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peers: bool = True,
+                   peak_fp32: float | None = None, peak_bf16: float | None = None) -> list[dict]:
+    """Tokens/s and MFU of a training step for each shape, ours (fp32 and bf16 autocast)
+    and transformers' (fp32), interleaved."""
+    rows = []
+    for shape in shapes:
+        cfg = GPTConfig.from_name(shape.preset, context_length=max(shape.seq_len, 1))
+        B, T = shape.batch_size, shape.seq_len
+        fns: dict[str, Callable[[], None]] = {}
+        fns["llmscratch fp32"], flops_tok = ours_train_step(cfg, B, T, None, device)
+        fns["llmscratch bf16-autocast"], _ = ours_train_step(cfg, B, T, torch.bfloat16, device)
+        if peers:
+            try:
+                fns["transformers fp32 (sdpa)"] = hf_train_step(cfg, B, T, None, device)
+            except ImportError:
+                pass
+        secs = interleave(fns, rounds)
+        for name, s in secs.items():
+            tps = B * T / s
+            row = {"shape": f"{shape.preset} {B}x{T}", "impl": name, "tokens_per_s": tps,
+                   "tflops": flops_tok * tps / 1e12}
+            if peak_fp32:
+                row["mfu_vs_fp32_peak"] = flops_tok * tps / (peak_fp32 * 1e9)
+            if peak_bf16:
+                row["mfu_vs_bf16_peak"] = flops_tok * tps / (peak_bf16 * 1e9)
+            rows.append(row)
+        del fns
+        gc.collect()
+    return rows
+
+
+def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len: int = 20,
+                     new_tokens: int = 200, rounds: int = 3, device="cpu", peers: bool = True,
+                     uncached: bool = True) -> tuple[list[dict], bool | None]:
+    """Greedy decoding tokens/s: ours with the KV cache (fp32 and bf16 weights), without it,
+    and transformers' `generate` on the same weights.
+
+    Returns:
+        `(rows, identical)`, where `identical` says whether our fp32 greedy tokens equal
+        transformers' (None when transformers is not installed).
+    """
+    import tempfile
+
+    from .generate import generate
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_name(preset)
+    ours = GPT(cfg).to(device).eval()
+    ours_bf16 = GPT(cfg).to(device).eval()
+    ours_bf16.load_state_dict(ours.state_dict())
+    ours_bf16.to(torch.bfloat16)
+    idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), device=device)
+    fns: dict[str, Callable[[], object]] = {
+        "llmscratch KV cache fp32": lambda: generate(ours, idx, new_tokens),
+        "llmscratch KV cache bf16": lambda: generate(ours_bf16, idx, new_tokens),
+    }
+    if uncached:
+        fns["llmscratch no cache fp32"] = lambda: generate(ours, idx, new_tokens, use_cache=False)
+    identical = None
+    if peers:
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            GPT2LMHeadModel = None
+        if GPT2LMHeadModel is not None:
+            from .weights import save_hf_gpt2
+
+            with tempfile.TemporaryDirectory() as d:
+                save_hf_gpt2(ours, d)
+                hf = GPT2LMHeadModel.from_pretrained(d).to(device).eval()
+            mask = torch.ones_like(idx)
+
+            def run_hf():
+                with torch.inference_mode():
+                    return hf.generate(idx, attention_mask=mask, max_new_tokens=new_tokens,
+                                       min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                                       pad_token_id=0)
+
+            fns["transformers generate fp32"] = run_hf
+            identical = torch.equal(fns["llmscratch KV cache fp32"](), run_hf())
+    secs = interleave(fns, rounds)
+    ref = secs.get("transformers generate fp32")
+    rows = []
+    for name, s in secs.items():
+        row = {"shape": f"{preset} batch {batch_size}", "impl": name,
+               "tokens_per_s": batch_size * new_tokens / s}
+        if ref:
+            row["vs_transformers"] = ref / s
+        rows.append(row)
+    return rows, identical
+
+
+def print_rows(rows: list[dict], title: str) -> None:
+    """A plain aligned table of benchmark rows."""
+    print(f"\n{title}")
+    for r in rows:
+        extra = []
+        for key, fmt in (("tflops", "{:.3f} TFLOP/s"), ("mfu_vs_fp32_peak", "MFU(fp32 peak) {:.0%}"),
+                         ("mfu_vs_bf16_peak", "MFU(bf16 peak) {:.0%}"), ("vs_transformers", "{:.2f}x transformers")):
+            if key in r:
+                extra.append(fmt.format(r[key]))
+        print(f"  {r['shape']:22s} {r['impl']:28s} {r['tokens_per_s']:10.1f} tok/s   " + "   ".join(extra))

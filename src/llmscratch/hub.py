@@ -1,0 +1,406 @@
+"""OpenAI's GPT-2 weights from the Hugging Face Hub, and converting between checkpoint formats.
+
+`download_gpt2("gpt2-124m")` fetches `config.json` and `model.safetensors` of one of the four
+GPT-2 sizes into a cache folder and returns it; `load_hf_gpt2` (or `--model <folder>`) then
+loads it. The download goes through `datasets.download_file`, so it resumes a broken
+transfer, verifies a checksum and renames only a verified file into place.
+
+Where the checksum comes from: the Hub stores big files with Git LFS and answers a `HEAD`
+on a file's `resolve` URL with the file's sha256 in the `X-Linked-Etag` header (a small,
+non-LFS file such as `config.json` gets its git blob id, a sha1, in `ETag` instead). We
+ask for those headers first and verify the bytes against them. A server that sends
+neither (some mirrors) still works, with a warning that nothing was verified.
+
+Environment variables, as `huggingface_hub` reads them:
+
+- `HF_ENDPOINT`: another Hub (a mirror, or a local server in the tests);
+- `HF_HUB_OFFLINE=1`: no network at all; only files already downloaded are used.
+
+`convert(src, dst)` turns a Hugging Face GPT-2 folder into one of our run folders (weights +
+tokenizer + config) and back.
+
+Example::
+
+    folder = download_gpt2("gpt2-124m")              # ~/.cache/llmscratch/models/gpt2-124m
+    convert(folder, "runs/gpt2")                      # a run folder for `--model runs/gpt2`
+    convert("runs/my-finetune", "export/my-gpt2")    # loadable by GPT2LMHeadModel.from_pretrained
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import is_run_dir, load_run_model, save_model
+from .datasets import cache_root, download_file
+from .errors import UserError
+from .weights import CONFIG_FILE, SAFETENSORS_FILE, is_hf_gpt2_dir, load_hf_gpt2, save_hf_gpt2
+
+__all__ = ["GPT2_REPOS", "convert", "download_gpt2", "gpt2_names"]
+
+GPT2_REPOS: dict[str, str] = {
+    "gpt2-124m": "openai-community/gpt2",
+    "gpt2-355m": "openai-community/gpt2-medium",
+    "gpt2-774m": "openai-community/gpt2-large",
+    "gpt2-1558m": "openai-community/gpt2-xl",
+}
+"""Our name for each GPT-2 size -> its Hugging Face repository."""
+
+# The Hub's own names are accepted too ("gpt2-medium", "openai-community/gpt2-medium").
+_ALIASES: dict[str, str] = {
+    alias: name
+    for name, repo in GPT2_REPOS.items()
+    for alias in (repo, repo.split("/", 1)[1])
+}
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+ENV_ENDPOINT = "HF_ENDPOINT"
+ENV_OFFLINE = "HF_HUB_OFFLINE"
+# The files of a checkpoint, in download order: the small config first, so a wrong
+# endpoint or revision fails in a second instead of after a gigabyte.
+HUB_FILES = (CONFIG_FILE, SAFETENSORS_FILE)
+# A run folder's tokenizer, copied into an exported Hugging Face folder under this name
+# (a `tokenizer.json` there would be taken for a `tokenizers` file by transformers).
+TOKENIZER_COPY = "llmscratch_tokenizer.json"
+RUN_TOKENIZER = "tokenizer.json"
+
+_TIMEOUT_S = 60
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_SHA1_RE = re.compile(r"[0-9a-f]{40}")
+
+
+def gpt2_names() -> list[str]:
+    """The names `download_gpt2` accepts (besides the Hub's own repository names)."""
+    return list(GPT2_REPOS)
+
+
+def _canonical_name(name: str) -> str:
+    key = str(name).strip().lower()
+    if key in GPT2_REPOS:
+        return key
+    if key in _ALIASES:
+        return _ALIASES[key]
+    raise UserError(f"unknown GPT-2 model {name!r}; valid names: {', '.join(GPT2_REPOS)}")
+
+
+def _offline() -> bool:
+    """`HF_HUB_OFFLINE` set to a true value, spelled as huggingface_hub accepts it."""
+    return os.environ.get(ENV_OFFLINE, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+@dataclass(frozen=True)
+class _Expected:
+    """What the server says a file's bytes hash to (either, or neither, may be known)."""
+
+    sha256: str | None = None  # LFS files: X-Linked-Etag
+    git_sha1: str | None = None  # regular git files: ETag is the git blob id
+
+
+def _etag_value(raw: str | None) -> str:
+    """`W/"abc"` -> `abc`; lower-case hex or whatever else the header held."""
+    if not raw:
+        return ""
+    raw = raw.strip()
+    if raw.startswith("W/"):
+        raw = raw[2:]
+    return raw.strip('"').strip().lower()
+
+
+class _KeepHeadRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects keeping the HEAD method, and remembers every hop's headers.
+
+    urllib turns a redirected HEAD into a GET, which would start downloading the
+    gigabyte we only wanted the headers of. And the Hub puts `X-Linked-Etag` on its own
+    redirect to the CDN, not on the CDN's final answer, so the hops' headers matter.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hops: list = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.hops.append(headers)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.method = req.get_method()
+        return new
+
+
+def _expected_checksum(url: str) -> _Expected:
+    """HEAD `url` (following redirects) and read the file's checksum from its ETags.
+
+    Raises:
+        UserError: the server cannot be reached or answers with an HTTP error.
+    """
+    redirects = _KeepHeadRedirects()
+    opener = urllib.request.build_opener(redirects)
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "llmscratch"})
+    try:
+        with opener.open(request, timeout=_TIMEOUT_S) as response:
+            hops = [*redirects.hops, response.headers]
+    except urllib.error.HTTPError as e:
+        hint = " (check the model name, the revision and the endpoint)" if e.code in (401, 403, 404) else ""
+        raise UserError(f"could not download {url}: HTTP {e.code} {e.reason}{hint}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+        raise UserError(
+            f"could not reach {url}: {reason}; set {ENV_OFFLINE}=1 to use files already "
+            f"downloaded, or {ENV_ENDPOINT} to a mirror"
+        ) from None
+    # Linked etags (the LFS sha256) win over plain ones, earlier hops over later: the
+    # first hop is the Hub itself, later ones a CDN whose ETag is its own business.
+    candidates = [_etag_value(h.get("X-Linked-Etag")) for h in hops]
+    candidates += [_etag_value(h.get("ETag")) for h in hops]
+    for value in candidates:
+        if _SHA256_RE.fullmatch(value):
+            return _Expected(sha256=value)
+    first = _etag_value(hops[0].get("ETag"))
+    if _SHA1_RE.fullmatch(first):
+        return _Expected(git_sha1=first)
+    return _Expected()
+
+
+def _git_blob_sha1(path: Path) -> str:
+    """Git's id for a file's contents: sha1 of `b"blob <size>\\0"` + the bytes."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download_verified(url: str, dest: Path, *, progress: bool) -> None:
+    """Download `url` to `dest`, checked against the checksum the server advertises."""
+    expected = _expected_checksum(url)
+    if expected.sha256:
+        download_file(url, dest, expected.sha256, progress=progress)
+        return
+    if expected.git_sha1:
+        # download_file checks only sha256s: land the file under another name, check its
+        # git id, and only then give it the final name, so `dest` is always verified.
+        staging = dest.with_name(dest.name + ".unverified")
+        download_file(url, staging, None, progress=progress)
+        got = _git_blob_sha1(staging)
+        if got != expected.git_sha1:
+            staging.unlink()
+            raise UserError(
+                f"checksum mismatch for {dest.name} downloaded from {url}: expected git sha1 "
+                f"{expected.git_sha1}, got {got}; the file was removed, try again or check the URL"
+            )
+        os.replace(staging, dest)
+        return
+    warnings.warn(
+        f"{url}: the server sent no sha256 or git ETag, so {dest.name} is downloaded without a checksum",
+        stacklevel=3,
+    )
+    download_file(url, dest, None, progress=progress)
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _model_folder(name: str, revision: str) -> Path:
+    """`<cache>/models/<name>`; another revision than main gets its own folder."""
+    if revision == "main":
+        return cache_root() / "models" / name
+    return cache_root() / "models" / f"{name}@{re.sub(r'[^A-Za-z0-9._-]', '-', revision)}"
+
+
+def download_gpt2(
+    name: str,
+    out: str | os.PathLike | None = None,
+    *,
+    endpoint: str | None = None,
+    revision: str = "main",
+    progress: bool = True,
+) -> Path:
+    """Download one of OpenAI's GPT-2 checkpoints from the Hugging Face Hub.
+
+    Files already complete in the folder are not fetched again (a file gets its final
+    name only once it is complete and verified), so a second call makes no requests. A
+    broken download resumes from its `.part` file.
+
+    Args:
+        name: `gpt2-124m`, `gpt2-355m`, `gpt2-774m` or `gpt2-1558m` (the Hub's names, such
+            as `gpt2-medium` or `openai-community/gpt2-xl`, work too).
+        out: the folder to fill; default `<cache root>/models/<name>` (see
+            `datasets.cache_root`; `$LLMSCRATCH_CACHE_DIR` moves it).
+        endpoint: the Hub's URL; default `$HF_ENDPOINT`, else https://huggingface.co.
+        revision: branch, tag or commit of the repository.
+        progress: show a progress bar per file.
+
+    Returns:
+        The folder, holding `config.json` and `model.safetensors`; load it with
+        `load_hf_gpt2(folder)`.
+
+    Raises:
+        UserError: unknown name, `HF_HUB_OFFLINE` set while files are missing, a network
+            or HTTP error, a checksum mismatch, or files that do not load as GPT-2.
+    """
+    canonical = _canonical_name(name)
+    repo = GPT2_REPOS[canonical]
+    revision = str(revision).strip()
+    if not revision:
+        raise UserError("revision must not be empty (use 'main' for the latest)")
+    folder = Path(out).expanduser() if out is not None else _model_folder(canonical, revision)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder")
+    if is_run_dir(folder):
+        raise UserError(f"{folder}: is an llmscratch run folder; download GPT-2 into another folder")
+
+    missing = [f for f in HUB_FILES if not (folder / f).is_file()]
+    if not missing:
+        return folder
+    if _offline():
+        raise UserError(
+            f"{ENV_OFFLINE} is set (offline mode) and {folder} lacks {', '.join(missing)}; "
+            f"download {canonical} once with network access (unset {ENV_OFFLINE}), "
+            "or pass a local Hugging Face GPT-2 folder instead"
+        )
+
+    base = (endpoint or os.environ.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT).strip().rstrip("/")
+    if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
+        raise UserError(f"endpoint {base!r} is not an http(s) URL")
+    for file in missing:
+        url = f"{base}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/{file}"
+        _download_verified(url, folder / file, progress=progress)
+
+    try:
+        # On the meta device: every tensor's name and shape is checked against config.json
+        # without holding the weights in memory (GPT-2 XL is 6 GB in float32).
+        load_hf_gpt2(folder, device="meta")
+    except UserError as e:
+        raise UserError(
+            f"{folder}: the downloaded files are not a usable GPT-2 checkpoint ({e}); "
+            "delete the folder and check the endpoint and revision"
+        ) from None
+    return folder
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _folder_kind(src: Path) -> str:
+    """'run' or 'hf' for a checkpoint folder; a UserError naming what is wrong otherwise."""
+    if not src.exists():
+        raise UserError(f"{src}: no such folder")
+    if not src.is_dir():
+        raise UserError(f"{src}: expected a checkpoint folder, got a file")
+    if is_run_dir(src):
+        return "run"
+    if is_hf_gpt2_dir(src) or (src / CONFIG_FILE).is_file():
+        # A config.json that is not ours: let load_hf_gpt2 say exactly what is off with it.
+        return "hf"
+    raise UserError(
+        f"{src}: neither an llmscratch run folder nor a Hugging Face GPT-2 folder "
+        f"(no {CONFIG_FILE})"
+    )
+
+
+def _check_dst(dst: Path) -> None:
+    if dst.exists():
+        if not dst.is_dir():
+            raise UserError(f"{dst}: exists and is not a folder")
+        if any(dst.iterdir()):
+            raise UserError(f"{dst}: folder is not empty; choose a new folder")
+
+
+def _is_gpt2_tokenizer_file(path: Path) -> bool:
+    from .tokenizer.base import read_tokenizer_file
+
+    return read_tokenizer_file(path).get("type") == "gpt2"
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None) -> Path:
+    """Convert a checkpoint between Hugging Face's GPT-2 format and our run folder.
+
+    - Hugging Face -> run: `config.json` + `model.safetensors` + `tokenizer.json`. The
+      tokenizer is GPT-2's, unless the folder carries an `llmscratch_tokenizer.json`
+      (written by the opposite conversion), which is used instead.
+    - run -> Hugging Face: `config.json` + `model.safetensors` that
+      `GPT2LMHeadModel.from_pretrained` loads, plus the run's tokenizer as
+      `llmscratch_tokenizer.json`. A tokenizer other than GPT-2's is kept but warned
+      about: Hugging Face tools will assume GPT-2's.
+
+    The new folder is written under a temporary name next to `dst` and renamed at the
+    end, so an interrupted conversion leaves no half-written `dst`.
+
+    Args:
+        src: a Hugging Face GPT-2 folder or an llmscratch run folder (detected).
+        dst: the folder to create; it must not exist or be empty.
+        to: "hf" or "run" to choose the output format; default the other one from `src`'s.
+            The same format as `src` re-writes the checkpoint (e.g. a `pytorch_model.bin`
+            folder becomes safetensors).
+
+    Returns:
+        `dst` as a Path.
+
+    Raises:
+        UserError: a bad `to`, a `src` that is neither kind or does not load, or a
+            non-empty `dst`.
+    """
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if to is not None and to not in ("hf", "run"):
+        raise UserError(f"to={to!r} is not valid; use 'hf' or 'run'")
+    kind = _folder_kind(src)
+    target = to or ("hf" if kind == "run" else "run")
+    _check_dst(dst)
+
+    from .tokenizer import get_tokenizer, load_tokenizer
+
+    # The tokenizer file to carry over (None: GPT-2's, which needs no file in an HF folder).
+    if kind == "run":
+        model = load_run_model(src)
+        tok_file = src / RUN_TOKENIZER
+    else:
+        model = load_hf_gpt2(src)
+        tok_file = src / TOKENIZER_COPY
+    tok_file = tok_file if tok_file.is_file() else None
+    tokenizer = load_tokenizer(tok_file) if tok_file else get_tokenizer("gpt2")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        warnings.warn(
+            f"{src}: the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the model only "
+            f"{model.config.vocab_size}; ids past the model's vocabulary will fail",
+            stacklevel=2,
+        )
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        # mkdtemp makes the folder private (0700); give it a plain mkdir's permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        if target == "run":
+            save_model(model, tmp, tokenizer, extra={"converted_from": str(src)})
+        else:
+            save_hf_gpt2(model, tmp)
+            if tok_file is not None:
+                if not _is_gpt2_tokenizer_file(tok_file):
+                    warnings.warn(
+                        f"{src}: the model uses a {tokenizer.name} tokenizer, not GPT-2's; Hugging Face "
+                        f"tools will assume GPT-2's. It is saved as {dst / TOKENIZER_COPY}",
+                        stacklevel=2,
+                    )
+                shutil.copyfile(tok_file, tmp / TOKENIZER_COPY)
+        if dst.exists():
+            dst.rmdir()  # checked empty above
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+        raise
+    return dst
