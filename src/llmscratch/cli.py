@@ -145,7 +145,7 @@ def cmd_pretrain(args) -> int:
     print(f"\ndone: {result.step} steps, {result.tokens_seen:,} tokens; "
           f"validation loss {result.val_loss:.3f} ({result.val_bpb:.3f} bits/byte)")
     if result.sample:
-        print(f"sample: {result.sample!r}")
+        print(f"\nsample (temperature 0.8, top-k 40):\n{result.sample}\n")
     print(f"run folder:  {out}")
     print(f"checkpoint:  {out / 'model.safetensors'} (+ train_state.safetensors for --resume)")
     print(f"loss plot:   {out / 'loss.png'}")

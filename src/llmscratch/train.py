@@ -59,12 +59,12 @@ class TrainConfig:
     data: str = _opt("python-docs", "dataset name, text file, or folder of .txt files")
     model: str = _opt("small", "model preset to train from scratch")
     out: str = _opt("runs/pretrain", "run folder for config, weights, tokenizer, state, metrics, plot")
-    tokenizer: str = _opt("gpt2", "gpt2, bpe:VOCAB (train a byte-level BPE on the data), or a tokenizer.json")
-    max_steps: int = _opt(600, "optimizer steps to train for")
+    tokenizer: str = _opt("bpe:8192", "bpe:VOCAB (train a byte-level BPE on the data), gpt2, or a tokenizer.json")
+    max_steps: int = _opt(240, "optimizer steps to train for")
     batch_size: int = _opt(16, "sequences per optimizer step (global, all processes together)")
     grad_accum: int = _opt(1, "micro-batches per step; each micro-batch has batch_size sequences")
     context_length: int | None = _opt(None, "tokens per sequence (default: the preset's)")
-    dropout: float = _opt(0.0, "dropout on embeddings, attention and residual branches")
+    dropout: float = _opt(0.1, "dropout on embeddings, attention and residual branches")
     lr: float = _opt(1e-3, "peak learning rate")
     min_lr_ratio: float = _opt(0.1, "cosine decay floor, as a fraction of lr")
     warmup_steps: int = _opt(50, "linear warmup steps")
@@ -72,10 +72,10 @@ class TrainConfig:
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.95, "AdamW beta2")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
-    eval_every: int = _opt(100, "evaluate, sample and checkpoint every N steps")
+    eval_every: int = _opt(40, "evaluate, sample and checkpoint every N steps")
     eval_batches: int = _opt(20, "validation batches per evaluation")
     val_fraction: float = _opt(0.1, "share of the tokens held out for validation (the tail)")
-    sample_tokens: int = _opt(40, "tokens generated at each evaluation (0 = none)")
+    sample_tokens: int = _opt(60, "tokens generated at each evaluation (0 = none)")
     seed: int = _opt(1337, "seed for init, data order and dropout")
     device: str = _opt("auto", "cpu, cuda, cuda:N, mps or auto")
     precision: str = _opt("auto", "fp32, bf16 (autocast, fp32 master weights) or auto",
@@ -523,10 +523,10 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
                 result_eval = run_eval()
                 rec.update(result_eval)
                 if master and cfg.sample_tokens > 0:
-                    sample_text = _sample(model, tokenizer, val_ids, cfg.sample_tokens, device)
+                    sample_text = _sample(model, tokenizer, val_ids, cfg.sample_tokens, device, cfg.seed)
                     bar.write(f"step {step}: val loss {result_eval['val_loss']:.3f}, "
                               f"ppl {result_eval['val_ppl']:.1f}, {result_eval['val_bpb']:.3f} bits/byte"
-                              f" | sample: {sample_text!r}")
+                              f" | sample: {sample_text[:100]!r}")
             if master:
                 records.append(rec)
                 _write_metrics_line(out / "metrics.jsonl", rec)
@@ -560,11 +560,12 @@ def _check_resume_compatible(out: Path, cfg: TrainConfig) -> None:
                         + ", ".join(diff))
 
 
-def _sample(model: GPT, tokenizer, val_ids, n_tokens: int, device) -> str:
-    """Greedy continuation of the first tokens of the validation text (a fixed prompt, so
-    samples from successive evaluations are comparable). Uses no global RNG state."""
+def _sample(model: GPT, tokenizer, val_ids, n_tokens: int, device, seed: int) -> str:
+    """A continuation of the first tokens of the validation text. Fixed prompt and seed, so
+    samples from successive evaluations are comparable; the sampler's private generator
+    leaves the training RNG (dropout) untouched, which exact resume depends on."""
     from .generate import generate
 
     prompt = torch.tensor([[int(t) for t in val_ids[:8]]], dtype=torch.long, device=device)
-    out = generate(model, prompt, n_tokens)
-    return tokenizer.decode(out[0, 8:].tolist())
+    out = generate(model, prompt, n_tokens, temperature=0.8, top_k=40, seed=seed)
+    return tokenizer.decode(out[0].tolist())

@@ -1,0 +1,114 @@
+"""End-to-end CLI runs on tiny settings: info, generate, errors, and the library's streaming."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmscratch.checkpoint import load_model, save_model
+from llmscratch.cli import main
+from llmscratch.generate import stream_text
+from llmscratch.model import GPT, GPTConfig
+from llmscratch.tokenizer import get_tokenizer
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmscratch", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_info_prints_gpt2_counts(capsys):
+    assert main(["info", "--model", "gpt2-124m"]) == 0
+    out = capsys.readouterr().out
+    assert "124,439,808" in out and "163,037,184" in out
+    assert "fp32 474.7 MB" in out and "bf16 237.4 MB" in out
+
+
+def test_generate_from_preset_streams_text():
+    r = run("generate", "--model", "tiny", "--prompt", "Hello", "--max-new-tokens", "5", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hello") and len(r.stdout) > len("Hello\n")
+
+
+def test_generate_from_run_folder_is_deterministic(tmp_path):
+    torch.manual_seed(0)
+    tok = get_tokenizer("gpt2")
+    model = GPT(GPTConfig.from_name("tiny", context_length=32))
+    save_model(model, tmp_path / "run", tok)
+    args = ("generate", "--model", str(tmp_path / "run"), "--prompt", "The", "--max-new-tokens", "8",
+            "--temperature", "0.9", "--top-k", "50", "--seed", "3")
+    a, b = run(*args), run(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout
+    # the CLI's text is exactly the library's
+    m, t = load_model(str(tmp_path / "run"))
+    lib = "".join(stream_text(m, t, "The", 8, temperature=0.9, top_k=50, seed=3))
+    assert a.stdout == "The" + lib + "\n"
+
+
+def test_long_prompt_warns_and_truncates(tmp_path):
+    torch.manual_seed(0)
+    save_model(GPT(GPTConfig.from_name("tiny", context_length=16)), tmp_path / "r", get_tokenizer("gpt2"))
+    r = run("generate", "--model", str(tmp_path / "r"), "--prompt", "word" * 40, "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "warning: prompt of 40 tokens is longer than the context length 16" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--model", "nope", "--prompt", "x"], "not a preset"),
+    (["info", "--model", "/nonexistent/dir"], "not a preset"),
+    (["generate", "--model", "tiny", "--prompt", "x", "--device", "cuda:7"], "CUDA is not available"),
+    (["generate", "--model", "tiny", "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens"),
+])
+def test_user_errors_are_one_line(args, message, capsys):
+    if "cuda:7" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and err.count("\n") == 1
+
+
+def test_not_a_model_folder(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("hi")
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "a"]) == 2
+    assert "neither an llmscratch run folder nor a Hugging Face" in capsys.readouterr().err
+
+
+def test_stream_text_waits_for_whole_characters():
+    """Byte-level tokens can split a UTF-8 character; the stream never shows half of one."""
+
+    class ByteTok:
+        eot_id = 256
+
+        def encode(self, s):
+            return list(s.encode())
+
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    class Scripted(torch.nn.Module):
+        """A fake model that emits the bytes of 'é€' then end-of-text."""
+
+        def __init__(self):
+            super().__init__()
+            self.script = list("é€".encode()) + [256]
+            self.config = GPTConfig(vocab_size=257, context_length=64, n_embd=4, n_layer=1, n_head=1)
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def make_kv_caches(self, *a, **k):
+            return None
+
+        def forward(self, idx, caches=None, start=0, last_only=False):
+            n = idx.shape[1] + start - 1  # tokens generated so far = position - prompt length
+            step = max(0, n)
+            logits = torch.full((idx.shape[0], 1, 257), -1e9)
+            logits[:, :, self.script[min(step, len(self.script) - 1)]] = 0
+            return logits
+
+    pieces = list(stream_text(Scripted(), ByteTok(), "a", 10))
+    assert "".join(pieces) == "é€"
+    assert all("\ufffd" not in p for p in pieces)
