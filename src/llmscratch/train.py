@@ -439,7 +439,7 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
         if master:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
-            save_model(model, out, tokenizer, extra=_run_info(cfg, model_cfg))
+            save_model(model, out, tokenizer, extra=_run_info(cfg))
     amp = autocast_dtype(cfg.precision, device)
 
     fwd_model = model
@@ -465,7 +465,7 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     def checkpoint(step: int) -> None:
         if master:
             save_train_state(out, model, optimizer, step, tokens_seen)
-            save_model(model, out, tokenizer, extra=_run_info(cfg, model_cfg))
+            save_model(model, out, tokenizer, extra=_run_info(cfg))
 
     ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
     result_eval: dict = {}
@@ -544,7 +544,7 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
                        interrupted, sample_text)
 
 
-def _run_info(cfg: TrainConfig, model_cfg: GPTConfig) -> dict:
+def _run_info(cfg: TrainConfig) -> dict:
     return {"train": dataclasses.asdict(cfg), "tokenizer_file": "tokenizer.json"}
 
 
