@@ -113,8 +113,9 @@ def hf_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, devic
     hcfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.n_embd,
                       n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                       attn_pdrop=0.0)
+    hcfg._attn_implementation = "sdpa"  # transformers' fastest CPU attention
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(hcfg, attn_implementation="sdpa").to(device).train()
+    model = GPT2LMHeadModel(hcfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext

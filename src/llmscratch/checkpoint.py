@@ -20,11 +20,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .model import GPT, GPTConfig
-from .utils import atomic_write, write_json
+from .utils import atomic_path, write_json
 
 FORMAT = "llmscratch"
 
@@ -39,9 +39,9 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as safetensors, atomically (temp file in the folder, then a rename)."""
-    with atomic_write(path, "wb") as f:
-        f.write(save(tensors, metadata=metadata))
+    """`safetensors.torch.save_file`, atomically: a crash leaves the previous file intact."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def save_model(model: GPT, out_dir: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:

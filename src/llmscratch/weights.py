@@ -20,18 +20,17 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from .checkpoint import save_safetensors
 from .errors import UserError
 from .model import GPT, GPTConfig
 from .utils import write_json
@@ -422,28 +421,6 @@ def load_hf_gpt2(
 # --------------------------------------------------------------------------- writing
 
 
-def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """`safetensors.torch.save_file` to a temporary file in the same folder, then rename.
-
-    A crash midway leaves the previous file (or none), never a truncated one. (Going
-    through `utils.atomic_write` would need the whole file as bytes in memory first.)
-    """
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        # transformers refuses safetensors files without format metadata
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _hf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face key, CPU tensor in Conv1D layout) for every parameter to save."""
     for name, param in model.named_parameters():  # a tied head appears once, as wte
@@ -488,7 +465,8 @@ def save_hf_gpt2(model: GPT, path: str | os.PathLike) -> Path:
 
     tensors = dict(_hf_tensors(model))
     # Weights first, config last: a folder whose config.json exists has its weights too.
-    _save_safetensors_atomic(tensors, folder / SAFETENSORS_FILE)
+    # transformers refuses safetensors files without format metadata
+    save_safetensors(tensors, folder / SAFETENSORS_FILE, metadata={"format": "pt"})
     write_json(folder / CONFIG_FILE, _config_to_hf(config, model.wte.weight.dtype))
     return folder
 
