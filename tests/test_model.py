@@ -123,3 +123,36 @@ def test_gradient_checkpointing_same_gradients():
     lm_loss(model(x), x).backward()
     for a, p in zip(g1, model.parameters()):
         torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize("chunk", [50, 2**40])
+def test_fused_loss_equals_plain_loss_and_gradients(chunk):
+    from llmscratch.model import fused_lm_loss
+
+    torch.manual_seed(0)
+    model = GPT(tiny(tie_weights=False))
+    x = torch.randint(0, 97, (3, 20))
+    y = torch.randint(0, 97, (3, 20))
+    y[0, 4:9] = -100  # ignored positions
+    ref = lm_loss(model(x), y)
+    ref.backward()
+    g_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = fused_lm_loss(model(x, return_hidden=True), model.lm_head.weight, y, chunk_elements=chunk * 97)
+    (2 * loss).backward()  # a non-unit upstream gradient flows through too
+    torch.testing.assert_close(loss, ref)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * g_ref[n], atol=1e-6, rtol=1e-5)
+
+
+def test_fused_loss_under_bf16_autocast_is_close():
+    from llmscratch.model import fused_lm_loss
+
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    x = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = lm_loss(model(x), x)
+        fused = fused_lm_loss(model(x, return_hidden=True), model.lm_head.weight, x)
+    assert fused.dtype == torch.float32
+    assert abs(fused.item() - ref.item()) < 2e-2

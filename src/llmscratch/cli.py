@@ -156,7 +156,14 @@ def cmd_pretrain(args) -> int:
 
 # ---------------------------------------------------------------------------- eval
 def cmd_eval(args) -> None:
-    """Loss, perplexity and bits per byte of a model on a dataset or text."""
+    """Loss, perplexity and bits per byte of a model on a dataset or text; or, with the task
+    `instruct`, scores of instruction responses (automatic, or 0-100 by a judge endpoint)."""
+    if args.task == "instruct":
+        from .finetune.commands import cmd_eval_instruct
+
+        return cmd_eval_instruct(args)
+    if not args.model or not args.data:
+        raise UserError("llmscratch eval needs --model and --data (or: eval instruct --responses FILE)")
     from .checkpoint import load_model
     from .data import load_bin, tokenize_to_bin
     from .datasets import cache_root, load_text
@@ -241,6 +248,26 @@ def cmd_bench(args) -> None:
         print(f"\nwrote {args.json}")
 
 
+# ----------------------------------------------------------------------------- serve
+def cmd_serve(args) -> None:
+    """Serve a model over HTTP: an OpenAI-compatible API (/v1/completions,
+    /v1/chat/completions, streaming) and a chat page at /."""
+    import os
+
+    from .serve import API_KEY_ENV, serve
+
+    for flag, value in (("--max-concurrency", args.max_concurrency), ("--max-tokens-limit", args.max_tokens_limit),
+                        ("--threads", args.threads or 1)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    serve(args.model, host=args.host, port=args.port, max_concurrency=args.max_concurrency,
+          max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+          template=args.template, model_name=args.model_name, device=args.device, dtype=_dtype(args.dtype),
+          threads=args.threads)
+
+
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -268,14 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, TrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("eval", help="loss, perplexity and bits/byte on a dataset", description=cmd_eval.__doc__)
-    _add_model_args(p)
-    p.add_argument("--data", required=True, help="dataset name, text file or folder of .txt files")
+    p = sub.add_parser("eval", help="loss, perplexity and bits/byte on a dataset; or score instruct responses",
+                       description=cmd_eval.__doc__)
+    p.add_argument("task", nargs="?", choices=("lm", "instruct"), default="lm",
+                   help="lm: language-model loss on --data (default); instruct: score --responses")
+    _add_model_args(p, default="")
+    p.add_argument("--data", help="dataset name, text file or folder of .txt files (eval lm)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--context-length", type=int, default=None, help="window length (default: the model's)")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
     p.add_argument("--encoding-errors", choices=("strict", "replace", "ignore"), default="strict")
+    from .finetune.commands import add_eval_instruct_args, register as register_finetune
+
+    add_eval_instruct_args(p)
     p.set_defaults(func=cmd_eval)
+    register_finetune(sub)  # finetune classify/instruct, classify, chat
 
     from .hub import gpt2_names
 
@@ -300,6 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the results here as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and chat page", description=cmd_serve.__doc__)
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-concurrency", type=int, default=4,
+                   help="generations running at once; more requests wait in a fair queue (default: 4)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024,
+                   help="largest max_tokens a request may ask for (default: 1024)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every API call (default: $LLMSCRATCH_API_KEY)")
+    p.add_argument("--template", choices=("alpaca", "phi3", "plain"), default=None,
+                   help="chat prompt template (default: config.json's \"template\", else plain)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder's name)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="PyTorch CPU threads (default: cores / max-concurrency, at least 1)")
+    p.set_defaults(func=cmd_serve)
 
     return parser
 

@@ -161,6 +161,7 @@ class GPT(nn.Module):
         caches: list[KVCache] | None = None,
         start: int = 0,
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Args:
             idx: `(B, T)` token ids.
@@ -168,6 +169,8 @@ class GPT(nn.Module):
             start: position of `idx[:, 0]` in the sequence (nonzero only with caches).
             last_only: compute logits for the last position only (all that decoding needs;
                 skips most of the LM head's work on a long prompt).
+            return_hidden: return the final hidden states `(B, T, n_embd)` (after `ln_f`)
+                instead of logits, for `fused_lm_loss`, which never builds the full logits.
 
         Returns:
             Logits `(B, T, vocab_size)`, or `(B, 1, vocab_size)` with `last_only`.
@@ -187,7 +190,10 @@ class GPT(nn.Module):
                 x = block(x, cache, start)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        x = self.ln_f(x)
+        if return_hidden:
+            return x  # (B, T, C)
+        return self.lm_head(x)  # (B, T, vocab)
 
     def make_kv_caches(self, batch_size: int, max_len: int | None = None,
                        dtype: torch.dtype | None = None) -> list[KVCache]:
@@ -227,3 +233,69 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
     return F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index
     )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` without ever holding all the logits.
+
+    Rows are processed in chunks: logits of one chunk, their log-sum-exp, the loss, and at
+    once the gradient (softmax - one_hot), which is all backward needs. Peak memory is one
+    chunk of logits instead of `(N, vocab)` in fp32 several times over (logits, log-softmax,
+    and its gradient), and the full logits never travel through memory at all.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_rows: int):
+        dtype = hidden.dtype
+        w = weight.to(dtype)  # under autocast: the bf16 compute copy of an fp32 weight
+        valid_all = targets != ignore_index
+        count = valid_all.sum().clamp(min=1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        d_hidden = torch.empty_like(hidden)
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]  # (n, C), (n,)
+            valid = valid_all[s:s + chunk_rows]
+            t = t.masked_fill(~valid, 0)
+            logits = (h @ w.t()).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            total += ((lse - target_logit) * valid).sum()
+            # d(mean loss)/d logits = (softmax - one_hot) / count on the valid rows
+            probs = logits.sub_(lse[:, None]).exp_()  # in place: the logits are not needed again
+            probs.scatter_add_(1, t[:, None], -torch.ones_like(lse[:, None]))
+            grad = probs.mul_((valid / count)[:, None]).to(dtype)  # (n, V)
+            d_hidden[s:s + chunk_rows] = grad @ w  # (n, C)
+            d_weight += (grad.t() @ h).float()  # (V, C)
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        d_hidden, d_weight = ctx.saved_tensors
+        d_weight = (d_weight * grad_out).to(ctx.weight_dtype)
+        return d_hidden * grad_out.to(d_hidden.dtype), d_weight, None, None, None
+
+
+def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  ignore_index: int = -100, chunk_elements: int = 2**26) -> torch.Tensor:
+    """`lm_loss(hidden @ weight.T, targets)` computed chunk by chunk (see `_LinearCrossEntropy`).
+
+    Args:
+        hidden: `(B, T, C)` final hidden states (`model(idx, return_hidden=True)`).
+        weight: `(V, C)` LM head weight (`model.lm_head.weight`).
+        targets: `(B, T)` ids, `ignore_index` where no loss is wanted.
+        chunk_elements: logits held at once (rows x vocab); 2**26 is 256 MB in fp32.
+            Fewer, larger chunks are faster (each chunk adds its share of the weight
+            gradient into one fp32 buffer); smaller ones save memory.
+
+    Returns:
+        The mean loss over the non-ignored targets (a scalar), with gradients for
+        `hidden` and `weight`.
+    """
+    C = hidden.shape[-1]
+    if torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+    rows = max(1, chunk_elements // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, C), weight, targets.reshape(-1), ignore_index, rows)

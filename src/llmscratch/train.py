@@ -43,7 +43,7 @@ from .checkpoint import model_state, save_model, save_safetensors
 from .data import BatchSampler, iter_eval_batches, load_bin, split_train_val, tokenize_to_bin
 from .datasets import cache_root, load_text
 from .errors import UserError
-from .model import GPT, GPTConfig, lm_loss
+from .model import GPT, GPTConfig, fused_lm_loss, lm_loss
 from .utils import atomic_write, pick_device, seed_everything, write_json
 
 
@@ -487,8 +487,10 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
                 sync = nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else fwd_model.no_sync()
                 with sync:
                     with ctx:
-                        logits = fwd_model(x)
-                    loss = lm_loss(logits, y) / cfg.grad_accum
+                        hidden = fwd_model(x, return_hidden=True)
+                        # head + cross-entropy chunk by chunk: the full (B*T, vocab) logits
+                        # are never stored (see model.fused_lm_loss)
+                        loss = fused_lm_loss(hidden, model.lm_head.weight, y) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
             if cfg.grad_clip > 0:

@@ -1,0 +1,153 @@
+"""Chat with an instruction-tuned model in the terminal.
+
+`Chat` keeps the conversation, lays it out with the model's prompt template (recorded in
+its run folder's config.json by `finetune instruct`) and streams each reply token by token
+through `generate_stream`. The model only sees `context_length` tokens, so before each
+reply the oldest exchanges are dropped until the prompt plus the reply fit the window.
+
+`chat_loop` is the REPL behind `llmscratch chat`: one line is one message, `/reset`
+forgets the history, `/exit` (or end of input) quits. It works with piped stdin too
+(`echo "Name a fruit." | llmscratch chat --model runs/instruct`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Iterator
+
+import torch
+
+from .finetune.instruct import Template, encode_conversation, get_template
+from .generate import generate_stream
+
+HELP = "commands: /reset forgets the conversation, /exit quits"
+
+
+class Chat:
+    """A conversation with a model: `send(text)` streams the reply, `reset()` starts over.
+
+    Args:
+        model / tokenizer: a `GPT` and its tokenizer.
+        template: the prompt layout (`finetune.instruct.TEMPLATES[...]`).
+        max_new_tokens: longest reply.
+        temperature / top_k / top_p / seed: sampling (temperature 0 = greedy).
+        system: a system message replacing the template's default preamble.
+    """
+
+    def __init__(self, model, tokenizer, template: Template, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, system: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_new_tokens = max_new_tokens
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.seed = seed
+        self.system = system
+        self.history: list[dict] = []  # user/assistant messages, oldest first
+        self.dropped = 0  # exchanges trimmed away for the last prompt
+
+    def reset(self) -> None:
+        self.history = []
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The prompt for the reply to `text`: template + as much recent history as fits.
+
+        The window holds the prompt and the reply, so the prompt gets `context_length -
+        max_new_tokens` tokens (at least half the window). Whole exchanges are dropped
+        oldest first; a single message that is still too long keeps its last tokens.
+        """
+        ctx = self.model.config.context_length
+        budget = ctx - min(self.max_new_tokens, ctx // 2)
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        history = list(self.history)
+        self.dropped = 0
+        while True:
+            messages = system + history + [{"role": "user", "content": text}]
+            ids, _ = encode_conversation(self.tokenizer, self.template, messages, for_generation=True)
+            if len(ids) <= budget or not history:
+                return ids[-budget:]
+            history = history[2:]  # one user message and its reply
+            self.dropped += 1
+
+    def send(self, text: str) -> Iterator[str]:
+        """Stream the reply to `text` as text pieces; the exchange joins the history."""
+        ids = self.prompt_ids(text)
+        device = next(self.model.parameters()).device
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        eot = self.tokenizer.eot_id
+        new: list[int] = []
+        emitted = ""
+        for tok in generate_stream(self.model, idx, self.max_new_tokens, eos_id=eot, seed=self.seed,
+                                   **self.sampling):
+            t = int(tok[0])
+            if t == eot:
+                break
+            new.append(t)
+            piece = self.tokenizer.decode(new)
+            # a byte-level token can end inside a UTF-8 character: wait for the rest
+            if piece.endswith("\ufffd"):
+                continue
+            yield piece[len(emitted):]
+            emitted = piece
+        reply = self.tokenizer.decode(new)
+        if len(reply) > len(emitted):
+            yield reply[len(emitted):]
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.strip()}]
+
+
+def chat_loop(chat: Chat, stdin: IO[str] | None = None, stdout: IO[str] | None = None,
+              stderr: IO[str] | None = None) -> int:
+    """Read messages line by line and stream replies until `/exit` or end of input.
+
+    Returns:
+        The number of replies given.
+    """
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    interactive = stdin.isatty() and stdout.isatty()
+    if interactive:
+        print(f"chatting with the model; {HELP}", file=stderr)
+    replies = 0
+    while True:
+        if interactive:
+            stdout.write("\n>>> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input (Ctrl-D, or the pipe is exhausted)
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            break
+        if text == "/reset":
+            chat.reset()
+            print("(conversation reset)", file=stderr)
+            continue
+        if text.startswith("/") and text.split()[0] in ("/help", "/?"):
+            print(HELP, file=stderr)
+            continue
+        pieces = chat.send(text)
+        first = next(pieces, "")
+        if chat.dropped:
+            print(f"(history trimmed: dropped the {chat.dropped} oldest exchange(s) to fit the context)",
+                  file=stderr)
+        stdout.write(first.lstrip())
+        stdout.flush()
+        for piece in pieces:
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        stdout.flush()
+        replies += 1
+    return replies
+
+
+def load_chat(model: str, device=None, template: str | None = None, **kwargs) -> Chat:
+    """A `Chat` with the model in `model` (run folder, HF folder or preset) and the template
+    recorded in its config.json unless `template` names one."""
+    from .checkpoint import load_model
+    from .finetune.instruct import template_of
+
+    m, tok = load_model(model, device=device)
+    return Chat(m, tok, get_template(template or template_of(model)), **kwargs)

@@ -1,0 +1,218 @@
+"""Evaluating an instruction-tuned model's test-set responses (`responses.json`).
+
+Two ways, as a practitioner would:
+
+- Automatic scores: exact match and a token-overlap F1 between each response and its
+  reference output (SQuAD-style: lower-cased words, punctuation and articles removed),
+  and, given the model, its loss and perplexity on the reference outputs (response tokens
+  only, conditioned on the prompt).
+- A judge: a larger model behind any OpenAI-compatible chat endpoint (`POST
+  {url}/chat/completions`, e.g. Ollama's or vLLM's) scores each response 0-100 against
+  the reference; the mean is the headline number. Plain `urllib`, no SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import string
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+def load_responses(path: str | Path) -> list[dict]:
+    """The records of a `responses.json` (instruction, input, output, response).
+
+    Raises:
+        UserError: missing file, malformed JSON (with line), or a record without fields.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--responses {path}: no such file") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise UserError(f"--responses {path}: cannot read ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(data, list) or not data:
+        raise UserError(f"{path}: expected a non-empty JSON array of response records")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}: record {i} is not an object")
+        for key in ("instruction", "output", "response"):
+            if not isinstance(rec.get(key), str):
+                raise UserError(f"{path}: record {i} has no string field {key!r}")
+        if not isinstance(rec.get("input", ""), str):
+            raise UserError(f"{path}: record {i}: input must be a string")
+    return data
+
+
+# ---------------------------------------------------------------- automatic scores
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and the articles a/an/the, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in string.punctuation)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the normalized texts are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Harmonic mean of word precision and recall (multiset overlap of normalized words).
+
+    Example: token_f1("the cat sat", "a cat sat down") -> P 2/2, R 2/3 -> 0.8
+    """
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(pred), common / len(ref)
+    return 2 * p * r / (p + r)
+
+
+def automatic_scores(records: list[dict]) -> dict:
+    """Mean exact match and token F1 over the records."""
+    n = len(records)
+    return {
+        "n": n,
+        "exact_match": sum(exact_match(r["response"], r["output"]) for r in records) / n,
+        "token_f1": sum(token_f1(r["response"], r["output"]) for r in records) / n,
+    }
+
+
+def _messages(rec: dict) -> list[dict]:
+    """The conversation a record's reference output answers."""
+    context = rec.get("messages") or [{"role": "user", "content": rec["instruction"],
+                                       "input": rec.get("input", "")}]
+    return list(context) + [{"role": "assistant", "content": rec["output"]}]
+
+
+@torch.no_grad()
+def reference_loss(model, tokenizer, template, records: list[dict], batch_size: int = 8) -> dict:
+    """Loss (nats/token) and perplexity of the model on the reference outputs.
+
+    Only response tokens (and their end-of-text) count: the prompt is context. A
+    conversation longer than the window loses the start of its prompt.
+    """
+    from .finetune.instruct import IGNORE_INDEX, collate_instruct, encode_conversation
+    from .finetune.loop import iter_batches
+    from .model import lm_loss
+
+    device = next(model.parameters()).device
+    model.eval()
+    keep = model.config.context_length + 1
+    encoded = []
+    for r in records:
+        ids, mask = encode_conversation(tokenizer, template, _messages(r))
+        # cut a long prompt from the left: the reference output is what is being scored
+        encoded.append((ids[-keep:], mask[-keep:]))
+    total, count = 0.0, 0
+    for x, y in iter_batches(encoded, batch_size, lambda b: collate_instruct(
+            b, tokenizer.eot_id, mask_prompt=True, max_length=model.config.context_length)):
+        x, y = x.to(device), y.to(device)
+        n = int((y != IGNORE_INDEX).sum())
+        if n:
+            total += lm_loss(model(x), y).item() * n
+            count += n
+    if count == 0:
+        raise UserError("no reference tokens fit in the model's context window")
+    loss = total / count
+    return {"ref_loss": loss, "ref_ppl": math.exp(min(loss, 50.0)), "ref_tokens": count}
+
+
+# -------------------------------------------------------------------------- judge
+
+
+def judge_prompt(rec: dict) -> str:
+    """The question put to the judge for one record."""
+    task = rec["instruction"] + (f"\n\nInput:\n{rec['input']}" if rec.get("input", "").strip() else "")
+    return (
+        "You are grading an assistant's answer to a task.\n\n"
+        f"Task:\n{task}\n\n"
+        f"Reference answer:\n{rec['output']}\n\n"
+        f"Assistant's answer:\n{rec['response']}\n\n"
+        "Score the assistant's answer from 0 to 100, where 100 means it is as correct and "
+        "helpful as the reference. Reply with the integer score only."
+    )
+
+
+def parse_score(text: str) -> int | None:
+    """The first integer 0-100 in a judge's reply ("Score: 85/100" -> 85), or None."""
+    for m in re.finditer(r"\d+(?:\.\d+)?", text):
+        value = float(m.group())
+        if 0 <= value <= 100:
+            return int(round(value))
+    return None
+
+
+def ask_judge(url: str, model: str, prompt: str, api_key: str | None = None, timeout: float = 120.0) -> str:
+    """One chat completion from an OpenAI-compatible endpoint; returns the reply text.
+
+    Args:
+        url: the API base, e.g. `http://localhost:11434/v1` (`/chat/completions` is added).
+        model: the judge model's name at that endpoint.
+        api_key: sent as a Bearer token when given.
+
+    Raises:
+        UserError: the server is unreachable, answers with an HTTP error, or not in the
+            OpenAI chat format.
+    """
+    endpoint = url.rstrip("/") + "/chat/completions"
+    body = json.dumps({"model": model, "temperature": 0, "seed": 123,
+                       "messages": [{"role": "user", "content": prompt}]}).encode("utf-8")
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            payload = json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        raise UserError(f"--judge-url {endpoint}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"--judge-url {endpoint}: cannot reach the judge ({reason})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"--judge-url {endpoint}: the reply is not JSON") from None
+    try:
+        return payload["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise UserError(f"--judge-url {endpoint}: not an OpenAI chat completion reply "
+                        "(no choices[0].message.content)") from None
+
+
+def judge_scores(records: list[dict], url: str, model: str, api_key: str | None = None,
+                 progress: bool = True) -> dict:
+    """Score every record with the judge.
+
+    Returns:
+        `{"scores": [int | None, ...], "mean": mean of the parsed scores, "n_scored": ...}`;
+        a reply with no number 0-100 counts as unscored (None), not as 0.
+    """
+    from tqdm.auto import tqdm
+
+    api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+    scores = []
+    for rec in tqdm(records, desc="judging", disable=not progress, dynamic_ncols=True):
+        scores.append(parse_score(ask_judge(url, model, judge_prompt(rec), api_key)))
+    valid = [s for s in scores if s is not None]
+    return {"scores": scores, "mean": sum(valid) / len(valid) if valid else None, "n_scored": len(valid)}

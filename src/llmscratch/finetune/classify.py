@@ -1,0 +1,514 @@
+"""Classification fine-tuning: a GPT becomes a text classifier (e.g. spam / not spam).
+
+The language-model head (n_embd -> vocab) is replaced by a classification head
+(n_embd -> n_classes). Texts are right-padded with `<|endoftext|>`; under causal attention
+the last real token is the only position that has seen the whole text (and padding to its
+right cannot change it), so the prediction reads that position's output.
+
+Pipeline: `read_labeled` -> optional undersampling to balance the classes -> stratified
+train/val/test split -> tokenize and truncate -> `fit` (the shared loop) with accuracy each
+epoch -> metrics, plots, and a classifier folder that `load_classifier` / `llmscratch
+classify` read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ..checkpoint import FORMAT, read_run_config, save_safetensors
+from ..errors import UserError
+from ..model import GPT, GPTConfig
+from ..utils import pick_device, seed_everything, write_json
+from .data import read_labeled
+from .loop import FinetuneConfig, count_params, fit, iter_batches, plot_history
+from .lora import apply_lora, merge_lora
+
+TASK = "classify"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def balance_classes(examples: list, seed: int) -> list:
+    """Undersample every class to the size of the smallest one.
+
+    Args:
+        examples: `(text, label, ...)` tuples.
+        seed: which examples of the larger classes are kept.
+
+    Returns:
+        The kept examples, in their original order.
+    """
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_label.setdefault(ex[1], []).append(i)
+    n = min(len(v) for v in by_label.values())
+    keep = set()
+    for label in sorted(by_label):
+        keep.update(rng.sample(by_label[label], n))
+    return [ex for i, ex in enumerate(examples) if i in keep]
+
+
+def stratified_split(examples: list, fractions: tuple[float, float, float], seed: int):
+    """Split into train/val/test with each class in the same proportions in every part.
+
+    Args:
+        examples: `(text, label, ...)` tuples.
+        fractions: `(train, val, test)`, summing to 1, e.g. `(0.7, 0.1, 0.2)`.
+        seed: shuffling seed.
+
+    Returns:
+        `(train, val, test)` lists, each shuffled.
+
+    Raises:
+        UserError: a class too small to put at least one example in every part.
+    """
+    rng = random.Random(seed)
+    by_label: dict[str, list] = {}
+    for ex in examples:
+        by_label.setdefault(ex[1], []).append(ex)
+    parts: tuple[list, list, list] = ([], [], [])
+    for label in sorted(by_label):
+        items = by_label[label][:]
+        rng.shuffle(items)
+        n = len(items)
+        n_train = int(round(n * fractions[0]))
+        n_val = int(round(n * fractions[1]))
+        n_test = n - n_train - n_val
+        if min(n_train, n_val, n_test) < 1:
+            need = max(3, int(1 / max(1e-9, min(fractions))) + 1)
+            raise UserError(
+                f"dataset too small: class {label!r} has {n} example(s), too few for a "
+                f"{'/'.join(f'{round(f * 100)}' for f in fractions)} split (needs about {need} per class "
+                "so every split gets one)")
+        parts[0].extend(items[:n_train])
+        parts[1].extend(items[n_train:n_train + n_val])
+        parts[2].extend(items[n_train + n_val:])
+    for p in parts:
+        rng.shuffle(p)
+    return parts
+
+
+def parse_split(spec: str | tuple) -> tuple[float, float, float]:
+    """`"0.7,0.1,0.2"` (or a tuple) -> `(0.7, 0.1, 0.2)`, checked to be positive and sum to 1."""
+    try:
+        values = tuple(float(x) for x in (spec.split(",") if isinstance(spec, str) else spec))
+    except ValueError:
+        raise UserError(f"--split {spec!r}: expected three numbers like 0.7,0.1,0.2") from None
+    if len(values) != 3 or min(values) <= 0 or abs(sum(values) - 1) > 1e-6:
+        raise UserError(f"--split {spec!r}: expected three positive fractions summing to 1, like 0.7,0.1,0.2")
+    return values  # type: ignore[return-value]
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of each text, cut to its first `max_length` tokens. `<|endoftext|>`
+    written inside a text stays ordinary text: it must not look like padding."""
+    return [tokenizer.encode(t, allowed_special="none")[:max_length] or [tokenizer.eot_id] for t in texts]
+
+
+def collate_classification(batch: list[tuple[list[int], int]], pad_id: int):
+    """Right-pad a batch of `(ids, label)` to its longest sequence.
+
+    Returns:
+        `(idx (B, T), lengths (B,), labels (B,))`, padding with `pad_id`.
+    """
+    T = max(len(ids) for ids, _ in batch)
+    idx = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    for i, (ids, _) in enumerate(batch):
+        idx[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids, _ in batch], dtype=torch.long)
+    labels = torch.tensor([y for _, y in batch], dtype=torch.long)
+    return idx, lengths, labels
+
+
+# -------------------------------------------------------------------------- model
+
+
+def add_classification_head(model: GPT, num_classes: int) -> GPT:
+    """Replace `model.lm_head` by a fresh `Linear(n_embd, num_classes)` (with bias), in place.
+
+    The config's `tie_weights` becomes False: the head no longer shares the embedding.
+    """
+    if num_classes < 2:
+        raise UserError(f"classification needs at least 2 classes, found {num_classes}")
+    ref = model.wte.weight
+    head = nn.Linear(model.config.n_embd, num_classes, device=ref.device, dtype=ref.dtype)
+    nn.init.normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    model.lm_head = head
+    model.config = dataclasses.replace(model.config, tie_weights=False)
+    return model
+
+
+def set_dropout(model: GPT, p: float) -> None:
+    """Set every dropout rate in `model` to `p` (and its config's, so a save records it)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif hasattr(m, "resid_dropout"):  # attention applies its own rate inside SDPA
+            m.dropout = p
+    model.config = dataclasses.replace(model.config, dropout=p)
+
+
+def set_trainable(model: GPT, trainable: str, lora_rank: int = 0, lora_alpha: float = 16.0,
+                  extra: tuple[nn.Module, ...] = ()) -> str:
+    """Choose which parameters train.
+
+    Args:
+        model: the model (changed in place).
+        trainable: `all`, `last-N` (the last N blocks + final LayerNorm), or `lora`
+            (frozen base with adapters of rank `lora_rank`; see `lora.py`).
+        extra: modules that train in every mode (a new classification head).
+
+    Returns:
+        A one-line description, e.g. `"trainable 1,234 of 5,678 parameters (21.7%)"`.
+    """
+    if trainable == "lora":
+        if lora_rank <= 0:
+            raise UserError("--trainable lora needs --lora-rank R (e.g. 8)")
+        apply_lora(model, lora_rank, lora_alpha)
+    elif trainable == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif trainable.startswith("last-"):
+        try:
+            n = int(trainable[len("last-"):])
+        except ValueError:
+            n = -1
+        if not 0 <= n <= model.config.n_layer:
+            raise UserError(f"--trainable {trainable}: N must be between 0 and {model.config.n_layer}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for block in list(model.h)[len(model.h) - n:]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        for p in model.ln_f.parameters():
+            p.requires_grad_(True)
+    else:
+        raise UserError(f"--trainable {trainable!r}: use all, last-N (e.g. last-1) or lora")
+    for m in extra:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    n_train, n_total = count_params(model)
+    return f"trainable {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.2f}%)"
+
+
+def classifier_logits(model: GPT, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Class logits read at each row's last real token.
+
+    Args:
+        idx: `(B, T)` right-padded token ids; lengths: `(B,)` real lengths (>= 1).
+
+    Returns:
+        `(B, n_classes)` logits.
+    """
+    logits = model(idx)  # (B, T, n_classes)
+    rows = torch.arange(idx.shape[0], device=idx.device)
+    return logits[rows, lengths.to(idx.device) - 1]  # (B, n_classes)
+
+
+@torch.no_grad()
+def predict_ids(model: GPT, encoded: list[list[int]], pad_id: int, batch_size: int = 32,
+                device=None) -> torch.Tensor:
+    """Class probabilities `(N, n_classes)` for already-tokenized texts."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    batch_iter = iter_batches([(ids, 0) for ids in encoded], batch_size,
+                              lambda b: collate_classification(b, pad_id))
+    for idx, lengths, _ in batch_iter:
+        logits = classifier_logits(model, idx.to(device), lengths.to(device))
+        out.append(torch.softmax(logits.float(), dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model.lm_head.out_features)
+
+
+# ------------------------------------------------------------------------ metrics
+
+
+def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix.
+
+    Returns:
+        `{"accuracy", "per_class": {label: {"precision", "recall", "f1", "support"}},
+        "confusion_matrix": rows = true class, columns = predicted class}`.
+    """
+    k = len(labels)
+    cm = [[0] * k for _ in range(k)]
+    for t, p in zip(y_true, y_pred):
+        cm[t][p] += 1
+    per_class = {}
+    for c, name in enumerate(labels):
+        tp = cm[c][c]
+        predicted = sum(cm[r][c] for r in range(k))
+        actual = sum(cm[c])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    n = len(y_true)
+    accuracy = sum(cm[c][c] for c in range(k)) / n if n else 0.0
+    return {"accuracy": accuracy, "per_class": per_class, "confusion_matrix": cm}
+
+
+def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    """The confusion matrix as an annotated heat map, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..utils import atomic_write
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(labels), 1.2 + 1.0 * len(labels)), dpi=110)
+    ax.imshow(cm, cmap="Blues")
+    top = max(max(r) for r in cm) or 1
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class ClassifyConfig(FinetuneConfig):
+    """Settings of `llmscratch finetune classify` (plus the shared `FinetuneConfig`)."""
+
+    model: str = "small"
+    """run folder, Hugging Face GPT-2 folder or preset to start from"""
+    data: str = "sms-spam"
+    """dataset name or .tsv/.csv/.jsonl/.json file of text + label"""
+    out: str = "runs/classifier"
+    """output folder"""
+    text_column: str | None = None
+    """column/field holding the text (default: text; sms-spam: 1)"""
+    label_column: str | None = None
+    """column/field holding the label (default: label; sms-spam: 0)"""
+    format: str | None = None
+    """tsv, csv, jsonl or json (default: from the extension)"""
+    val_data: str | None = None
+    """separate validation file (with --test-data; --data is then used whole for training)"""
+    test_data: str | None = None
+    """separate test file"""
+    balance: bool = True
+    """undersample every class to the smallest one's size"""
+    split: str = "0.7,0.1,0.2"
+    """train,val,test fractions (stratified)"""
+    max_length: int | None = None
+    """truncate texts to this many tokens (default: the longest training text, capped at the context length)"""
+    trainable: str = "last-1"
+    """all, last-N (last N blocks + final LayerNorm; the head always trains) or lora"""
+    lora_rank: int = 0
+    """LoRA rank (implies --trainable lora)"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator (update x alpha/rank)"""
+    dropout: float = 0.0
+    """dropout while fine-tuning"""
+    overwrite: bool = False
+    """replace an existing classifier in --out"""
+    lr: float = 5e-5
+    epochs: int = 5
+
+
+@dataclass
+class ClassifyResult:
+    out: Path
+    metrics: dict
+    interrupted: bool
+    params_line: str = ""
+
+
+def _prepare_splits(cfg: ClassifyConfig):
+    """Read, balance and split the data; with --val-data/--test-data those files are used
+    as given and --data is the training set."""
+    fractions = parse_split(cfg.split)
+    rows = read_labeled(cfg.data, cfg.text_column, cfg.label_column, cfg.format)
+    if cfg.val_data or cfg.test_data:
+        if not (cfg.val_data and cfg.test_data):
+            raise UserError("give both --val-data and --test-data (or neither, to split --data)")
+        train = balance_classes(rows, cfg.seed) if cfg.balance else rows
+        val = read_labeled(cfg.val_data, cfg.text_column, cfg.label_column, cfg.format)
+        test = read_labeled(cfg.test_data, cfg.text_column, cfg.label_column, cfg.format)
+    else:
+        if cfg.balance:
+            rows = balance_classes(rows, cfg.seed)
+        train, val, test = stratified_split(rows, fractions, cfg.seed)
+    labels = sorted({r[1] for r in train})
+    if len(labels) < 2:
+        raise UserError(f"--data {cfg.data}: only one label ({labels[0]!r}); classification needs two or more")
+    known = set(labels)
+    for part in (val, test):
+        for text, label, where in part:
+            if label not in known:
+                raise UserError(f"{where}: unknown label {label!r} (the training data has {labels})")
+    return labels, train, val, test
+
+
+def finetune_classify(cfg: ClassifyConfig) -> ClassifyResult:
+    """Fine-tune a classifier as described by `cfg`; writes the classifier folder.
+
+    Writes to `cfg.out`: `model.safetensors`, `tokenizer.json`, `config.json` (model config,
+    labels, max length), `metrics.json`, `loss.png`, `confusion.png`. All inputs are checked
+    before anything is written, and every file is written atomically.
+    """
+    from ..checkpoint import load_model
+
+    cfg.validate()
+    if cfg.lora_rank:
+        cfg.trainable = "lora"
+    out = Path(cfg.out)
+    if (out / "config.json").exists() and not cfg.overwrite:
+        raise UserError(f"{out} already holds a model; pick another --out or pass --overwrite")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    labels, train, val, test = _prepare_splits(cfg)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model(cfg.model, device=device)
+    pad_id = tokenizer.eot_id
+    ctx = model.config.context_length
+    if cfg.max_length is not None:
+        if cfg.max_length <= 0:
+            raise UserError(f"--max-length must be positive, got {cfg.max_length}")
+        if cfg.max_length > ctx:
+            warnings.warn(f"--max-length {cfg.max_length} exceeds the context length {ctx}; using {ctx}")
+        max_length = min(cfg.max_length, ctx)
+    else:
+        max_length = min(ctx, max(len(tokenizer.encode(t, allowed_special="none")) for t, _, _ in train))
+    index = {name: i for i, name in enumerate(labels)}
+
+    def encode(part):
+        ids = encode_texts(tokenizer, [t for t, _, _ in part], max_length)
+        return list(zip(ids, [index[y] for _, y, _ in part]))
+
+    train_ex, val_ex, test_ex = encode(train), encode(val), encode(test)
+    set_dropout(model, cfg.dropout)
+    add_classification_head(model, len(labels))
+    params_line = set_trainable(model, cfg.trainable, cfg.lora_rank, cfg.lora_alpha, extra=(model.lm_head,))
+    print(f"{len(train_ex)} train / {len(val_ex)} val / {len(test_ex)} test examples, "
+          f"labels {labels}, max length {max_length} tokens; {params_line}", file=sys.stderr)
+
+    collate = lambda batch: collate_classification(batch, pad_id)  # noqa: E731
+
+    def loss_fn(m, batch):
+        idx, lengths, y = (t.to(device) for t in batch)
+        return F.cross_entropy(classifier_logits(m, idx, lengths).float(), y)
+
+    def accuracy_and_loss(examples) -> tuple[float, float]:
+        probs = predict_ids(model, [ids for ids, _ in examples], pad_id, cfg.batch_size * 2, device)
+        y = torch.tensor([lab for _, lab in examples])
+        loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()
+        return (probs.argmax(-1) == y).float().mean().item(), loss
+
+    def evaluate(m) -> dict:
+        val_acc, val_loss = accuracy_and_loss(val_ex)
+        return {"val_loss": val_loss, "val_accuracy": val_acc}
+
+    result = fit(model, train_ex, collate, loss_fn, cfg, device, evaluate=evaluate, desc="classify")
+
+    # Merge adapters first: the saved model is a plain GPT with a classification head.
+    merge_lora(model)
+    metrics: dict = {"labels": labels, "max_length": max_length, "trainable": cfg.trainable,
+                     "n_train": len(train_ex), "n_val": len(val_ex), "n_test": len(test_ex)}
+    splits = {"train": train_ex, "val": val_ex, "test": test_ex}
+    for name, examples in splits.items():
+        probs = predict_ids(model, [ids for ids, _ in examples], pad_id, cfg.batch_size * 2, device)
+        m = classification_metrics([lab for _, lab in examples], probs.argmax(-1).tolist(), labels)
+        metrics[f"{name}_accuracy"] = m["accuracy"]
+        if name == "test":
+            metrics["per_class"] = m["per_class"]
+            metrics["confusion_matrix"] = m["confusion_matrix"]
+    metrics["interrupted"] = result.interrupted
+    metrics["steps"] = result.steps
+    metrics["history"] = result.history
+    metrics["settings"] = {k: v for k, v in dataclasses.asdict(cfg).items()
+                           if k not in ("max_steps", "warmup_steps", "progress")}
+
+    save_classifier(model, out, tokenizer, labels, max_length)
+    write_json(out / "metrics.json", metrics)
+    plot_history(result.history, out / "loss.png", title="classification fine-tuning loss")
+    plot_confusion(metrics["confusion_matrix"], labels, out / "confusion.png",
+                   f"test set: accuracy {100 * metrics['test_accuracy']:.2f}%")
+    return ClassifyResult(out=out, metrics=metrics, interrupted=result.interrupted, params_line=params_line)
+
+
+# ------------------------------------------------------------------- save / load
+
+
+def save_classifier(model: GPT, out: str | Path, tokenizer, labels: list[str], max_length: int) -> Path:
+    """Write a classifier folder: weights, then tokenizer, then `config.json` last (its
+    presence marks a complete folder)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save(out / "tokenizer.json")
+    write_json(out / "config.json", {"format": FORMAT, "task": TASK, "model": model.config.to_dict(),
+                                     "labels": list(labels), "max_length": max_length})
+    return out
+
+
+def load_classifier(path: str | Path, device=None):
+    """A classifier folder written by `finetune_classify`.
+
+    Returns:
+        `(model, tokenizer, labels, max_length)`, the model in eval mode.
+    """
+    from ..tokenizer import load_tokenizer
+
+    path = Path(path)
+    cfg = read_run_config(path)
+    if cfg.get("task") != TASK or "labels" not in cfg:
+        raise UserError(f"{path}: not a classifier folder (make one with `llmscratch finetune classify`)")
+    config = GPTConfig.from_dict(cfg["model"])
+    labels = list(cfg["labels"])
+    with torch.device("meta"):
+        model = GPT(config)
+        model.lm_head = nn.Linear(config.n_embd, len(labels))
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{path}: no model.safetensors")
+    state = load_file(str(weights))
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        raise UserError(f"{weights}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+    model.to(device=device)
+    return model.eval(), load_tokenizer(path / "tokenizer.json"), labels, int(cfg["max_length"])
+
+
+def classify_texts(path_or_model, texts: list[str], device=None) -> list[tuple[str, float]]:
+    """Label and probability of the predicted label for each text.
+
+    Args:
+        path_or_model: a classifier folder, or the tuple `load_classifier` returns.
+        texts: the texts to classify.
+    """
+    model, tokenizer, labels, max_length = (
+        load_classifier(path_or_model, device) if isinstance(path_or_model, (str, Path)) else path_or_model
+    )
+    probs = predict_ids(model, encode_texts(tokenizer, texts, max_length), tokenizer.eot_id)
+    best = probs.argmax(-1)
+    return [(labels[int(b)], float(probs[i, b])) for i, b in enumerate(best)]

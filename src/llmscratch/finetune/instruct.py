@@ -1,0 +1,349 @@
+"""Instruction fine-tuning: a GPT learns to answer instructions in a fixed prompt format.
+
+Each example is a conversation (`messages`, as `data.read_instruction_records` returns).
+A `Template` turns it into token ids: the prompt parts (system text, user turns, the
+"### Response:" cue) and the assistant's replies, each reply followed by `<|endoftext|>`,
+so the model learns to stop. `encode_conversation` also returns which tokens are the
+assistant's, so `--mask-prompt` can train on the responses only.
+
+`collate_instruct` batches them: inputs are right-padded with `<|endoftext|>`; targets
+are the inputs shifted by one, where the first end-of-text token stays a target (the model
+must learn to emit it) and the padding after it is -100, which the loss ignores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import save_model
+from ..errors import UserError
+from ..generate import generate
+from ..model import lm_loss
+from ..utils import pick_device, seed_everything, write_json
+from .classify import parse_split, set_dropout, set_trainable
+from .data import read_instruction_records
+from .loop import FinetuneConfig, fit, iter_batches, plot_history
+from .lora import merge_lora
+
+IGNORE_INDEX = -100
+TASK = "instruct"
+
+
+@dataclass(frozen=True)
+class Template:
+    """How a conversation is laid out as text.
+
+    The layout is `system_fmt` (once, if there is system text), then per exchange
+    `user_fmt` (which ends with the cue that the assistant speaks next), the reply, and
+    `<|endoftext|>`.
+    """
+
+    name: str
+    default_system: str
+    system_fmt: str  # "{system}"
+    user_fmt: str  # "{content}" and "{input}" (the formatted input_fmt or "")
+    input_fmt: str  # "{input}"
+
+    def system_text(self, system: str | None) -> str:
+        text = self.default_system if system is None else system
+        return self.system_fmt.format(system=text) if text else ""
+
+    def user_text(self, content: str, input: str = "") -> str:
+        extra = self.input_fmt.format(input=input) if input and input.strip() else ""
+        return self.user_fmt.format(content=content, input=extra)
+
+    def prompt(self, instruction: str, input: str = "") -> str:
+        """The whole single-turn prompt, as text (what the response follows)."""
+        return self.system_text(None) + self.user_text(instruction, input)
+
+
+TEMPLATES = {
+    # The Stanford Alpaca layout, as used by the book's chapter 7.
+    "alpaca": Template(
+        name="alpaca",
+        default_system="Below is an instruction that describes a task. "
+                       "Write a response that appropriately completes the request.",
+        system_fmt="{system}\n\n",
+        user_fmt="### Instruction:\n{content}{input}\n\n### Response:\n",
+        input_fmt="\n\n### Input:\n{input}",
+    ),
+    # Microsoft Phi-3's chat markers (written as plain text: GPT-2's BPE has no such tokens).
+    "phi3": Template(
+        name="phi3",
+        default_system="",
+        system_fmt="<|system|>\n{system}\n",
+        user_fmt="<|user|>\n{content}{input}\n<|assistant|>\n",
+        input_fmt="\n{input}",
+    ),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise UserError(f"--template {name!r}: choose one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def encode_conversation(tokenizer, template: Template, messages: list[dict],
+                        for_generation: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation, and which of them are the assistant's.
+
+    Args:
+        messages: `[{"role", "content"(, "input")}, ...]`; an optional system message
+            first, then user and assistant turns.
+        for_generation: the conversation ends with a user turn; stop after the cue for
+            the assistant's reply (a prompt for `generate`).
+
+    Returns:
+        `(ids, is_response)`, same length. Every assistant reply is followed by
+        `<|endoftext|>`, which counts as response (the model must learn to stop).
+
+    Example (Alpaca): user "Add 2+2", assistant "4" ->
+        "Below is an instruction ...\\n\\n### Instruction:\\nAdd 2+2\\n\\n### Response:\\n" "4" <eot>
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+
+    def add(text: str, response: bool) -> None:
+        # Text is encoded with special tokens off: "<|endoftext|>" typed by a user is text.
+        new = tokenizer.encode(text, allowed_special="none") if text else []
+        ids.extend(new)
+        mask.extend([response] * len(new))
+
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    pending = template.system_text(system)
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        if m["role"] == "user":
+            add(pending + template.user_text(m["content"], m.get("input", "")), False)
+            pending = ""
+        else:
+            add(m["content"], True)
+            ids.append(tokenizer.eot_id)
+            mask.append(True)
+    if for_generation and messages and messages[-1]["role"] == "assistant":
+        raise ValueError("for_generation needs a conversation that ends with a user turn")
+    return ids, mask
+
+
+def collate_instruct(batch: list[tuple[list[int], list[bool]]], pad_id: int, mask_prompt: bool = False,
+                     max_length: int | None = None, ignore_index: int = IGNORE_INDEX):
+    """Batch encoded conversations for next-token training.
+
+    Args:
+        batch: `(ids, is_response)` pairs from `encode_conversation` (ending in `<|endoftext|>`).
+        pad_id: `<|endoftext|>`'s id, used to pad the inputs.
+        mask_prompt: targets that are prompt tokens become `ignore_index` too.
+        max_length: truncate each sequence to this many input tokens (the context length).
+
+    Returns:
+        `(inputs, targets)`, both `(B, T)` long, T = the longest (truncated) sequence - 1.
+        `targets[i, t]` is the token after `inputs[i, t]`; the padding after a
+        sequence's final `<|endoftext|>` target is `ignore_index`.
+
+    Example: ids [5, 6, eot] and [7, eot] -> inputs [[5, 6], [7, eot]],
+        targets [[6, eot], [eot, -100]].
+    """
+    seqs = []
+    for ids, mask in batch:
+        if max_length is not None:
+            ids, mask = ids[:max_length + 1], mask[:max_length + 1]
+        seqs.append((ids, mask))
+    T = max(1, max(len(ids) for ids, _ in seqs) - 1)
+    inputs = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), T), ignore_index, dtype=torch.long)
+    for i, (ids, mask) in enumerate(seqs):
+        n = len(ids) - 1
+        if n <= 0:
+            continue
+        inputs[i, :n] = torch.tensor(ids[:-1])
+        tgt = torch.tensor(ids[1:])
+        if mask_prompt:
+            tgt = tgt.masked_fill(~torch.tensor(mask[1:], dtype=torch.bool), ignore_index)
+        targets[i, :n] = tgt
+    return inputs, targets
+
+
+def masked_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the targets that are not -100 (0 if there are none, so a
+    batch whose responses were all truncated away does not turn the loss into NaN)."""
+    logits = model(inputs)  # (B, T, V)
+    if not bool((targets != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return lm_loss(logits, targets)
+
+
+def split_in_order(records: list, fractions: tuple[float, float, float]) -> tuple[list, list, list]:
+    """Train/val/test parts in file order (the book's 85/5/10 split of alpaca-1100)."""
+    n = len(records)
+    n_train = int(n * fractions[0])
+    n_val = int(n * fractions[1])
+    parts = records[:n_train], records[n_train:n_train + n_val], records[n_train + n_val:]
+    if min(len(p) for p in parts) < 1:
+        raise UserError(f"dataset too small: {n} example(s) cannot fill a "
+                        f"{'/'.join(str(round(f * 100)) for f in fractions)} train/val/test split "
+                        "with at least one example each")
+    return parts
+
+
+def record_fields(messages: list[dict]) -> dict:
+    """instruction / input / reference output of a conversation (its last exchange)."""
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return {"instruction": messages[last_user]["content"], "input": messages[last_user].get("input", ""),
+            "output": messages[-1]["content"]}
+
+
+@torch.no_grad()
+def respond(model, tokenizer, template: Template, messages: list[dict], max_new_tokens: int = 256,
+            temperature: float = 0.0, top_k: int | None = None, seed: int | None = None) -> str:
+    """The model's reply to a conversation that ends with a user turn (stops at `<|endoftext|>`)."""
+    ids, _ = encode_conversation(tokenizer, template, messages, for_generation=True)
+    device = next(model.parameters()).device
+    ctx = model.config.context_length
+    ids = ids[-ctx:]  # the start of a prompt longer than the window cannot be seen anyway
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                   eos_id=tokenizer.eot_id, seed=seed)[0, len(ids):].tolist()
+    if tokenizer.eot_id in out:
+        out = out[:out.index(tokenizer.eot_id)]
+    return tokenizer.decode(out).strip()
+
+
+@dataclass
+class InstructConfig(FinetuneConfig):
+    """Settings of `llmscratch finetune instruct` (plus the shared `FinetuneConfig`)."""
+
+    model: str = "small"
+    """run folder, Hugging Face GPT-2 folder or preset to start from"""
+    data: str = "alpaca-1100"
+    """alpaca-1100, an Alpaca .json/.jsonl file, or a chat .jsonl with messages"""
+    out: str = "runs/instruct"
+    """output run folder"""
+    template: str = "alpaca"
+    """prompt template: alpaca or phi3"""
+    mask_prompt: bool = False
+    """train on the response tokens only"""
+    split: str = "0.85,0.05,0.10"
+    """train,val,test fractions, in file order"""
+    max_length: int | None = None
+    """truncate examples to this many tokens (default and maximum: the context length)"""
+    trainable: str = "all"
+    """all, last-N or lora"""
+    lora_rank: int = 0
+    """LoRA rank (implies --trainable lora)"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator (update x alpha/rank)"""
+    dropout: float = 0.0
+    """dropout while fine-tuning"""
+    max_new_tokens: int = 256
+    """longest test-set response generated"""
+    max_test: int | None = None
+    """generate responses for at most this many test examples (default: all)"""
+    overwrite: bool = False
+    """replace an existing model in --out"""
+    lr: float = 5e-5
+    epochs: int = 2
+
+
+@dataclass
+class InstructResult:
+    out: Path
+    metrics: dict
+    interrupted: bool
+    params_line: str = ""
+
+
+def finetune_instruct(cfg: InstructConfig) -> InstructResult:
+    """Instruction-tune a model as described by `cfg`.
+
+    Writes to `cfg.out` a run folder (`model.safetensors`, `tokenizer.json`, `config.json`
+    with the template) usable by `llmscratch generate` and `chat`, plus `responses.json`
+    (test set: instruction, input, reference output, model response), `metrics.json`
+    and `loss.png`. Inputs are checked before anything is written.
+    """
+    from ..checkpoint import load_model
+
+    cfg.validate()
+    if cfg.lora_rank:
+        cfg.trainable = "lora"
+    template = get_template(cfg.template)
+    out = Path(cfg.out)
+    if (out / "config.json").exists() and not cfg.overwrite:
+        raise UserError(f"{out} already holds a model; pick another --out or pass --overwrite")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.max_new_tokens < 0:
+        raise UserError("--max-new-tokens must be >= 0")
+    records = read_instruction_records(cfg.data)
+    train, val, test = split_in_order(records, parse_split(cfg.split))
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model(cfg.model, device=device)
+    ctx = model.config.context_length
+    max_length = min(cfg.max_length or ctx, ctx)
+    pad_id = tokenizer.eot_id
+    encode = lambda recs: [encode_conversation(tokenizer, template, r["messages"]) for r in recs]  # noqa: E731
+    train_ex, val_ex = encode(train), encode(val)
+    set_dropout(model, cfg.dropout)
+    params_line = set_trainable(model, cfg.trainable, cfg.lora_rank, cfg.lora_alpha)
+    print(f"{len(train)} train / {len(val)} val / {len(test)} test examples, template {template.name}, "
+          f"max length {max_length} tokens; {params_line}", file=sys.stderr)
+
+    collate = lambda b: collate_instruct(b, pad_id, cfg.mask_prompt, max_length)  # noqa: E731
+
+    def loss_fn(m, batch):
+        x, y = (t.to(device) for t in batch)
+        return masked_lm_loss(m, x, y)
+
+    def evaluate(m) -> dict:
+        total, count = 0.0, 0
+        for x, y in iter_batches(val_ex, cfg.batch_size, collate):
+            x, y = x.to(device), y.to(device)
+            n = int((y != IGNORE_INDEX).sum())
+            if n:
+                total += lm_loss(m(x), y).item() * n
+                count += n
+        return {"val_loss": total / max(count, 1)}
+
+    result = fit(model, train_ex, collate, loss_fn, cfg, device, evaluate=evaluate, desc="instruct")
+    merge_lora(model)
+
+    test_run = test[: cfg.max_test] if cfg.max_test is not None else test
+    responses = []
+    for r in tqdm(test_run, desc="test responses", disable=not cfg.progress, dynamic_ncols=True):
+        msgs = r["messages"]
+        entry = record_fields(msgs)
+        if len([m for m in msgs if m["role"] != "system"]) > 2 or msgs[0]["role"] == "system":
+            entry["messages"] = msgs[:-1]  # the context the response was generated in
+        entry["response"] = respond(model, tokenizer, template, msgs[:-1], cfg.max_new_tokens)
+        responses.append(entry)
+
+    val_loss = next((h["val_loss"] for h in reversed(result.history) if "val_loss" in h), None)
+    metrics = {"val_loss": val_loss, "template": template.name, "mask_prompt": cfg.mask_prompt,
+               "trainable": cfg.trainable, "n_train": len(train), "n_val": len(val), "n_test": len(test),
+               "interrupted": result.interrupted, "steps": result.steps, "history": result.history}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("max_steps", "warmup_steps", "progress")}
+    # config.json is written last by save_model, after the weights: a folder with a
+    # config always has the weights it describes.
+    save_model(model, out, tokenizer, extra={"task": TASK, "template": template.name, "finetune": settings})
+    write_json(out / "responses.json", responses)
+    write_json(out / "metrics.json", metrics)
+    plot_history(result.history, out / "loss.png", title="instruction fine-tuning loss")
+    return InstructResult(out=out, metrics=metrics, interrupted=result.interrupted, params_line=params_line)
+
+
+def template_of(run_dir: str | Path, default: str = "alpaca") -> str:
+    """The template recorded in a run folder's config.json (`default` if none)."""
+    from ..checkpoint import is_run_dir, read_run_config
+
+    if is_run_dir(run_dir):
+        return read_run_config(run_dir).get("template", default)
+    return default
