@@ -83,6 +83,9 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 def load_run_model(path: str | os.PathLike, device=None, dtype=None) -> GPT:
     """A `GPT` from one of our run folders."""
     cfg = read_run_config(path)
+    if cfg.get("task") == "classify":
+        raise UserError(f"{path} holds a text classifier, not a language model; "
+                        f"use `llmscratch classify --model {path} TEXT`")
     try:
         config = GPTConfig.from_dict(cfg["model"])
     except (KeyError, TypeError) as e:

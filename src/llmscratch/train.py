@@ -301,14 +301,14 @@ def _truncate_metrics(path: Path, step: int) -> list[dict]:
 
 def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
     """Train and validation loss against tokens seen, saved atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no GUI backend needed, and a notebook's inline backend
+    # is left alone.
+    from matplotlib.figure import Figure
 
     train = [(r["tokens"], r["train_loss"]) for r in records if "train_loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train", alpha=0.8, linewidth=1)
     if val:
@@ -321,7 +321,6 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -265,14 +265,12 @@ def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[st
 
 def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: str) -> None:
     """The confusion matrix as an annotated heat map, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend alone
 
     from ..utils import atomic_write
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(labels), 1.2 + 1.0 * len(labels)), dpi=110)
+    fig = Figure(figsize=(1.6 + 1.1 * len(labels), 1.2 + 1.0 * len(labels)), dpi=110)
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     top = max(max(r) for r in cm) or 1
     for i, row in enumerate(cm):
@@ -286,7 +284,6 @@ def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: st
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- run

@@ -193,12 +193,10 @@ def plot_history(history: list[dict], path: str | Path, keys: Sequence[str] = ("
                  title: str = "fine-tuning loss") -> None:
     """Training (per logged step) and evaluation (per epoch) curves against examples seen,
     written atomically as a PNG."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: leaves a notebook's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.subplots()
     for key in keys:
         pts = [(r["examples"], r[key]) for r in history if key in r]
         if pts:
@@ -212,7 +210,6 @@ def plot_history(history: list[dict], path: str | Path, keys: Sequence[str] = ("
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png")
-    plt.close(fig)
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
