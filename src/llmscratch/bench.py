@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .model import GPT, GPTConfig, lm_loss
+from .model import GPT, GPTConfig, fused_lm_loss
 
 
 def _sync(device: torch.device) -> None:
@@ -94,10 +94,11 @@ def ours_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, dev
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
 
-    def step():
+    def step():  # what train.pretrain does per micro-batch
         with ctx():
-            logits = fwd(x)
-        lm_loss(logits, x).backward()
+            hidden = fwd(x, return_hidden=True)
+            loss = fused_lm_loss(hidden, model.lm_head.weight, x)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
@@ -188,6 +189,13 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
         "llmscratch KV cache fp32": lambda: generate(ours, idx, new_tokens),
         "llmscratch KV cache bf16": lambda: generate(ours_bf16, idx, new_tokens),
     }
+    if device.type == "cpu":
+        from .quantize import quantize_int8
+
+        ours_int8 = GPT(cfg).eval()
+        ours_int8.load_state_dict(ours.state_dict())
+        quantize_int8(ours_int8)
+        fns["llmscratch KV cache int8"] = lambda: generate(ours_int8, idx, new_tokens)
     if uncached:
         fns["llmscratch no cache fp32"] = lambda: generate(ours, idx, new_tokens, use_cache=False)
     identical = None

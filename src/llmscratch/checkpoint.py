@@ -122,12 +122,24 @@ def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0):
         name_or_path: run folder, HF folder (`config.json` + weights), or a preset name
             (`GPTConfig.presets()`), which gives a randomly initialised model with GPT-2's
             tokenizer — useful for trying the pipeline and for benchmarks.
-        device / dtype: where to put the weights.
+        device / dtype: where to put the weights; dtype may also be `"int8"` for int8
+            weight-only quantization with bf16 activations (inference only, see `quantize`).
         seed: the random init's seed for presets.
 
     Returns:
         `(model, tokenizer)`, the model in eval mode.
     """
+    if isinstance(dtype, str):
+        if dtype != "int8":
+            raise UserError(f"unknown weight precision {dtype!r}; use a torch dtype or 'int8'")
+        from .quantize import quantize_int8
+
+        model, tokenizer = load_model(name_or_path, device=device, dtype=None, seed=seed)
+        return quantize_int8(model), tokenizer
+    return _load_model(name_or_path, device, dtype, seed)
+
+
+def _load_model(name_or_path: str, device, dtype, seed: int):
     from .tokenizer import get_tokenizer, load_tokenizer
 
     path = Path(name_or_path)

@@ -12,12 +12,14 @@ import warnings
 
 from .errors import UserError
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
 
 
 def _dtype(name: str | None):
     import torch
 
+    if name == "int8":
+        return "int8"  # weight-only int8 quantization, see llmscratch.quantize
     return getattr(torch, DTYPES[name]) if name else None
 
 
@@ -27,7 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser, default: str | None = None) -> N
                         + (f" (default: {default})" if default else ""))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weights' precision for inference (default: as stored, fp32)")
+                   help="weights' precision for inference: fp32, bf16, fp16, or int8 (weight-only, "
+                        "bf16 activations; fastest on CPU) (default: as stored, fp32)")
 
 
 # ---------------------------------------------------------------------------- info
