@@ -6,8 +6,9 @@ A run folder holds
     model.safetensors   the weights (a tied LM head is stored once, as wte)
     tokenizer.json      the tokenizer (see `llmscratch.tokenizer.load_tokenizer`)
 
-plus, for a training run, `train_state.safetensors` / `train_state.json`, `metrics.jsonl` and
-`loss.png` (see `train.py`). Every file is written atomically, weights are never pickled.
+plus, for a training run, `train_state.safetensors` (everything `--resume` needs),
+`metrics.jsonl` and `loss.png` (see `train.py`). Every file is written atomically, and
+weights are never pickled.
 
 `load_model` accepts a run folder, a Hugging Face GPT-2 folder or a preset name, so every
 command that takes `--model` takes any of the three.
@@ -46,6 +47,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
 
 def save_model(model: GPT, out_dir: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
     """Write `config.json`, `model.safetensors` and (if given) `tokenizer.json` to `out_dir`."""
+    if getattr(model, "quantized", None):
+        raise UserError("an int8-quantized model is for inference only; save the unquantized model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(model_state(model), out / "model.safetensors", metadata={"format": "pt"})
