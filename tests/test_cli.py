@@ -112,3 +112,15 @@ def test_stream_text_waits_for_whole_characters():
     pieces = list(stream_text(Scripted(), ByteTok(), "a", 10))
     assert "".join(pieces) == "é€"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_bench_quick_writes_json(tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    r = run("bench", "--quick", "--no-peers", "--what", "train", "generate", "--rounds", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["machine"]["matmul_fp32_gflops"] > 0
+    assert {row["impl"] for row in report["train"]} == {"llmscratch fp32", "llmscratch bf16-autocast"}
+    assert all(row["tokens_per_s"] > 0 for row in report["generate_batch1"])

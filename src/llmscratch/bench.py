@@ -83,12 +83,13 @@ class TrainShape:
 
 
 def ours_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, device="cpu",
-                    compile: bool = False) -> tuple[Callable[[], None], float]:
+                    compile: bool = False, checkpointing: bool = False) -> tuple[Callable[[], None], float]:
     """A closure doing one forward + backward + fused AdamW step of our GPT, and its
     training FLOPs per token."""
     device = torch.device(device)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
+    model.gradient_checkpointing = checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
     fwd = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
@@ -134,8 +135,8 @@ def hf_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, devic
 
 def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peers: bool = True,
                    peak_fp32: float | None = None, peak_bf16: float | None = None) -> list[dict]:
-    """Tokens/s and MFU of a training step for each shape, ours (fp32 and bf16 autocast)
-    and transformers' (fp32), interleaved."""
+    """Tokens/s and MFU of a training step for each shape, ours and transformers', each in
+    fp32 and under bf16 autocast, interleaved."""
     rows = []
     for shape in shapes:
         cfg = GPTConfig.from_name(shape.preset, context_length=max(shape.seq_len, 1))
@@ -146,6 +147,7 @@ def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peer
         if peers:
             try:
                 fns["transformers fp32 (sdpa)"] = hf_train_step(cfg, B, T, None, device)
+                fns["transformers bf16-autocast"] = hf_train_step(cfg, B, T, torch.bfloat16, device)
             except ImportError:
                 pass
         secs = interleave(fns, rounds)
@@ -242,3 +244,62 @@ def print_rows(rows: list[dict], title: str) -> None:
             if key in r:
                 extra.append(fmt.format(r[key]))
         print(f"  {r['shape']:22s} {r['impl']:28s} {r['tokens_per_s']:10.1f} tok/s   " + "   ".join(extra))
+
+
+def _rss_child(impl: str, preset: str, B: int, T: int, amp: str, checkpointing: bool) -> None:
+    """Run inside a fresh process: two training steps, then print the peak RSS in MB."""
+    import resource
+
+    dtype = torch.bfloat16 if amp == "bf16" else None
+    cfg = GPTConfig.from_name(preset, context_length=max(T, 1))
+    if impl == "llmscratch":
+        step, _ = ours_train_step(cfg, B, T, dtype, checkpointing=checkpointing)
+    else:
+        step = hf_train_step(cfg, B, T, dtype)
+    t0 = time.perf_counter()
+    step()
+    step()
+    secs = (time.perf_counter() - t0) / 2
+    print(f"RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} {B * T / secs:.1f}")
+
+
+def peak_rss_train_step(impl: str, preset: str = "gpt2-124m", batch_size: int = 4, seq_len: int = 1024,
+                        amp: str = "fp32", checkpointing: bool = False) -> tuple[float, float]:
+    """Peak resident memory (MB) and tokens/s of a training step, measured in a fresh
+    process so earlier allocations do not count. `impl` is "llmscratch" or "transformers"."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "llmscratch.bench", impl, preset, str(batch_size), str(seq_len), amp,
+           "1" if checkpointing else "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = [ln for ln in out.splitlines() if ln.startswith("RSS ")][-1]
+    rss, tps = line.split()[1:]
+    return float(rss), float(tps)
+
+
+def bench_memory(preset: str = "gpt2-124m", batch_size: int = 4, seq_len: int = 1024,
+                 peers: bool = True) -> list[dict]:
+    """Peak RSS of a training step: ours fp32, ours with activation checkpointing, ours bf16
+    autocast, and transformers fp32."""
+    runs = [("llmscratch", "fp32", False), ("llmscratch", "fp32", True), ("llmscratch", "bf16", False)]
+    if peers:
+        runs.append(("transformers", "fp32", False))
+    rows = []
+    for impl, amp, ckpt in runs:
+        try:
+            rss, tps = peak_rss_train_step(impl, preset, batch_size, seq_len, amp, ckpt)
+        except Exception as e:  # a missing peer or an out-of-memory child: report, go on
+            print(f"  {impl} {amp}: failed ({e})")
+            continue
+        name = f"{impl} {amp}" + (" + activation checkpointing" if ckpt else "")
+        rows.append({"shape": f"{preset} {batch_size}x{seq_len}", "impl": name, "peak_rss_mb": rss,
+                     "tokens_per_s": tps})
+    return rows
+
+
+if __name__ == "__main__":  # the child process of peak_rss_train_step
+    import sys
+
+    _impl, _preset, _b, _t, _amp, _ckpt = sys.argv[1:7]
+    _rss_child(_impl, _preset, int(_b), int(_t), _amp, _ckpt == "1")

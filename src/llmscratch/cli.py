@@ -244,6 +244,13 @@ def cmd_bench(args) -> None:
             bench.print_rows(rows, f"generation, greedy, prompt 20, {n_new} new tokens, batch {bs}"
                              + ("" if same is None else f" (tokens identical to transformers: {same})"))
             report[f"generate_batch{bs}"] = rows
+    if "memory" in args.what:
+        preset, B, T = ("tiny", 2, 128) if args.quick else ("gpt2-124m", 4, 1024)
+        rows = bench.bench_memory(preset, B, T, peers=not args.no_peers)
+        print(f"\npeak RSS of a training step ({preset}, batch {B} x {T}), each in a fresh process")
+        for r in rows:
+            print(f"  {r['impl']:45s} {r['peak_rss_mb']:8.0f} MB   {r['tokens_per_s']:7.1f} tok/s")
+        report["memory"] = rows
     if args.json:
         from .utils import write_json
 
@@ -330,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="speed: machine peak, training MFU, generation", description=cmd_bench.__doc__)
-    p.add_argument("--what", nargs="+", choices=("train", "generate"), default=["train", "generate"])
+    p.add_argument("--what", nargs="+", choices=("train", "generate", "memory"),
+                   default=["train", "generate", "memory"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
     p.add_argument("--no-peers", action="store_true", help="skip transformers")
