@@ -303,3 +303,48 @@ if __name__ == "__main__":  # the child process of peak_rss_train_step
 
     _impl, _preset, _b, _t, _amp, _ckpt = sys.argv[1:7]
     _rss_child(_impl, _preset, int(_b), int(_t), _amp, _ckpt == "1")
+
+
+def bench_tokenizers(text: str, vocab_size: int = 4096, peers: bool = True) -> list[dict]:
+    """BPE training seconds (ours vs the Rust `tokenizers` trainer) and encoding MB/s
+    (GPT-2's via `get_tokenizer`, the raw tiktoken encoding underneath, our trained BPE).
+    Best of two runs each."""
+    from .tokenizer import BPETokenizer, get_tokenizer
+
+    def best(fn, n=2):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    mb = len(text.encode("utf-8")) / 1e6
+    rows = []
+    ours = BPETokenizer()
+    rows.append({"task": f"train BPE, vocab {vocab_size}", "impl": "llmscratch BPETokenizer (Python)",
+                 "seconds": best(lambda: BPETokenizer().train(text, vocab_size))})
+    ours.train(text, vocab_size)
+    if peers:
+        try:
+            from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+            def rust_train():
+                tok = Tokenizer(models.BPE())
+                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                              special_tokens=["<|endoftext|>"],
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                tok.train_from_iterator(text.splitlines(keepends=True), trainer)
+
+            rows.append({"task": f"train BPE, vocab {vocab_size}", "impl": "Rust tokenizers",
+                         "seconds": best(rust_train)})
+        except ImportError:
+            pass
+    gpt2 = get_tokenizer("gpt2")
+    for name, fn in (("get_tokenizer('gpt2')", lambda: gpt2.encode(text)),
+                     ("raw tiktoken gpt2", lambda: gpt2.encoding.encode_ordinary(text)),
+                     (f"llmscratch BPE {vocab_size} (Python)", lambda: ours.encode(text))):
+        s = best(fn)
+        rows.append({"task": "encode", "impl": name, "seconds": s, "mb_per_s": mb / s})
+    return rows

@@ -244,6 +244,16 @@ def cmd_bench(args) -> None:
             bench.print_rows(rows, f"generation, greedy, prompt 20, {n_new} new tokens, batch {bs}"
                              + ("" if same is None else f" (tokens identical to transformers: {same})"))
             report[f"generate_batch{bs}"] = rows
+    if "tokenizer" in args.what:
+        from .datasets import load_text
+
+        text = load_text("python-docs" if args.quick else "tinyshakespeare")[0].text
+        rows = bench.bench_tokenizers(text, 512 if args.quick else 4096, peers=not args.no_peers)
+        print(f"\ntokenizers on {'python-docs' if args.quick else 'tinyshakespeare'} ({len(text) / 1e6:.2f} MB)")
+        for r in rows:
+            speed = f"{r['mb_per_s']:6.2f} MB/s" if "mb_per_s" in r else ""
+            print(f"  {r['task']:22s} {r['impl']:34s} {r['seconds']:7.3f} s  {speed}")
+        report["tokenizer"] = rows
     if "memory" in args.what:
         preset, B, T = ("tiny", 2, 128) if args.quick else ("gpt2-124m", 4, 1024)
         rows = bench.bench_memory(preset, B, T, peers=not args.no_peers)
@@ -337,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="speed: machine peak, training MFU, generation", description=cmd_bench.__doc__)
-    p.add_argument("--what", nargs="+", choices=("train", "generate", "memory"),
-                   default=["train", "generate", "memory"])
+    p.add_argument("--what", nargs="+", choices=("train", "generate", "tokenizer", "memory"),
+                   default=["train", "generate", "tokenizer", "memory"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
     p.add_argument("--no-peers", action="store_true", help="skip transformers")
