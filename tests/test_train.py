@@ -150,6 +150,18 @@ def test_ddp_two_processes_match_one(tmp_path, data_dir):
 
 
 @pytest.mark.slow
+def test_ddp_user_error_on_rank0_ends_every_process(tmp_path):
+    """A bad --data under torchrun: every rank exits with the message; none hangs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "llmscratch", "pretrain", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert r.stderr.count("missing.txt") >= 2  # both ranks report it
+    assert not (tmp_path / "o" / "train_state.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path, data_dir):
     out = tmp_path / "killed"
     args = _cli_args(out, max_steps=100000, eval_every=100000)

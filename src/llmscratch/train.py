@@ -378,6 +378,27 @@ def _dist_setup(device_arg: str):
     return rank, world, device
 
 
+def _rank0_first(world: int, master: bool, fn):
+    """`fn()` on rank 0 first, then on the other ranks. A UserError on rank 0 is sent to
+    every rank and raised there too, so no process is left waiting for the others."""
+    if world == 1:
+        return fn()
+    if master:
+        try:
+            result, error = fn(), None
+        except UserError as e:
+            result, error = None, str(e)
+        dist.broadcast_object_list([error], src=0)
+        if error is not None:
+            raise UserError(error)
+        return result
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    return fn()
+
+
 def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     """Run (or resume) a pretraining run as described by `cfg`; see the module docstring.
 
@@ -400,27 +421,25 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or pick another --out")
 
     seed_everything(cfg.seed)
-    # Rank 0 downloads and tokenizes first (both write shared cache files); the others
-    # wait at the barrier and then find everything cached.
-    if world > 1 and not master:
-        dist.barrier()
-    documents = load_text(cfg.data, encoding_errors=cfg.encoding_errors, progress=cfg.progress and master)
-    if cfg.resume and (out / "tokenizer.json").is_file():
-        from .tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(out / "tokenizer.json")
-    else:
-        tokenizer = build_tokenizer(cfg.tokenizer, documents)
-    overrides = {"vocab_size": tokenizer.vocab_size, "dropout": cfg.dropout}
-    if cfg.context_length:
-        overrides["context_length"] = cfg.context_length
-    model_cfg = GPTConfig.from_name(cfg.model, **overrides)
+    def load_data():
+        documents = load_text(cfg.data, encoding_errors=cfg.encoding_errors, progress=cfg.progress and master)
+        if cfg.resume and (out / "tokenizer.json").is_file():
+            from .tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(out / "tokenizer.json")
+        else:
+            tokenizer = build_tokenizer(cfg.tokenizer, documents)
+        overrides = {"vocab_size": tokenizer.vocab_size, "dropout": cfg.dropout}
+        if cfg.context_length:
+            overrides["context_length"] = cfg.context_length
+        model_cfg = GPTConfig.from_name(cfg.model, **overrides)
+        return (tokenizer, model_cfg, *prepare_data(cfg, tokenizer, model_cfg.context_length, documents))
+
+    # Rank 0 downloads and tokenizes first (both write shared cache files); the others then
+    # find everything cached.
+    tokenizer, model_cfg, train_ids, val_ids, bytes_per_token = _rank0_first(world, master, load_data)
     T = model_cfg.context_length
-
-    train_ids, val_ids, bytes_per_token = prepare_data(cfg, tokenizer, T, documents)
-    if world > 1 and master:
-        dist.barrier()
-    del documents
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     sampler = BatchSampler(train_ids, cfg.batch_size, T, seed=cfg.seed)
