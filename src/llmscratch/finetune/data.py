@@ -19,6 +19,24 @@ LABELED_DATASETS = {"sms-spam": {"text_column": "1", "label_column": "0", "forma
 INSTRUCTION_DATASETS = ("alpaca-1100", "alpaca-preference")
 
 
+def _source_path(source: str, task_datasets, kind: str, extensions: str) -> tuple[Path, bool]:
+    """The file behind `--data`: one of this task's datasets (downloaded and verified), or a
+    local path. An existing local file wins over a dataset of the same name.
+
+    Returns:
+        `(path, named)`, where `named` says it is the dataset `source`.
+    """
+    if not Path(source).exists():
+        if source in task_datasets:
+            return dataset_path(source), True
+        if source in dataset_names():
+            raise UserError(f"--data {source}: not a {kind} dataset (choose {', '.join(task_datasets)} "
+                            f"or a {extensions} file)")
+        raise UserError(f"--data {source}: no such file, and not a dataset name "
+                        f"({kind} datasets: {', '.join(task_datasets)})")
+    return Path(source), False
+
+
 def _format_of(path: Path, fmt: str | None) -> str:
     if fmt:
         return fmt
@@ -71,20 +89,12 @@ def read_labeled(source: str, text_column: str | None = None, label_column: str 
     Raises:
         UserError: missing file, wrong columns, a short row, an empty field, bad JSON.
     """
-    if source in LABELED_DATASETS:
+    path, named = _source_path(source, LABELED_DATASETS, "labeled-text", ".tsv/.csv/.jsonl")
+    if named:
         spec = LABELED_DATASETS[source]
-        path = dataset_path(source)
         text_column = text_column or spec["text_column"]
         label_column = label_column or spec["label_column"]
         fmt = fmt or spec["format"]
-    elif source in dataset_names() and not Path(source).exists():
-        raise UserError(f"--data {source}: not a labeled-text dataset (choose {', '.join(LABELED_DATASETS)} "
-                        "or a .tsv/.csv/.jsonl file)")
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise UserError(f"--data {source}: no such file, and not a dataset name "
-                            f"(labeled datasets: {', '.join(LABELED_DATASETS)})")
     text_column = text_column or "text"
     label_column = label_column or "label"
     fmt = _format_of(path, fmt)
@@ -229,16 +239,7 @@ def read_instruction_records(source: str) -> list[dict]:
     Raises:
         UserError: malformed JSON (file and line), missing or empty fields, bad roles.
     """
-    if source in INSTRUCTION_DATASETS and not Path(source).exists():
-        path = dataset_path(source)
-    elif source in dataset_names() and not Path(source).exists():
-        raise UserError(f"--data {source}: not an instruction dataset (choose {', '.join(INSTRUCTION_DATASETS)} "
-                        "or a .json/.jsonl file)")
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise UserError(f"--data {source}: no such file, and not a dataset name "
-                            f"(instruction datasets: {', '.join(INSTRUCTION_DATASETS)})")
+    path, _ = _source_path(source, INSTRUCTION_DATASETS, "instruction", ".json/.jsonl")
     fmt = _format_of(path, None)
     if fmt not in ("json", "jsonl"):
         raise UserError(f"{path}: instruction data must be .json (an Alpaca array) or .jsonl")
