@@ -1,7 +1,9 @@
 """Speed measurements: the machine's own limits, training throughput and generation speed.
 
-Every figure is reported against what the hardware can do (measured matmul GFLOP/s), and,
-when `transformers` is installed, against its GPT-2 on the same shapes in the same run.
+Every figure is reported against what the hardware can do (measured matmul GFLOP/s), and
+against peers on the same shapes in the same run when they are installed: `transformers`'
+GPT2LMHeadModel, and the book's own package (`pip install --no-deps llms-from-scratch`; its
+declared dependencies include TensorFlow, which none of its GPT code needs).
 Implementations are interleaved round by round, so a burst of machine noise hits all of
 them alike, and medians are reported. Peers are imported lazily: the package itself never
 needs them.
@@ -133,10 +135,43 @@ def hf_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, devic
     return step
 
 
+def book_config(cfg: GPTConfig) -> dict:
+    """Our config in the dictionary form of the book's `GPTModel` (llms-from-scratch)."""
+    return {"vocab_size": cfg.vocab_size, "context_length": cfg.context_length, "emb_dim": cfg.n_embd,
+            "n_heads": cfg.n_head, "n_layers": cfg.n_layer, "drop_rate": 0.0, "qkv_bias": cfg.qkv_bias}
+
+
+def book_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, device="cpu",
+                    fast: bool = False) -> Callable[[], None]:
+    """The same step on the book's `GPTModel` (or its sdpa `GPTModelFast`), with its loss as
+    the book computes it: full logits, then cross-entropy. Raises ImportError when the
+    `llms-from-scratch` package is not installed."""
+    from llms_from_scratch.ch04 import GPTModel, GPTModelFast
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = (GPTModelFast if fast else GPTModel)(book_config(cfg)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+
+    def step():
+        with ctx():
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+
+    return step
+
+
 def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peers: bool = True,
                    peak_fp32: float | None = None, peak_bf16: float | None = None) -> list[dict]:
-    """Tokens/s and MFU of a training step for each shape, ours and transformers', each in
-    fp32 and under bf16 autocast, interleaved."""
+    """Tokens/s and MFU of a training step for each shape, interleaved: ours and
+    transformers', each in fp32 and under bf16 autocast, and the book's GPTModel (fp32) and
+    GPTModelFast (fp32 and bf16 autocast). Missing peers are skipped."""
     rows = []
     for shape in shapes:
         cfg = GPTConfig.from_name(shape.preset, context_length=max(shape.seq_len, 1))
@@ -150,11 +185,21 @@ def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peer
                 fns["transformers bf16-autocast"] = hf_train_step(cfg, B, T, torch.bfloat16, device)
             except ImportError:
                 pass
+            try:
+                fns["book GPTModel fp32"] = book_train_step(cfg, B, T, None, device)
+                fns["book GPTModelFast fp32"] = book_train_step(cfg, B, T, None, device, fast=True)
+                fns["book GPTModelFast bf16-autocast"] = book_train_step(cfg, B, T, torch.bfloat16,
+                                                                         device, fast=True)
+            except ImportError:
+                pass
         secs = interleave(fns, rounds)
+        peer_best = min((s for name, s in secs.items() if not name.startswith("llmscratch")), default=None)
         for name, s in secs.items():
             tps = B * T / s
             row = {"shape": f"{shape.preset} {B}x{T}", "impl": name, "tokens_per_s": tps,
                    "tflops": flops_tok * tps / 1e12}
+            if peer_best:
+                row["vs_fastest_peer"] = peer_best / s
             if peak_fp32:
                 row["mfu_vs_fp32_peak"] = flops_tok * tps / (peak_fp32 * 1e9)
             if peak_bf16:
@@ -222,6 +267,21 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
 
             fns["transformers generate fp32"] = run_hf
             identical = torch.equal(fns["llmscratch KV cache fp32"](), run_hf())
+        if uncached:
+            # The book's own decoding loop (ch04 `generate_text_simple`: the whole context
+            # again for every token). Its packaged KV-cache GPT-2 (llms_from_scratch.kv_cache,
+            # 1.0.19) fails on the second decoding step (its causal mask is sliced along the
+            # wrong axis), so there is no cached book row.
+            try:
+                from llms_from_scratch.ch04 import GPTModel as BookGPT
+                from llms_from_scratch.ch04 import generate_text_simple
+            except ImportError:
+                BookGPT = None
+            if BookGPT is not None:
+                torch.manual_seed(0)
+                book = BookGPT(book_config(cfg)).to(device).eval()
+                fns["book no cache fp32"] = lambda: generate_text_simple(book, idx, new_tokens,
+                                                                         cfg.context_length)
     secs = interleave(fns, rounds)
     ref = secs.get("transformers generate fp32")
     rows = []
@@ -240,10 +300,11 @@ def print_rows(rows: list[dict], title: str) -> None:
     for r in rows:
         extra = []
         for key, fmt in (("tflops", "{:.3f} TFLOP/s"), ("mfu_vs_fp32_peak", "MFU(fp32 peak) {:.0%}"),
-                         ("mfu_vs_bf16_peak", "MFU(bf16 peak) {:.0%}"), ("vs_transformers", "{:.2f}x transformers")):
+                         ("mfu_vs_bf16_peak", "MFU(bf16 peak) {:.0%}"), ("vs_fastest_peer", "{:.2f}x fastest peer"),
+                         ("vs_transformers", "{:.2f}x transformers")):
             if key in r:
                 extra.append(fmt.format(r[key]))
-        print(f"  {r['shape']:22s} {r['impl']:28s} {r['tokens_per_s']:10.1f} tok/s   " + "   ".join(extra))
+        print(f"  {r['shape']:22s} {r['impl']:32s} {r['tokens_per_s']:10.1f} tok/s   " + "   ".join(extra))
 
 
 def _rss_child(impl: str, preset: str, B: int, T: int, amp: str, checkpointing: bool) -> None:
