@@ -156,3 +156,24 @@ def test_fused_loss_under_bf16_autocast_is_close():
         fused = fused_lm_loss(model(x, return_hidden=True), model.lm_head.weight, x)
     assert fused.dtype == torch.float32
     assert abs(fused.item() - ref.item()) < 2e-2
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("out_features", [6, 7, 50])
+def test_split_decode_linear_equals_f_linear(rows, out_features):
+    # the two-core decode path of layers.Linear (taken for <= 8 rows without autograd) against
+    # the plain F.linear, with an odd output size like GPT-2's 50257-token head
+    from llmscratch.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(16, out_features)
+    x = torch.randn(rows, 1, 16)
+    with torch.no_grad():
+        got = lin(x)
+    want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    assert got.shape == want.shape == (rows, 1, out_features)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # with autograd on it is plain F.linear, and gradients flow
+    y = lin(x)
+    y.sum().backward()
+    assert lin.weight.grad is not None

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import Linear
+
 
 def simplified_self_attention(x: torch.Tensor) -> torch.Tensor:
     """Attention with no trainable weights.
@@ -172,8 +174,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, qkv_bias: bool = True):
         super().__init__()
         self.n_head, self.head_dim = n_head, n_embd // n_head
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=qkv_bias)
-        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.c_attn = Linear(n_embd, 3 * n_embd, bias=qkv_bias)
+        self.c_proj = Linear(n_embd, n_embd)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 

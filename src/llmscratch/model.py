@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache
 from .errors import UserError
+from .layers import Linear
 
 # name -> (n_layer, n_head, n_embd, context_length). The GPT-2 sizes are OpenAI's; the small
 # presets are sized to train in minutes on a laptop CPU.
@@ -95,8 +96,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # One Parameter in two places: gradients from both uses add up, and the two can
             # never drift apart (copying wte into the head at load time would let them).
