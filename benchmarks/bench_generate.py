@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from llmscratch.utils import reuse_freed_memory
 from llmscratch.bench import bench_generation, print_rows
 
 
@@ -28,6 +29,7 @@ def main() -> None:
     p.add_argument("--no-peers", action="store_true", help="skip transformers")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    reuse_freed_memory()  # as the CLI's training commands do; LLMSCRATCH_MALLOC=system to compare
     rows, identical = bench_generation(args.model, args.batch_size, args.prompt_len, args.new_tokens,
                                        args.rounds, peers=not args.no_peers, uncached=not args.no_uncached)
     if identical is not None:

@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from llmscratch.utils import reuse_freed_memory
 from llmscratch.bench import TrainShape, bench_training, matmul_peak, print_rows
 
 
@@ -25,6 +26,7 @@ def main() -> None:
     p.add_argument("--no-peers", action="store_true", help="skip transformers")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    reuse_freed_memory()  # as the CLI's training commands do; LLMSCRATCH_MALLOC=system to compare
     specs = args.shape or ["small:8:256", "gpt2-124m:1:1024"]
     shapes = []
     for s in specs:

@@ -110,3 +110,35 @@ def test_scaling_keeps_softmax_unsaturated():
     unscaled = torch.softmax(q @ k.T, -1).max()
     scaled = torch.softmax(q @ k.T / math.sqrt(256), -1).max()
     assert scaled < unscaled
+
+
+@pytest.mark.parametrize("T,block", [(1, 4), (9, 4), (12, 4), (20, 256)])
+def test_blocked_causal_attention_equals_sdpa_with_gradients(T, block):
+    # the bf16 CPU training path, checked in fp32 against the fused kernel: outputs and the
+    # gradients of q, k and v, with the last block shorter than the others
+    import torch.nn.functional as F
+
+    from llmscratch.attention import blocked_causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 8, requires_grad=True) for _ in range(3))
+    q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    go = torch.randn(2, 3, T, 8)
+    blocked_causal_attention(q, k, v, block=block).backward(go)
+    F.scaled_dot_product_attention(q2, k2, v2, is_causal=True).backward(go)
+    torch.testing.assert_close(blocked_causal_attention(q, k, v, block=block),
+                               F.scaled_dot_product_attention(q2, k2, v2, is_causal=True), atol=1e-5, rtol=1e-5)
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_training_attention_path_is_close_to_fp32():
+    # under bf16 autocast with gradients on, CausalSelfAttention takes the blocked path
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(64, 4)
+    x = torch.randn(2, 300, 64)
+    ref = attn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attn(x)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() < 0.05

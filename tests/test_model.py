@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmscratch.errors import UserError
 from llmscratch.model import GPT, GPTConfig, lm_loss
@@ -153,9 +154,17 @@ def test_fused_loss_under_bf16_autocast_is_close():
     x = torch.randint(0, 97, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = lm_loss(model(x), x)
+    ref.backward()
+    g_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = fused_lm_loss(model(x, return_hidden=True), model.lm_head.weight, x)
+    fused.backward()
     assert fused.dtype == torch.float32
     assert abs(fused.item() - ref.item()) < 2e-2
+    for n, p in model.named_parameters():  # bf16 rounding differs, the direction does not
+        cos = F.cosine_similarity(p.grad.flatten(), g_ref[n].flatten(), dim=0)
+        assert cos > 0.99, (n, cos.item())
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])

@@ -311,6 +311,10 @@ def _rss_child(impl: str, preset: str, B: int, T: int, amp: str, checkpointing: 
     """Run inside a fresh process: two training steps, then print the peak RSS in MB."""
     import resource
 
+    from .utils import reuse_freed_memory
+
+    reuse_freed_memory()  # as the CLI's training commands do
+
     dtype = torch.bfloat16 if amp == "bf16" else None
     cfg = GPTConfig.from_name(preset, context_length=max(T, 1))
     if impl == "llmscratch":

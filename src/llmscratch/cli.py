@@ -132,6 +132,7 @@ def _load_config_file(path: str, cls) -> dict:
 def cmd_pretrain(args) -> int:
     """Pretrain a GPT from scratch on a corpus, writing a self-contained run folder."""
     from .train import TrainConfig, pretrain
+    from .utils import reuse_freed_memory
 
     values = _load_config_file(args.config, TrainConfig) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "func", "config")})
@@ -139,6 +140,7 @@ def cmd_pretrain(args) -> int:
         cfg = TrainConfig(**values)
     except TypeError as e:
         raise UserError(f"bad setting: {e}") from None
+    reuse_freed_memory()
     result = pretrain(cfg)
     out = result.out
     if result.interrupted:
@@ -218,7 +220,10 @@ def cmd_bench(args) -> None:
     import torch
 
     from . import bench
+    from .utils import reuse_freed_memory
 
+    # process-wide, so every implementation measured here runs with the same allocator
+    reuse_freed_memory()
     device = args.device if args.device != "auto" else "cpu"
     report: dict = {"threads": torch.get_num_threads(), "device": device}
     peak32 = bench.matmul_peak(torch.float32, device=device)

@@ -56,8 +56,10 @@ def _config(cls, args):
 
 def cmd_finetune_classify(args) -> int:
     """Fine-tune a model into a text classifier (e.g. spam / not spam)."""
+    from ..utils import reuse_freed_memory
     from .classify import ClassifyConfig, finetune_classify
 
+    reuse_freed_memory()
     result = finetune_classify(_config(ClassifyConfig, args))
     m = result.metrics
     if result.interrupted:
@@ -75,8 +77,10 @@ def cmd_finetune_classify(args) -> int:
 
 def cmd_finetune_instruct(args) -> int:
     """Instruction-tune a model; writes a run folder and the test set's responses."""
+    from ..utils import reuse_freed_memory
     from .instruct import InstructConfig, finetune_instruct
 
+    reuse_freed_memory()
     result = finetune_instruct(_config(InstructConfig, args))
     m = result.metrics
     if result.interrupted:
