@@ -1,4 +1,5 @@
-"""Generation speed: llmscratch's KV-cache decoding against transformers' `generate`.
+"""Generation speed: llmscratch's KV-cache decoding against transformers' `generate` and
+the book's `generate_text_simple` (when `llms-from-scratch` is installed, without cache).
 
 Same random weights, same prompt, greedy decoding, one process, implementations
 interleaved round by round (see `llmscratch.bench.bench_generation`).
@@ -26,7 +27,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-uncached", action="store_true", help="skip the slow uncached loop")
-    p.add_argument("--no-peers", action="store_true", help="skip transformers")
+    p.add_argument("--no-peers", action="store_true", help="skip the peers (transformers, the book's llms-from-scratch)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     reuse_freed_memory()  # as the CLI's training commands do; LLMSCRATCH_MALLOC=system to compare

@@ -1,7 +1,10 @@
-"""Training throughput and model-FLOPs utilization, ours against transformers, one run.
+"""Training throughput and model-FLOPs utilization, ours against the peers, one run.
 
 Forward + backward + AdamW step, random tokens, implementations interleaved round by
-round; MFU is reported against this machine's measured fp32 and bf16 matmul peaks.
+round; MFU is reported against this machine's measured fp32 and bf16 matmul peaks. Peers:
+transformers' GPT2LMHeadModel (`pip install -e ".[bench]"`) and the book's GPTModel and
+GPTModelFast (`pip install --no-deps llms-from-scratch`: its declared dependencies pull in
+TensorFlow, which its GPT code never imports), each in fp32 and under bf16 autocast.
 
     python benchmarks/bench_train.py                       # small 8x256 and gpt2-124m 1x1024
     python benchmarks/bench_train.py --shape small:8:256 --rounds 5 --json out.json
@@ -23,7 +26,7 @@ def main() -> None:
     p.add_argument("--shape", action="append", default=None,
                    help="PRESET:BATCH:SEQ (repeatable; default small:8:256 and gpt2-124m:1:1024)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--no-peers", action="store_true", help="skip transformers")
+    p.add_argument("--no-peers", action="store_true", help="skip the peers (transformers, the book's llms-from-scratch)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     reuse_freed_memory()  # as the CLI's training commands do; LLMSCRATCH_MALLOC=system to compare

@@ -216,7 +216,8 @@ def cmd_convert(args) -> None:
 # ----------------------------------------------------------------------------- bench
 def cmd_bench(args) -> None:
     """Measure the machine's matmul peak and memory bandwidth, training throughput (with
-    MFU) and generation speed, against transformers when it is installed."""
+    MFU), generation speed, tokenizers and peak memory, against the peers that are installed
+    (transformers; the book's llms-from-scratch package, installed with `pip install --no-deps`)."""
     import torch
 
     from . import bench
@@ -356,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["train", "generate", "tokenizer", "memory"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
-    p.add_argument("--no-peers", action="store_true", help="skip transformers")
+    p.add_argument("--no-peers", action="store_true", help="skip the peers (transformers, the book's llms-from-scratch)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the results here as JSON")
     p.set_defaults(func=cmd_bench)
