@@ -3,7 +3,11 @@ layer (forward + backward) against context length, our fast path vs the written-
 
 The fast path (`CausalSelfAttention`: fused QKV + `scaled_dot_product_attention`) never
 stores the (T, T) attention matrix; the naive one (`MultiHeadAttention`: scores, mask,
-softmax, dropout, weighted sum) stores several, per head, for backward.
+softmax, dropout, weighted sum) stores several, per head, for backward. Two more lines
+show bf16 autocast on the CPU: the blocked causal attention that training uses there
+(`attention.blocked_causal_attention`, which keeps the causal half of the weights) against
+PyTorch's fused flash kernel, each forced at every length: training takes the blocked one
+up to 1024 positions, where it stops winning.
 
     python benchmarks/attention_scaling.py                 # writes benchmarks/attention_scaling.png
     python benchmarks/attention_scaling.py --lengths 256 512 1024 2048 4096
@@ -25,19 +29,28 @@ import torch
 
 from llmscratch.attention import CausalSelfAttention, MultiHeadAttention
 
-IMPLS = ("fast (sdpa)", "naive formula")
+IMPLS = ("fast (sdpa)", "naive formula", "bf16: blocked", "bf16: sdpa flash kernel")
 
 
 def child(impl: str, T: int, n_embd: int, n_head: int, batch: int) -> None:
+    from contextlib import nullcontext
+
+    from llmscratch import attention
+
     torch.manual_seed(0)
-    if impl == IMPLS[0]:
-        layer = CausalSelfAttention(n_embd, n_head)
-    else:
+    if impl == "naive formula":
         layer = MultiHeadAttention(n_embd, n_embd, T, n_head, qkv_bias=True)
+    else:
+        layer = CausalSelfAttention(n_embd, n_head)
+    if impl.startswith("bf16"):  # force one kernel at every length, to show the crossover
+        attention._use_blocked = lambda q: impl == "bf16: blocked"
+    amp = impl.startswith("bf16")
     x = torch.randn(batch, T, n_embd, requires_grad=True)
 
     def step():
-        layer(x).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16) if amp else nullcontext():
+            y = layer(x)
+        y.float().sum().backward()
 
     step()
     t0 = time.perf_counter()
@@ -69,7 +82,7 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             row = json.loads(out.strip().splitlines()[-1]) | {"T": T}
             results[impl].append(row)
-            print(f"T={T:5d}  {impl:14s} {row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:7.0f} MB")
+            print(f"T={T:5d}  {impl:24s} {row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:7.0f} MB")
 
     from matplotlib.figure import Figure
 

@@ -167,6 +167,7 @@ class KVCache(nn.Module):
 
 
 BLOCK = 256
+BLOCKED_MAX_T = 1024
 
 
 def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK,
@@ -181,12 +182,15 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Why it exists: PyTorch's CPU flash-attention kernel reaches only about 170 GFLOP/s in
     bf16 forward + backward on the development CPU, where bf16 matmuls run at about 900.
-    With 256-query blocks this is 1.3x faster at gpt2-124m's 12 heads x 1024 positions and
-    2x at 6 heads x 256 (`benchmarks/attention_scaling.py` has the sizes). It is used only
-    for CPU bf16 training; in fp32, and on GPUs, `scaled_dot_product_attention` is as fast
-    or faster. What it costs: the attention weights of every block are kept for the
-    backward pass (about `T^2/2` bf16 values per head and layer), where flash attention
-    keeps only one number per query.
+    Measured for one layer's attention, forward + backward, with 256-query blocks: 1.7x
+    faster than the fused kernel at gpt2-124m's 12 heads x 1024 positions, 1.9x at 6 heads
+    x 256. Past 1024 positions the late blocks' scores outgrow the caches and the fused
+    kernel wins again (`benchmarks/attention_scaling.py`: at 2048, 12.1k against 13.4k
+    tokens/s), so it is used only for CPU bf16 training at up to `BLOCKED_MAX_T` positions;
+    in fp32, and on GPUs, `scaled_dot_product_attention` is as fast or faster. What it
+    costs: the attention weights of every block are kept for the backward pass (about
+    `T^2/2` bf16 values per head and layer), where flash attention keeps one number per
+    query: at batch 4 x 1024 positions, 585 MB against 388 MB peak for that one layer.
 
     Args:
         q, k, v: `(B, nh, T, hs)`.
@@ -205,8 +209,7 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     for s in range(0, T, block):
         e = min(s + block, T)
         scores = q[:, :, s:e] @ k[:, :, :e].transpose(-2, -1)  # (B, nh, e-s, e)
-        diag = scores[..., s:].masked_fill(upper[: e - s, : e - s], float("-inf"))
-        scores = torch.cat([scores[..., :s], diag], dim=-1) if s else diag
+        scores[..., s:].masked_fill_(upper[: e - s, : e - s], float("-inf"))  # the diagonal square
         weights = torch.softmax(scores, dim=-1)
         if dropout_p:
             weights = F.dropout(weights, dropout_p)
@@ -215,8 +218,10 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def _use_blocked(q: torch.Tensor) -> bool:
-    """bf16 training on the CPU: where `blocked_causal_attention` beats the fused kernel."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+    """bf16 training on the CPU, up to 1024 positions: where `blocked_causal_attention`
+    beats the fused kernel."""
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+            and q.shape[-2] <= BLOCKED_MAX_T)
 
 
 class CausalSelfAttention(nn.Module):
