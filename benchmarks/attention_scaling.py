@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from llmscratch.attention import CausalSelfAttention, MultiHeadAttention
+from llmscratch.bench import peak_rss_mb
 
 IMPLS = ("fast (sdpa)", "naive formula", "bf16: blocked", "bf16: sdpa flash kernel")
 
@@ -57,7 +57,7 @@ def child(impl: str, T: int, n_embd: int, n_head: int, batch: int) -> None:
     for _ in range(3):
         step()
     secs = (time.perf_counter() - t0) / 3
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     print(json.dumps({"tokens_per_s": batch * T / secs, "peak_rss_mb": rss}))
 
 

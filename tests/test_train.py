@@ -212,3 +212,14 @@ def test_cli_config_file_and_flags(tmp_path, data_dir):
     r = _cli("eval", "--model", str(out), "--data", "the-verdict", "--max-batches", "2")
     assert r.returncode == 0, r.stderr
     assert "bits/byte" in r.stdout and "perplexity" in r.stdout
+
+
+def test_reuse_freed_memory_applies_on_glibc_and_can_be_turned_off():
+    code = "from llmscratch.utils import reuse_freed_memory; print(reuse_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if k != "LLMSCRATCH_MALLOC"}
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env | {"LLMSCRATCH_MALLOC": "system"})
+    assert off.stdout.strip() == "False"
+    if sys.platform.startswith("linux"):
+        assert on.stdout.strip() == "True"

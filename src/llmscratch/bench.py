@@ -194,12 +194,16 @@ def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peer
                 pass
         secs = interleave(fns, rounds)
         peer_best = min((s for name, s in secs.items() if not name.startswith("llmscratch")), default=None)
+        peer_best_fp32 = min((s for name, s in secs.items()
+                              if not name.startswith("llmscratch") and "fp32" in name), default=None)
         for name, s in secs.items():
             tps = B * T / s
             row = {"shape": f"{shape.preset} {B}x{T}", "impl": name, "tokens_per_s": tps,
                    "tflops": flops_tok * tps / 1e12}
             if peer_best:
                 row["vs_fastest_peer"] = peer_best / s
+            if peer_best_fp32:
+                row["vs_fastest_fp32_peer"] = peer_best_fp32 / s
             if peak_fp32:
                 row["mfu_vs_fp32_peak"] = flops_tok * tps / (peak_fp32 * 1e9)
             if peak_bf16:
@@ -301,16 +305,32 @@ def print_rows(rows: list[dict], title: str) -> None:
         extra = []
         for key, fmt in (("tflops", "{:.3f} TFLOP/s"), ("mfu_vs_fp32_peak", "MFU(fp32 peak) {:.0%}"),
                          ("mfu_vs_bf16_peak", "MFU(bf16 peak) {:.0%}"), ("vs_fastest_peer", "{:.2f}x fastest peer"),
+                         ("vs_fastest_fp32_peer", "{:.2f}x fastest fp32 peer"),
                          ("vs_transformers", "{:.2f}x transformers")):
             if key in r:
                 extra.append(fmt.format(r[key]))
         print(f"  {r['shape']:22s} {r['impl']:32s} {r['tokens_per_s']:10.1f} tok/s   " + "   ".join(extra))
 
 
-def _rss_child(impl: str, preset: str, B: int, T: int, amp: str, checkpointing: bool) -> None:
-    """Run inside a fresh process: two training steps, then print the peak RSS in MB."""
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    On Linux this is `VmHWM` of the process's own address space: `ru_maxrss` would also
+    count the parent's peak, which a child started with fork + exec inherits."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux (bytes on macOS)
+
+
+def _rss_child(impl: str, preset: str, B: int, T: int, amp: str, checkpointing: bool) -> None:
+    """Run inside a fresh process: two training steps, then print the peak RSS in MB."""
     from .utils import reuse_freed_memory
 
     reuse_freed_memory()  # as the CLI's training commands do
@@ -325,7 +345,7 @@ def _rss_child(impl: str, preset: str, B: int, T: int, amp: str, checkpointing: 
     step()
     step()
     secs = (time.perf_counter() - t0) / 2
-    print(f"RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} {B * T / secs:.1f}")
+    print(f"RSS {peak_rss_mb():.1f} {B * T / secs:.1f}")
 
 
 def peak_rss_train_step(impl: str, preset: str = "gpt2-124m", batch_size: int = 4, seq_len: int = 1024,

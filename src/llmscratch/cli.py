@@ -221,7 +221,7 @@ def cmd_bench(args) -> None:
     import torch
 
     from . import bench
-    from .utils import reuse_freed_memory
+    from .utils import release_freed_memory, reuse_freed_memory
 
     # process-wide, so every implementation measured here runs with the same allocator
     reuse_freed_memory()
@@ -241,6 +241,7 @@ def cmd_bench(args) -> None:
                                     peak_fp32=peak32, peak_bf16=peak16)
         bench.print_rows(rows, f"training step (forward + backward + AdamW), median of {args.rounds}")
         report["train"] = rows
+        release_freed_memory()  # the memory rows below run children beside this process
     if "generate" in args.what:
         preset = "tiny" if args.quick else "gpt2-124m"
         n_new = 20 if args.quick else 200
@@ -250,6 +251,7 @@ def cmd_bench(args) -> None:
             bench.print_rows(rows, f"generation, greedy, prompt 20, {n_new} new tokens, batch {bs}"
                              + ("" if same is None else f" (tokens identical to transformers: {same})"))
             report[f"generate_batch{bs}"] = rows
+            release_freed_memory()
     if "tokenizer" in args.what:
         from .datasets import load_text
 

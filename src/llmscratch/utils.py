@@ -125,3 +125,16 @@ def reuse_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc `malloc_trim`): after
+    `reuse_freed_memory`, a process otherwise keeps its peak size until it exits. No-op
+    where glibc is not there."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
