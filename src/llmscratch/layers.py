@@ -6,10 +6,11 @@ memory. Measured on a 2-core AVX-512 CPU (torch 2.13, MKL), `F.linear` in fp32 r
 weight at about 16 GB/s there: the matrix-vector kernel runs on one core, over the
 `(out, in)` layout it streams slowest.
 
-Splitting the output rows into two halves and doing them as one `bmm` against the
-transposed weight (a view, no copy) uses both cores and the faster layout: 22-33 GB/s for
-the GPT-2 shapes at one row, 17-19 GB/s at eight, and nothing gained from 32 rows on, where
-the ordinary matmul kernel takes over. So the split is only taken for at most
+Splitting the output rows into two halves and doing them as one two-batch `bmm` (views,
+no copy) uses both cores: for the GPT-2 shapes, 39-60 GB/s at one row (as matrix times
+vector per half), 18-20 GB/s at eight rows (as rows times the transposed half, which is
+faster there), against 11-23 GB/s for `F.linear`, and nothing gained from 32 rows on,
+where the ordinary matmul kernel takes over. So the split is only taken for at most
 `SPLIT_MAX_ROWS` rows, on the CPU, in fp32, without autograd. bf16 gains nothing from it
 and keeps `F.linear`. The result equals `F.linear` up to float summation order
 (`tests/test_model.py` checks it).
@@ -29,9 +30,12 @@ def _split_linear(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out_f, in_f = weight.shape
     half = out_f // 2
     rows = x2d.shape[0]
-    w = weight[: 2 * half].view(2, half, in_f).transpose(1, 2)  # (2, in, half), no copy
-    y = torch.bmm(x2d.unsqueeze(0).expand(2, rows, in_f), w)  # (2, rows, half)
-    y = y.transpose(0, 1).reshape(rows, 2 * half)
+    w = weight[: 2 * half].view(2, half, in_f)  # the two halves, no copy
+    if rows == 1:  # (2, half, in) @ (2, in, 1): the matrix-vector form, fastest for one row
+        y = torch.bmm(w, x2d.t().unsqueeze(0).expand(2, in_f, 1)).view(1, 2 * half)
+    else:  # (2, rows, in) @ (2, in, half)
+        y = torch.bmm(x2d.unsqueeze(0).expand(2, rows, in_f), w.transpose(1, 2))
+        y = y.transpose(0, 1).reshape(rows, 2 * half)
     if out_f % 2:  # an odd row count (GPT-2's 50257-token head): the last row on its own
         y = torch.cat([y, F.linear(x2d, weight[2 * half:])], dim=1)
     return y
