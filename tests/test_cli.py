@@ -124,3 +124,29 @@ def test_bench_quick_writes_json(tmp_path):
     assert report["machine"]["matmul_fp32_gflops"] > 0
     assert {row["impl"] for row in report["train"]} == {"llmscratch fp32", "llmscratch bf16-autocast"}
     assert all(row["tokens_per_s"] > 0 for row in report["generate_batch1"])
+
+
+def test_bench_runs_the_peers_on_the_same_shape():
+    # transformers comes with the test extras; the book's package (`pip install --no-deps
+    # llms-from-scratch`) is installed by .ci/run, which sets LLMSCRATCH_REQUIRE_BOOK
+    import importlib.util
+    import os
+
+    from llmscratch import bench
+
+    book = importlib.util.find_spec("llms_from_scratch") is not None
+    if os.environ.get("LLMSCRATCH_REQUIRE_BOOK"):
+        assert book, "llms-from-scratch is not installed"
+    rows = bench.bench_training([bench.TrainShape("tiny", 2, 32)], rounds=1)
+    impls = {r["impl"] for r in rows}
+    assert {"transformers fp32 (sdpa)", "transformers bf16-autocast"} <= impls
+    if book:
+        assert {"book GPTModel fp32", "book GPTModelFast fp32", "book GPTModelFast bf16-autocast"} <= impls
+    assert all(r["tokens_per_s"] > 0 and "vs_fastest_peer" in r for r in rows)
+
+    gen, identical = bench.bench_generation("tiny", 2, prompt_len=5, new_tokens=6, rounds=1)
+    assert identical is True  # our greedy tokens equal transformers' on the same weights
+    gen_impls = {r["impl"] for r in gen}
+    assert "transformers generate fp32" in gen_impls
+    if book:
+        assert "book no cache fp32" in gen_impls
