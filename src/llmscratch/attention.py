@@ -185,12 +185,12 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Measured for one layer's attention, forward + backward, with 256-query blocks: 1.7x
     faster than the fused kernel at gpt2-124m's 12 heads x 1024 positions, 1.9x at 6 heads
     x 256. Past 1024 positions the late blocks' scores outgrow the caches and the fused
-    kernel wins again (`benchmarks/attention_scaling.py`: at 2048, 12.1k against 13.4k
+    kernel wins again (`benchmarks/attention_scaling.py`: at 2048, 12.4k against 13.3k
     tokens/s), so it is used only for CPU bf16 training at up to `BLOCKED_MAX_T` positions;
     in fp32, and on GPUs, `scaled_dot_product_attention` is as fast or faster. What it
     costs: the attention weights of every block are kept for the backward pass (about
     `T^2/2` bf16 values per head and layer), where flash attention keeps one number per
-    query: at batch 4 x 1024 positions, 585 MB against 388 MB peak for that one layer.
+    query: at batch 4 x 1024 positions, 573 MB against 388 MB peak for that one layer.
 
     Args:
         q, k, v: `(B, nh, T, hs)`.

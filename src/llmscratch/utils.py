@@ -101,10 +101,11 @@ def reuse_freed_memory() -> bool:
     Measured on the development CPU, that was about a quarter of a bf16 gpt2-124m training
     step, for llmscratch and transformers alike (compare `benchmarks/bench_train.py` with and
     without `LLMSCRATCH_MALLOC=system`).
+
     With mmap off and trimming raised, freed blocks stay in the heap and are reused, which
     is what PyTorch's CUDA caching allocator does on GPUs and what jemalloc or tcmalloc
     (`LD_PRELOAD`) do for CPU training. The cost: memory freed during training is not
-    returned to the OS before the process ends.
+    returned to the OS before the process ends (`release_freed_memory` hands it back).
 
     Applies to the whole process, Linux with glibc only; set `LLMSCRATCH_MALLOC=system` to
     keep the default. The training, fine-tuning and bench commands call it.
