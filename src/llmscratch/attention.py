@@ -154,8 +154,9 @@ class KVCache(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         shape = (batch_size, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        # uninitialized: only positions already written (`[:end]` in `update`) are ever read
+        self.register_buffer("k", torch.empty(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.empty(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
         """Write `k`, `v` `(B, nh, T, hs)` at positions `start..start+T`; return all keys and
