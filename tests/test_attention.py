@@ -112,21 +112,25 @@ def test_scaling_keeps_softmax_unsaturated():
     assert scaled < unscaled
 
 
+@pytest.mark.parametrize("path", ["hand-written backward", "autograd ops"])
 @pytest.mark.parametrize("T,block", [(1, 4), (9, 4), (12, 4), (20, 256)])
-def test_blocked_causal_attention_equals_sdpa_with_gradients(T, block):
+def test_blocked_causal_attention_equals_sdpa_with_gradients(T, block, path):
     # the bf16 CPU training path, checked in fp32 against the fused kernel: outputs and the
-    # gradients of q, k and v, with the last block shorter than the others
+    # gradients of q, k and v, with the last block shorter than the others, for both the
+    # hand-written backward and the plain-ops version autograd differentiates
     import torch.nn.functional as F
 
-    from llmscratch.attention import blocked_causal_attention
+    from llmscratch.attention import _blocked_attention_ops, blocked_causal_attention
 
+    fn = blocked_causal_attention if path == "hand-written backward" else _blocked_attention_ops
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, T, 8, requires_grad=True) for _ in range(3))
+    # (B, T, nh, hs) viewed as (B, nh, T, hs): strided like the model's q, k, v
+    q, k, v = (torch.randn(2, T, 3, 8).transpose(1, 2).requires_grad_(True) for _ in range(3))
     q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     go = torch.randn(2, 3, T, 8)
-    blocked_causal_attention(q, k, v, block=block).backward(go)
+    fn(q, k, v, block=block).backward(go)
     F.scaled_dot_product_attention(q2, k2, v2, is_causal=True).backward(go)
-    torch.testing.assert_close(blocked_causal_attention(q, k, v, block=block),
+    torch.testing.assert_close(fn(q, k, v, block=block),
                                F.scaled_dot_product_attention(q2, k2, v2, is_causal=True), atol=1e-5, rtol=1e-5)
     for a, b in ((q, q2), (k, k2), (v, v2)):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
@@ -142,3 +146,15 @@ def test_bf16_training_attention_path_is_close_to_fp32():
         got = attn(x)
     assert got.dtype == torch.bfloat16
     assert (got.float() - ref).abs().max() < 0.05
+
+
+def test_blocked_attention_with_dropout_takes_the_autograd_path():
+    from llmscratch.attention import blocked_causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 8, requires_grad=True) for _ in range(3))
+    out = blocked_causal_attention(q, k, v, block=4, dropout_p=0.5)
+    out.sum().backward()
+    assert out.shape == (1, 2, 10, 8) and q.grad is not None and v.grad is not None
+    # dropout changes the result (same seed without dropout differs)
+    assert not torch.allclose(out, blocked_causal_attention(q, k, v, block=4))
