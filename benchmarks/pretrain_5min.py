@@ -23,6 +23,7 @@ import tempfile
 import time
 
 from llmscratch.train import TrainConfig, pretrain
+from llmscratch.utils import reuse_freed_memory
 
 
 def main() -> None:
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="run folder (default: a temp folder)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    reuse_freed_memory()  # as `llmscratch pretrain` / `finetune` do
     out = args.out or tempfile.mkdtemp(prefix="pretrain5min-")
     cfg = TrainConfig(data=args.data, model=args.model, tokenizer=args.tokenizer, out=out,
                       max_steps=args.max_steps, batch_size=args.batch_size,

@@ -31,7 +31,7 @@ from pathlib import Path
 from llmscratch.finetune.classify import ClassifyConfig, balance_classes, finetune_classify, stratified_split
 from llmscratch.finetune.data import read_labeled
 from llmscratch.train import TrainConfig, pretrain
-from llmscratch.utils import atomic_write, write_json
+from llmscratch.utils import atomic_write, reuse_freed_memory, write_json
 
 
 def build_corpus(path: Path, seed: int) -> dict:
@@ -61,6 +61,7 @@ def main() -> int:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=123)
     args = p.parse_args()
+    reuse_freed_memory()  # as `llmscratch pretrain` / `finetune` do
 
     out = Path(args.out)
     if out.exists():
