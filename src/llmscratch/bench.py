@@ -84,6 +84,25 @@ class TrainShape:
     seq_len: int
 
 
+def _train_step(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], vocab_size: int,
+                B: int, T: int, amp: torch.dtype | None, device: torch.device) -> Callable[[], None]:
+    """A closure doing one forward (`loss_of(tokens)`, under autocast when `amp`) + backward
+    + fused AdamW step of `model` on a fixed batch of random tokens."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    x = torch.randint(0, vocab_size, (B, T), device=device)
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+
+    def step():
+        with ctx():
+            loss = loss_of(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+
+    return step
+
+
 def ours_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, device="cpu",
                     compile: bool = False, checkpointing: bool = False) -> tuple[Callable[[], None], float]:
     """A closure doing one forward + backward + fused AdamW step of our GPT, and its
@@ -92,21 +111,12 @@ def ours_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, dev
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
     model.gradient_checkpointing = checkpointing
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
     fwd = torch.compile(model) if compile else model
-    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
 
-    def step():  # what train.pretrain does per micro-batch
-        with ctx():
-            hidden = fwd(x, return_hidden=True)
-            loss = fused_lm_loss(hidden, model.lm_head.weight, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
+    def loss_of(x):  # what train.pretrain does per micro-batch
+        return fused_lm_loss(fwd(x, return_hidden=True), model.lm_head.weight, x)
 
-    return step, model.flops_per_token(T)
+    return _train_step(model, loss_of, cfg.vocab_size, B, T, amp, device), model.flops_per_token(T)
 
 
 def hf_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, device="cpu") -> Callable[[], None]:
@@ -120,19 +130,7 @@ def hf_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, devic
     hcfg._attn_implementation = "sdpa"  # transformers' fastest CPU attention
     torch.manual_seed(0)
     model = GPT2LMHeadModel(hcfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
-    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
-
-    def step():
-        with ctx():
-            out = model(x, labels=x)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-
-    return step
+    return _train_step(model, lambda x: model(x, labels=x).loss, cfg.vocab_size, B, T, amp, device)
 
 
 def book_config(cfg: GPTConfig) -> dict:
@@ -151,20 +149,11 @@ def book_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, dev
     device = torch.device(device)
     torch.manual_seed(0)
     model = (GPTModelFast if fast else GPTModel)(book_config(cfg)).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
-    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
 
-    def step():
-        with ctx():
-            logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
+    def loss_of(x):
+        return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
 
-    return step
+    return _train_step(model, loss_of, cfg.vocab_size, B, T, amp, device)
 
 
 def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peers: bool = True,

@@ -113,16 +113,12 @@ def reuse_freed_memory() -> bool:
     Returns:
         Whether the setting was applied.
     """
-    import ctypes
-    import ctypes.util
     import sys
 
     if os.environ.get("LLMSCRATCH_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
@@ -132,10 +128,18 @@ def release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc `malloc_trim`): after
     `reuse_freed_memory`, a process otherwise keeps its peak size until it exits. No-op
     where glibc is not there."""
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _glibc(name: str):
+    """A function of the C library by name, or None where the library or the function is
+    missing (not Linux, or not glibc: musl has no mallopt)."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        pass
+        return None
