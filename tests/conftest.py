@@ -1,31 +1,210 @@
-"""Shared fixtures: the read-only data folder, tiny configs, and an offline environment."""
+"""Shared fixtures: data the tests bring themselves, named datasets through the product's own
+resolution, an offline environment, and the CI rule that a skip is a failure.
+
+Tests never read `../shared` by path. Core behaviour runs on text the project has (the
+embedded `python-docs` corpus) or makes (seeded synthetic sets, below). Tests about the named
+files themselves ask for them with `named_dataset(name)`, which resolves them like the
+product does (`$LLMSCRATCH_DATA_DIR` -> cache -> download) and skips with a one-line reason
+when nothing can supply them. `.ci/run` points `LLMSCRATCH_DATA_DIR` at the shared copy, and
+under `CI=true` any skip not on `tests/ci_skip_allowlist.txt` fails the run.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("LLMSCRATCH_DATA_DIR") or REPO.parent / "shared" / "data")
+# Only what the user (or .ci/run) set: never a guessed path next to the clone.
+DATA_DIR = os.environ.get("LLMSCRATCH_DATA_DIR") or ""
+ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ALLOWLIST = REPO / "tests" / "ci_skip_allowlist.txt"
 
 
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    if not (DATA_DIR / "the-verdict.txt").is_file():
-        pytest.skip(f"shared data folder not found at {DATA_DIR}")
-    return DATA_DIR
+# --------------------------------------------------------------------------- environment
 
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path_factory):
-    """Point every cache at a temp folder and the datasets at the shared copy: no network,
-    nothing written to the user's home."""
+    """Point every cache at a temp folder: nothing written to the user's home, no hub."""
     cache = tmp_path_factory.getbasetemp() / "llmscratch-cache"
     monkeypatch.setenv("LLMSCRATCH_CACHE_DIR", str(cache))
-    monkeypatch.setenv("LLMSCRATCH_DATA_DIR", str(DATA_DIR))
+    if DATA_DIR:
+        monkeypatch.setenv("LLMSCRATCH_DATA_DIR", DATA_DIR)
+    else:
+        monkeypatch.delenv("LLMSCRATCH_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------- named datasets
+
+_resolved: dict[str, Path | str] = {}
+
+
+def resolve_named_dataset(name: str) -> Path:
+    """The file of a named dataset as the product finds it, or a skip naming why it can't.
+
+    Resolution is the product's (`llmscratch.datasets.dataset_path`): the data folder, then
+    the cache, then a verified download. Offline with no data folder the download fails at
+    once (no DNS), and the test skips with that one line.
+    """
+    if name not in _resolved:
+        from llmscratch.datasets import dataset_path
+        from llmscratch.errors import UserError
+
+        try:
+            _resolved[name] = dataset_path(name, progress=False)
+        except UserError as e:
+            _resolved[name] = str(e).splitlines()[0]
+    got = _resolved[name]
+    if isinstance(got, str):
+        pytest.skip(f"dataset {name!r} not available (no LLMSCRATCH_DATA_DIR, no cache, no network): {got}")
+    return got
+
+
+@pytest.fixture
+def named_dataset():
+    """`named_dataset("sms-spam")` -> Path, or skip with the reason."""
+    return resolve_named_dataset
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """TRANSITIONAL (being removed): the folder named by LLMSCRATCH_DATA_DIR, or a skip."""
+    if not DATA_DIR:
+        pytest.skip("LLMSCRATCH_DATA_DIR is not set")
+    return Path(DATA_DIR)
+
+
+# --------------------------------------------------------------------------- data we make
+
+
+@pytest.fixture(scope="session")
+def docs_text() -> str:
+    """The embedded corpus: CPython's language reference (~465 KB), on every machine."""
+    from llmscratch.datasets import python_docs_text
+
+    return python_docs_text()
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory, docs_text) -> Path:
+    """A 20 KB slice of the embedded corpus as a text file (the size of the-verdict): small
+    enough that tokenizers and tiny training runs take seconds."""
+    path = tmp_path_factory.mktemp("corpus") / "docs20k.txt"
+    start = docs_text.index("The ")  # skip the module's header lines
+    path.write_text(docs_text[start:start + 20_000], encoding="utf-8")
+    return path
+
+
+SPAM_WORDS = ["WIN", "free", "prize", "cash", "claim", "urgent", "txt", "call now", "£1000",
+              "ringtone", "offer", "winner", "guaranteed", "reply STOP"]
+HAM_WORDS = ["lunch", "see you", "tonight", "mum", "home", "late", "ok", "thanks", "meeting",
+             "dinner", "love", "tomorrow", "bus", "sorry"]
+
+
+def synthetic_sms(n_ham: int = 120, n_spam: int = 40, seed: int = 0) -> list[tuple[str, str]]:
+    """A seeded spam/ham set in the shape of the UCI collection: (label, text) rows, ham the
+    majority, spam made of advertising words and numbers, ham of everyday words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_ham):
+        words = rng.sample(HAM_WORDS, rng.randint(3, 6))
+        rows.append(("ham", " ".join(words) + rng.choice([".", "?", "", " :)"])))
+    for _ in range(n_spam):
+        words = rng.sample(SPAM_WORDS, rng.randint(3, 6))
+        rows.append(("spam", " ".join(words) + f" {rng.randint(10000, 99999)}!"))
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sms_tsv(tmp_path_factory) -> Path:
+    """The synthetic spam/ham set as a headerless `label<TAB>text` file, like the UCI file."""
+    path = tmp_path_factory.mktemp("sms") / "sms.tsv"
+    path.write_text("".join(f"{label}\t{text}\n" for label, text in synthetic_sms()), encoding="utf-8")
+    return path
+
+
+INSTRUCTION_RECORDS = [
+    {"instruction": "Rewrite the sentence in the past tense.", "input": "I walk to school.",
+     "output": "I walked to school."},
+    {"instruction": "What is the capital of France?", "input": "", "output": "Paris."},
+    {"instruction": "Give the plural of the word.", "input": "mouse", "output": "mice"},
+    {"instruction": "Translate to Spanish.", "input": "Thank you", "output": "Gracias"},
+    {"instruction": "Name a primary colour.", "input": "", "output": "Red."},
+    {"instruction": "Add the two numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Give an antonym of the word.", "input": "hot", "output": "cold"},
+    {"instruction": "Correct the spelling.", "input": "freind", "output": "friend"},
+    {"instruction": "Classify the animal as mammal or bird.", "input": "eagle", "output": "bird"},
+    {"instruction": "What is 10 divided by 2?", "input": "", "output": "5."},
+    {"instruction": "Make the sentence passive.", "input": "The cat chased the mouse.",
+     "output": "The mouse was chased by the cat."},
+    {"instruction": "Give a synonym of the word.", "input": "big", "output": "large"},
+]
+
+
+@pytest.fixture(scope="session")
+def instruction_json(tmp_path_factory) -> Path:
+    """A handful of Alpaca-style instruction records as a JSON file."""
+    path = tmp_path_factory.mktemp("instruct") / "instructions.json"
+    path.write_text(json.dumps(INSTRUCTION_RECORDS, indent=1), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- CI: no silent skips
+
+
+def _allowed_skips() -> list[str]:
+    """Test-id prefixes allowed to skip in CI, one per line, each with its reason after '#'."""
+    if not ALLOWLIST.is_file():
+        return []
+    out = []
+    for line in ALLOWLIST.read_text(encoding="utf-8").splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            out.append(entry)
+    return out
+
+
+_SKIPS: list[tuple[str, str]] = []  # (test id, reason) of every skip this session
+
+
+def _record_skip(report) -> None:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    _SKIPS.append((report.nodeid, reason))
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _record_skip(report)
+
+
+def pytest_collectreport(report):
+    if report.skipped:  # a whole module skipped at import (module-level importorskip)
+        _record_skip(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not ON_CI:
+        return
+    allowed = _allowed_skips()
+    bad = [(n, r) for n, r in _SKIPS
+           if not any(n.startswith(a) for a in allowed)]
+    if bad:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"CI=true: {len(bad)} test(s) skipped that are not on {ALLOWLIST.name}:"]
+        lines += [f"  {n}: {r}" for n, r in bad]
+        if tr is not None:
+            tr.write_line("\n".join(lines), red=True)
+        else:
+            print("\n".join(lines))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
