@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -65,20 +64,10 @@ TRICKY = [
 # ---------------------------------------------------------------- fixtures
 
 
-def data_dir() -> Path:
-    """Where the shared data files live (LLMSCRATCH_DATA_DIR, else ../shared/data)."""
-    env = os.environ.get("LLMSCRATCH_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 @pytest.fixture(scope="session")
-def verdict() -> str:
-    return (data_dir() / "the-verdict.txt").read_text(encoding="utf-8")
-
-
-@pytest.fixture(scope="session")
-def shakespeare_100k() -> str:
-    return (data_dir() / "tinyshakespeare.txt").read_text(encoding="utf-8")[:100_000]
+def corpus(corpus_file) -> str:
+    """20 KB of the embedded python-docs corpus (the size of the-verdict), on every machine."""
+    return corpus_file.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")
@@ -109,8 +98,8 @@ def gpt2_bpe() -> BPETokenizer:
 
 
 @pytest.fixture(scope="session")
-def small_bpe(verdict) -> BPETokenizer:
-    return BPETokenizer().train(verdict, 512)
+def small_bpe(corpus) -> BPETokenizer:
+    return BPETokenizer().train(corpus, 512)
 
 
 def naive_learn_merges(text: str, n_tokens: int, pattern: str = GPT2_SPLIT_PATTERN) -> list[tuple[int, int]]:
@@ -169,9 +158,9 @@ def test_minbpe_known_answer():
     assert tok.vocab_size == 259
 
 
-def test_fast_training_matches_naive_reference(verdict):
-    fast = BPETokenizer().train(verdict, 700, special_tokens=())
-    assert list(fast.merges) == naive_learn_merges(verdict, 700)
+def test_fast_training_matches_naive_reference(corpus):
+    fast = BPETokenizer().train(corpus, 700, special_tokens=())
+    assert list(fast.merges) == naive_learn_merges(corpus, 700)
     assert fast.vocab_size == 700
 
 
@@ -184,17 +173,17 @@ def test_fast_training_matches_naive_on_random_text(words, n_tokens):
     assert merges == naive_learn_merges(text, n_tokens)
 
 
-def test_training_is_deterministic(verdict, tmp_path):
-    a = BPETokenizer().train(verdict, 600)
-    b = BPETokenizer().train(verdict, 600)
+def test_training_is_deterministic(corpus, tmp_path):
+    a = BPETokenizer().train(corpus, 600)
+    b = BPETokenizer().train(corpus, 600)
     assert list(a.merges.items()) == list(b.merges.items())
     a.save(tmp_path / "a.json")
     b.save(tmp_path / "b.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
 
 
-def test_training_special_tokens(verdict):
-    text = verdict[:5000] + EOT + verdict[5000:]
+def test_training_special_tokens(corpus):
+    text = corpus[:5000] + EOT + corpus[5000:]
     tok = BPETokenizer().train(text, 400, special_tokens=(EOT, "<|pad|>"))
     assert tok.vocab_size == 400
     assert tok.special_tokens == {EOT: 398, "<|pad|>": 399}
@@ -225,12 +214,20 @@ def test_training_stops_when_pairs_run_out():
 
 
 @pytest.mark.parametrize("which", ["gpt2_tok", "gpt2_bpe"])
-def test_parity_with_tiktoken_on_corpora(which, request, tiktoken_gpt2, verdict, shakespeare_100k):
+def test_parity_with_tiktoken_on_the_embedded_corpus(which, request, tiktoken_gpt2, docs_text):
     tok = request.getfixturevalue(which)
-    for text in (verdict, shakespeare_100k):
-        expected = tiktoken_gpt2.encode(text, allowed_special="all")
-        assert tok.encode(text) == expected
-        assert tok.encode_ordinary(text) == tiktoken_gpt2.encode_ordinary(text)
+    text = docs_text[:200_000]  # prose, code, reST markup, typographic quotes
+    assert tok.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert tok.encode_ordinary(text) == tiktoken_gpt2.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("name", ["the-verdict", "tinyshakespeare"])
+@pytest.mark.parametrize("which", ["gpt2_tok", "gpt2_bpe"])
+def test_parity_with_tiktoken_on_named_corpora(which, name, request, tiktoken_gpt2, named_dataset):
+    tok = request.getfixturevalue(which)
+    text = named_dataset(name).read_text(encoding="utf-8")[:100_000]
+    assert tok.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert tok.encode_ordinary(text) == tiktoken_gpt2.encode_ordinary(text)
 
 
 @pytest.mark.parametrize("which", ["gpt2_tok", "gpt2_bpe"])
@@ -328,7 +325,7 @@ def test_allowed_special_validation(small_bpe):
 # ---------------------------------------------------------------- save / load
 
 
-def test_bpe_save_load_round_trip(small_bpe, verdict, tmp_path):
+def test_bpe_save_load_round_trip(small_bpe, corpus, tmp_path):
     path = tmp_path / "bpe.json"
     small_bpe.save(path)
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -337,23 +334,23 @@ def test_bpe_save_load_round_trip(small_bpe, verdict, tmp_path):
     loaded = BPETokenizer.load(path)
     assert list(loaded.merges.items()) == list(small_bpe.merges.items())
     assert loaded.special_tokens == small_bpe.special_tokens
-    assert loaded.encode(verdict) == small_bpe.encode(verdict)
+    assert loaded.encode(corpus) == small_bpe.encode(corpus)
     assert isinstance(load_tokenizer(path), BPETokenizer)
     assert isinstance(get_tokenizer(path), BPETokenizer)
     assert isinstance(get_tokenizer(str(path)), BPETokenizer)
 
 
-def test_bpe_non_default_pattern_survives_save_load(verdict, tmp_path):
+def test_bpe_non_default_pattern_survives_save_load(corpus, tmp_path):
     pattern = r"\w+|\s+|[^\w\s]+"  # no leading-space words, unlike GPT-2's
-    tok = BPETokenizer(pattern=pattern).train(verdict, 400)
-    default = BPETokenizer().train(verdict, 400)
+    tok = BPETokenizer(pattern=pattern).train(corpus, 400)
+    default = BPETokenizer().train(corpus, 400)
     tok.save(tmp_path / "t.json")
     loaded = Tokenizer.load(tmp_path / "t.json")
     assert isinstance(loaded, BPETokenizer) and loaded.pattern == pattern
     text = "the painter's wife said hello"
     assert loaded.encode(text) == tok.encode(text)
     assert loaded.encode(text) != default.encode(text)
-    assert loaded.decode(loaded.encode(verdict)) == verdict
+    assert loaded.decode(loaded.encode(corpus)) == corpus
 
 
 def test_gpt2_bpe_save_load_keeps_gpt2_ids(gpt2_bpe, tiktoken_gpt2, tmp_path):
@@ -363,15 +360,17 @@ def test_gpt2_bpe_save_load_keeps_gpt2_ids(gpt2_bpe, tiktoken_gpt2, tmp_path):
     assert loaded.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
 
 
-def test_gpt2_tokenizer_save_load(gpt2_tok, tmp_path):
+def test_gpt2_tokenizer_save_load(gpt2_tok, tiktoken_gpt2, tmp_path):
     gpt2_tok.save(tmp_path / "tokenizer.json")
     assert json.loads((tmp_path / "tokenizer.json").read_text()) == {"type": "gpt2"}
     for tok in (load_tokenizer(tmp_path / "tokenizer.json"), get_tokenizer(tmp_path)):
         assert isinstance(tok, GPT2Tokenizer)
-        assert tok.encode("hi there") == gpt2_tok.encode("hi there")
+        # against tiktoken's own "gpt2" Encoding, built apart from ours (not the cached one)
+        for text in TRICKY:
+            assert tok.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
 
 
-def test_load_errors(tmp_path, verdict):
+def test_load_errors(tmp_path, corpus):
     with pytest.raises(UserError, match="not found"):
         load_tokenizer(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")
@@ -383,7 +382,7 @@ def test_load_errors(tmp_path, verdict):
     (tmp_path / "broken.json").write_text('{"type": "bpe", "pattern": "x"}')
     with pytest.raises(UserError, match="malformed"):
         load_tokenizer(tmp_path / "broken.json")
-    WordTokenizer.from_text(verdict).save(tmp_path / "word.json")
+    WordTokenizer.from_text(corpus).save(tmp_path / "word.json")
     with pytest.raises(UserError, match="not a 'bpe'"):
         BPETokenizer.load(tmp_path / "word.json")
 
@@ -415,23 +414,23 @@ def test_gpt2_cannot_be_trained(gpt2_tok):
 # ---------------------------------------------------------------- word tokenizer
 
 
-def test_word_tokenizer_round_trips_the_verdict_exactly(verdict):
-    tok = WordTokenizer.from_text(verdict)
-    ids = tok.encode(verdict)
+def test_word_tokenizer_round_trips_the_corpus_exactly(corpus):
+    tok = WordTokenizer.from_text(corpus)
+    ids = tok.encode(corpus)
     assert tok.unk_id not in ids
-    assert tok.decode(ids) == verdict
+    assert tok.decode(ids) == corpus
 
 
-def test_word_tokenizer_vocabulary_and_unknown_words(verdict):
-    tok = WordTokenizer.from_text(verdict)
+def test_word_tokenizer_vocabulary_and_unknown_words(corpus):
+    tok = WordTokenizer.from_text(corpus)
     ordinary = tok.int_to_str[:-2]
     assert ordinary == sorted(ordinary)
     assert tok.int_to_str[-2:] == [EOT, "<|unk|>"]
     assert tok.eot_id == tok.vocab_size - 2 and tok.unk_id == tok.vocab_size - 1
-    # The book's example: "Hello" and "palace" never occur in the-verdict.
-    text = f"Hello, do you like tea?{EOT}In the sunlit terraces of the palace."
+    # The book's example, with words of this corpus: "Hello" and "palace" never occur in it.
+    text = f"Hello, do you like a list.{EOT}In the value of the palace."
     ids = tok.encode(text)
-    assert tok.decode(ids) == f"<|unk|>, do you like tea?{EOT}In the sunlit terraces of the <|unk|>."
+    assert tok.decode(ids) == f"<|unk|>, do you like a list.{EOT}In the value of the <|unk|>."
     assert ids.count(tok.unk_id) == 2 and ids.count(tok.eot_id) == 1
     # Not allowed as special, <|endoftext|> is just an unknown word.
     assert tok.encode(EOT, allowed_special="none") == [tok.unk_id]
@@ -449,13 +448,13 @@ def test_word_tokenizer_vocab_size_cap():
     assert tok.encode("a b") == [1, 0, 3]
 
 
-def test_word_tokenizer_save_load(verdict, tmp_path):
-    tok = WordTokenizer.from_text(verdict)
+def test_word_tokenizer_save_load(corpus, tmp_path):
+    tok = WordTokenizer.from_text(corpus)
     tok.save(tmp_path / "word.json")
     loaded = get_tokenizer(tmp_path / "word.json")
     assert isinstance(loaded, WordTokenizer)
     assert loaded.int_to_str == tok.int_to_str
-    assert loaded.encode(verdict) == tok.encode(verdict)
+    assert loaded.encode(corpus) == tok.encode(corpus)
     assert loaded.name == "word"
 
 
@@ -467,13 +466,13 @@ def test_fast_gpt2_pattern_splits_like_gpt2s(text):
     assert regex.findall(FAST_GPT2_SPLIT_PATTERN, text) == regex.findall(GPT2_SPLIT_PATTERN, text)
 
 
-def test_encode_cache_overflow_keeps_results(verdict, monkeypatch, tmp_path):
+def test_encode_cache_overflow_keeps_results(corpus, monkeypatch, tmp_path):
     import llmscratch.tokenizer.bpe as bpe_module
 
-    tok = BPETokenizer().train(verdict, 400)
-    expected = tok.encode(verdict)
+    tok = BPETokenizer().train(corpus, 400)
+    expected = tok.encode(corpus)
     tok.save(tmp_path / "t.json")
     monkeypatch.setattr(bpe_module, "_CACHE_LIMIT", 8)
     fresh = BPETokenizer.load(tmp_path / "t.json")
-    assert fresh.encode(verdict) == expected
+    assert fresh.encode(corpus) == expected
     assert len(fresh._cache) <= 8
