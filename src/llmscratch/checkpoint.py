@@ -11,7 +11,9 @@ plus, for a training run, `train_state.safetensors` (everything `--resume` needs
 weights are never pickled.
 
 `load_model` accepts a run folder, a Hugging Face GPT-2 folder or a preset name, so every
-command that takes `--model` takes any of the three.
+command that takes `--model` takes any of the three. Imports go one way: this module uses
+`weights` (Hugging Face folders) and `tokenizer`; neither of them imports this one (the atomic
+safetensors writer both need lives in `utils`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import UserError
 from .model import GPT, GPTConfig
-from .utils import atomic_path, write_json
+from .tokenizer import get_tokenizer, load_tokenizer
+from .utils import save_safetensors, write_json
+from .weights import is_hf_gpt2_dir, load_hf_gpt2
+
+__all__ = ["FORMAT", "is_run_dir", "load_model", "load_run_model", "model_state", "read_run_config",
+           "save_model", "save_safetensors"]
 
 FORMAT = "llmscratch"
 
@@ -36,13 +43,6 @@ def model_state(model: GPT) -> dict[str, torch.Tensor]:
     if model.config.tie_weights:
         sd.pop("lm_head.weight", None)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file`, atomically: a crash leaves the previous file intact."""
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def save_model(model: GPT, out_dir: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
@@ -143,8 +143,6 @@ def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0):
 
 
 def _load_model(name_or_path: str, device, dtype, seed: int):
-    from .tokenizer import get_tokenizer, load_tokenizer
-
     path = Path(name_or_path)
     if path.is_dir():
         if is_run_dir(path):
@@ -152,8 +150,6 @@ def _load_model(name_or_path: str, device, dtype, seed: int):
             tok_file = path / "tokenizer.json"
             tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else get_tokenizer("gpt2")
             return model, tokenizer
-        from .weights import is_hf_gpt2_dir, load_hf_gpt2
-
         if is_hf_gpt2_dir(path):
             return load_hf_gpt2(path, dtype=dtype, device=device).eval(), get_tokenizer("gpt2")
         raise UserError(f"{path}: neither an llmscratch run folder nor a Hugging Face GPT-2 folder")

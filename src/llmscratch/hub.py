@@ -44,6 +44,8 @@ from pathlib import Path
 from .checkpoint import is_run_dir, load_run_model, save_model
 from .datasets import cache_root, download_file
 from .errors import UserError
+from .tokenizer import get_tokenizer, load_tokenizer
+from .tokenizer.base import read_tokenizer_file
 from .weights import CONFIG_FILE, SAFETENSORS_FILE, is_hf_gpt2_dir, load_hf_gpt2, save_hf_gpt2
 
 __all__ = ["GPT2_REPOS", "convert", "download_gpt2", "gpt2_names"]
@@ -319,8 +321,6 @@ def _check_dst(dst: Path) -> None:
 
 
 def _is_gpt2_tokenizer_file(path: Path) -> bool:
-    from .tokenizer.base import read_tokenizer_file
-
     return read_tokenizer_file(path).get("type") == "gpt2"
 
 
@@ -358,8 +358,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     kind = _folder_kind(src)
     target = to or ("hf" if kind == "run" else "run")
     _check_dst(dst)
-
-    from .tokenizer import get_tokenizer, load_tokenizer
 
     # The tokenizer file to carry over (None: GPT-2's, which needs no file in an HF folder).
     if kind == "run":

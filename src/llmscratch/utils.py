@@ -13,6 +13,9 @@ from typing import IO, Iterator
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
+
+from .errors import UserError
 
 
 @contextlib.contextmanager
@@ -39,6 +42,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, atomically: a crash leaves the previous file intact.
+
+    Here, below both `checkpoint` (run folders) and `weights` (Hugging Face folders), so
+    that those two can depend on each other in one direction only.
+    """
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 @contextlib.contextmanager
@@ -69,12 +83,8 @@ def pick_device(device: str | None = None) -> torch.device:
     if device and device != "auto":
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            from .errors import UserError
-
             raise UserError(f"--device {device}: CUDA is not available on this machine")
         if dev.type == "mps" and not torch.backends.mps.is_available():
-            from .errors import UserError
-
             raise UserError(f"--device {device}: Apple MPS is not available on this machine")
         return dev
     if torch.cuda.is_available():

@@ -30,10 +30,9 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import save_safetensors
 from .errors import UserError
 from .model import GPT, GPTConfig
-from .utils import write_json
+from .utils import save_safetensors, write_json
 
 __all__ = ["load_hf_gpt2", "save_hf_gpt2", "is_hf_gpt2_dir"]
 

@@ -1,0 +1,135 @@
+"""The package's modules import in one direction only.
+
+Two checks, because they catch different things. The static one reads every `import`
+statement in the source, function-level ones included, so an import cycle cannot hide behind
+a lazy import inside a function. The dynamic one imports each module *first* (before any
+other llmscratch module, the package `__init__` not run) in a fresh interpreter, which is
+what a user's `from llmscratch.x import y` does and where a top-level cycle would fail.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import llmscratch
+
+PKG_DIR = Path(llmscratch.__file__).parent
+PKG = "llmscratch"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG_DIR.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PKG_DIR.rglob("*.py"))}
+# `python -m llmscratch` runs the CLI when imported; it imports only `cli`
+IMPORTABLE = sorted(set(MODULES) - {"llmscratch.__main__"})
+
+
+def _resolve(importer: str, is_package: bool, level: int, module: str | None) -> str:
+    """The absolute module name of a (possibly relative) `from ... import`."""
+    if level == 0:
+        return module or ""
+    base = importer.split(".") if is_package else importer.split(".")[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The llmscratch modules `name` imports anywhere in its source (not its parent packages,
+    which Python imports implicitly and which are not a design choice)."""
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(name, is_package, node.level, node.module)
+            # `from . import bench` imports the submodule llmscratch.bench
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        for t in targets:
+            while t and t not in MODULES:  # llmscratch.tokenizer.bpe.X -> the module that holds X
+                t = t.rpartition(".")[0]
+            if t and t != name and not name.startswith(t + "."):
+                found.add(t)
+    return found
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a list of module names (first == last), or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_a_cycle_and_accepts_a_dag():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_relative_imports_resolve_to_modules():
+    assert _resolve("llmscratch.checkpoint", False, 1, "weights") == "llmscratch.weights"
+    assert _resolve("llmscratch.finetune.loop", False, 2, "train") == "llmscratch.train"
+    assert _resolve("llmscratch.tokenizer", True, 1, "bpe") == "llmscratch.tokenizer.bpe"
+
+
+def test_no_import_cycle_even_through_function_level_imports():
+    graph = {name: _imports(name, path) for name, path in MODULES.items()}
+    assert "llmscratch.model" in graph["llmscratch.checkpoint"]  # the scan sees imports at all
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+_IMPORT_EACH_FIRST = r"""
+import importlib, sys, types
+pkg_dir, names = sys.argv[1], sys.argv[2:]
+failed = []
+for name in names:
+    for loaded in [m for m in sys.modules if m == "llmscratch" or m.startswith("llmscratch.")]:
+        del sys.modules[loaded]
+    if name != "llmscratch":
+        # the package without running its __init__, so `name` is the first of ours imported
+        stub = types.ModuleType("llmscratch")
+        stub.__path__ = [pkg_dir]
+        sys.modules["llmscratch"] = stub
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        failed.append(f"{name}: {type(e).__name__}: {e}")
+print("\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    # One interpreter for all (third-party packages like torch stay loaded between modules:
+    # they are not ours and importing torch 40 times would take minutes); before each module,
+    # every llmscratch module is dropped from sys.modules so each one starts from nothing.
+    names = IMPORTABLE
+    assert len(names) > 20
+    r = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST, str(PKG_DIR), *names],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"modules that fail when imported first:\n{r.stdout}{r.stderr[-2000:]}"
