@@ -48,31 +48,39 @@ def _isolated_env(monkeypatch, tmp_path_factory):
 _resolved: dict[str, Path | str] = {}
 
 
-def resolve_named_dataset(name: str) -> Path:
-    """The file of a named dataset as the product finds it, or a skip naming why it can't.
+@pytest.fixture(scope="session")
+def named_dataset(tmp_path_factory):
+    """`named_dataset("sms-spam")` -> the file's Path, or a skip naming why it can't be had.
 
-    Resolution is the product's (`llmscratch.datasets.dataset_path`): the data folder, then
-    the cache, then a verified download. Offline with no data folder the download fails at
-    once (no DNS), and the test skips with that one line.
+    Resolution is the product's (`llmscratch.datasets.dataset_path`): the data folder named
+    by the user's `LLMSCRATCH_DATA_DIR` (whatever a test module did to the variable), then
+    this session's cache, then a verified download. Offline with no data folder the download
+    fails at once (no DNS), and the test skips with that one line.
     """
-    if name not in _resolved:
-        from llmscratch.datasets import dataset_path
-        from llmscratch.errors import UserError
+    from llmscratch.datasets import dataset_path
+    from llmscratch.errors import UserError
 
-        try:
-            _resolved[name] = dataset_path(name, progress=False)
-        except UserError as e:
-            _resolved[name] = str(e).splitlines()[0]
-    got = _resolved[name]
-    if isinstance(got, str):
-        pytest.skip(f"dataset {name!r} not available (no LLMSCRATCH_DATA_DIR, no cache, no network): {got}")
-    return got
+    cache = tmp_path_factory.getbasetemp() / "llmscratch-cache"
 
+    def resolve(name: str) -> Path:
+        if name not in _resolved:
+            with pytest.MonkeyPatch.context() as mp:
+                if DATA_DIR:
+                    mp.setenv("LLMSCRATCH_DATA_DIR", DATA_DIR)
+                else:
+                    mp.delenv("LLMSCRATCH_DATA_DIR", raising=False)
+                mp.delenv("LLMSCRATCH_DOWNLOAD_BASE", raising=False)
+                try:
+                    _resolved[name] = dataset_path(name, cache, progress=False)
+                except UserError as e:
+                    _resolved[name] = str(e).splitlines()[0]
+        got = _resolved[name]
+        if isinstance(got, str):
+            pytest.skip(f"dataset {name!r} not available (no LLMSCRATCH_DATA_DIR, no cache, "
+                        f"no network): {got}")
+        return got
 
-@pytest.fixture
-def named_dataset():
-    """`named_dataset("sms-spam")` -> Path, or skip with the reason."""
-    return resolve_named_dataset
+    return resolve
 
 
 @pytest.fixture

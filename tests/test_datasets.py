@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import hashlib
 import re
 import shutil
 import socket
@@ -10,7 +10,6 @@ import threading
 import urllib.parse
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -26,13 +25,10 @@ from llmscratch.datasets import (
 from llmscratch.errors import UserError
 from llmscratch.utils import sha256_file
 
-# Read before the autouse fixture below clears the variable for each test.
-SHARED_DATA = Path(
-    os.environ.get("LLMSCRATCH_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
-VERDICT = SHARED_DATA / "the-verdict.txt"
-
-needs_shared = pytest.mark.skipif(not VERDICT.is_file(), reason=f"shared data not found at {SHARED_DATA}")
+# The download machinery is tested on a file we make: 20 KB of the embedded corpus, served
+# by a local HTTP server. Tests about the named files themselves take `named_dataset`.
+PAYLOAD = datasets.python_docs_text().encode("utf-8")[:20_000]
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 @pytest.fixture(autouse=True)
@@ -87,10 +83,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server():
-    """A local file server on 127.0.0.1 (port chosen by the OS), serving the shared data."""
+def server(tmp_path_factory):
+    """A local file server on 127.0.0.1 (port chosen by the OS), serving `payload.txt`."""
+    root = tmp_path_factory.mktemp("www")
+    (root / "payload.txt").write_bytes(PAYLOAD)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.root = SHARED_DATA
+    httpd.root = root
     httpd.honour_range = True
     httpd.cut_after = None
     httpd.requests = []
@@ -108,66 +106,60 @@ VERDICT_SHA = DATASETS["the-verdict"].sha256
 # --------------------------------------------------------------------------- downloads
 
 
-@needs_shared
 def test_download_verifies_checksum(server, tmp_path):
-    dest = download_file(f"{server.url}/the-verdict.txt", tmp_path / "v.txt", VERDICT_SHA, progress=False)
-    assert dest.read_bytes() == VERDICT.read_bytes()
+    dest = download_file(f"{server.url}/payload.txt", tmp_path / "v.txt", PAYLOAD_SHA, progress=False)
+    assert dest.read_bytes() == PAYLOAD
     assert not (tmp_path / "v.txt.part").exists()
     assert server.requests[0]["range"] is None
 
 
-@needs_shared
 def test_download_resumes_after_dropped_connection(server, tmp_path):
     dest = tmp_path / "v.txt"
-    url = f"{server.url}/the-verdict.txt"
+    url = f"{server.url}/payload.txt"
     server.cut_after = 5000
     with pytest.raises(UserError, match=re.escape(url)):
-        download_file(url, dest, VERDICT_SHA, progress=False)
+        download_file(url, dest, PAYLOAD_SHA, progress=False)
     part = tmp_path / "v.txt.part"
     assert part.stat().st_size == 5000 and not dest.exists()
 
-    download_file(url, dest, VERDICT_SHA, progress=False)
+    download_file(url, dest, PAYLOAD_SHA, progress=False)
     assert server.requests[-1]["range"] == "bytes=5000-"
-    assert dest.read_bytes() == VERDICT.read_bytes()
+    assert dest.read_bytes() == PAYLOAD
     assert not part.exists()
 
 
-@needs_shared
 def test_download_resumes_truncated_part(server, tmp_path):
     dest = tmp_path / "v.txt"
-    (tmp_path / "v.txt.part").write_bytes(VERDICT.read_bytes()[:1234])
-    download_file(f"{server.url}/the-verdict.txt", dest, VERDICT_SHA, progress=False)
+    (tmp_path / "v.txt.part").write_bytes(PAYLOAD[:1234])
+    download_file(f"{server.url}/payload.txt", dest, PAYLOAD_SHA, progress=False)
     assert [r["range"] for r in server.requests] == ["bytes=1234-"]
-    assert sha256_file(dest) == VERDICT_SHA
+    assert sha256_file(dest) == PAYLOAD_SHA
 
 
-@needs_shared
 def test_server_ignoring_range_restarts(server, tmp_path):
     server.honour_range = False
     dest = tmp_path / "v.txt"
     # Garbage in the .part: appending to it would fail the checksum, restarting must not.
     (tmp_path / "v.txt.part").write_bytes(b"x" * 999)
-    download_file(f"{server.url}/the-verdict.txt", dest, VERDICT_SHA, progress=False)
+    download_file(f"{server.url}/payload.txt", dest, PAYLOAD_SHA, progress=False)
     assert server.requests[0]["range"] == "bytes=999-"
-    assert dest.read_bytes() == VERDICT.read_bytes()
+    assert dest.read_bytes() == PAYLOAD
 
 
-@needs_shared
 def test_complete_part_with_416_is_kept(server, tmp_path):
     dest = tmp_path / "v.txt"
-    (tmp_path / "v.txt.part").write_bytes(VERDICT.read_bytes())
-    download_file(f"{server.url}/the-verdict.txt", dest, VERDICT_SHA, progress=False)
+    (tmp_path / "v.txt.part").write_bytes(PAYLOAD)
+    download_file(f"{server.url}/payload.txt", dest, PAYLOAD_SHA, progress=False)
     assert len(server.requests) == 1
-    assert sha256_file(dest) == VERDICT_SHA
+    assert sha256_file(dest) == PAYLOAD_SHA
 
 
-@needs_shared
 def test_wrong_checksum_removes_file(server, tmp_path):
     dest = tmp_path / "v.txt"
     with pytest.raises(UserError) as err:
-        download_file(f"{server.url}/the-verdict.txt", dest, "0" * 64, progress=False)
+        download_file(f"{server.url}/payload.txt", dest, "0" * 64, progress=False)
     msg = str(err.value)
-    assert "0" * 64 in msg and VERDICT_SHA in msg and "\n" not in msg
+    assert "0" * 64 in msg and PAYLOAD_SHA in msg and "\n" not in msg
     assert list(tmp_path.iterdir()) == []
 
 
@@ -175,20 +167,19 @@ def test_connection_refused_is_user_error(tmp_path):
     with socket.socket() as s:  # find a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/the-verdict.txt"
+    url = f"http://127.0.0.1:{port}/payload.txt"
     with pytest.raises(UserError, match="LLMSCRATCH_DATA_DIR") as err:
-        download_file(url, tmp_path / "v.txt", VERDICT_SHA, progress=False)
+        download_file(url, tmp_path / "v.txt", PAYLOAD_SHA, progress=False)
     assert url in str(err.value)
 
 
-@needs_shared
 def test_http_404_is_user_error(server, tmp_path):
     with pytest.raises(UserError, match="HTTP 404"):
-        download_file(f"{server.url}/nope.txt", tmp_path / "nope.txt", VERDICT_SHA, progress=False)
+        download_file(f"{server.url}/nope.txt", tmp_path / "nope.txt", PAYLOAD_SHA, progress=False)
 
 
-@needs_shared
-def test_dataset_path_downloads_from_mirror_then_uses_cache(server, tmp_path, monkeypatch):
+def test_dataset_path_downloads_from_mirror_then_uses_cache(server, tmp_path, monkeypatch, named_dataset):
+    shutil.copy(named_dataset("tinyshakespeare"), server.root / "tinyshakespeare.txt")
     monkeypatch.setenv("LLMSCRATCH_DOWNLOAD_BASE", server.url + "/")
     cache = tmp_path / "cache"
     path = dataset_path("tinyshakespeare", cache, progress=False)
@@ -199,8 +190,8 @@ def test_dataset_path_downloads_from_mirror_then_uses_cache(server, tmp_path, mo
     assert len(server.requests) == n  # cache hit: no new request
 
 
-@needs_shared
-def test_damaged_cache_is_downloaded_again(server, tmp_path):
+def test_damaged_cache_is_downloaded_again(server, tmp_path, named_dataset):
+    shutil.copy(named_dataset("the-verdict"), server.root / "the-verdict.txt")
     cache = tmp_path / "cache"
     bad = cache / "datasets" / "the-verdict.txt"
     bad.parent.mkdir(parents=True)
@@ -210,12 +201,11 @@ def test_damaged_cache_is_downloaded_again(server, tmp_path):
     assert len(server.requests) == 1
 
 
-@needs_shared
-def test_sms_spam_zip_is_extracted_and_verified(server, tmp_path, monkeypatch):
+def test_sms_spam_zip_is_extracted_and_verified(server, tmp_path, monkeypatch, named_dataset):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     with zipfile.ZipFile(mirror / "sms+spam+collection.zip", "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.write(SHARED_DATA / "sms_spam_collection.tsv", "SMSSpamCollection")
+        zf.write(named_dataset("sms-spam"), "SMSSpamCollection")
         zf.writestr("readme", "the UCI readme")
     server.root = mirror
     monkeypatch.setenv("LLMSCRATCH_DOWNLOAD_BASE", server.url)
@@ -242,23 +232,25 @@ def test_zip_with_wrong_member_content_is_rejected(server, tmp_path, monkeypatch
 # --------------------------------------------------------------------------- data dir, registry
 
 
-@needs_shared
-def test_data_dir_is_used_without_network(monkeypatch, tmp_path):
-    monkeypatch.setenv("LLMSCRATCH_DATA_DIR", str(SHARED_DATA))
+def test_data_dir_is_used_without_network(monkeypatch, tmp_path, named_dataset):
+    data_dir = tmp_path / "data"  # a folder the user filled by hand, with every named file
+    data_dir.mkdir()
+    for name, info in DATASETS.items():
+        shutil.copy(named_dataset(name), data_dir / info.filename)
+    monkeypatch.setenv("LLMSCRATCH_DATA_DIR", str(data_dir))
     # A mirror that cannot answer proves no download is attempted.
     monkeypatch.setenv("LLMSCRATCH_DOWNLOAD_BASE", "http://127.0.0.1:9")
     for name, info in DATASETS.items():
-        assert dataset_path(name, tmp_path, progress=False) == SHARED_DATA / info.filename
+        assert dataset_path(name, tmp_path / "cache", progress=False) == data_dir / info.filename
     docs = load_text("the-verdict")
-    assert docs == [Document("the-verdict", VERDICT.read_text())]
+    assert docs == [Document("the-verdict", (data_dir / "the-verdict.txt").read_text())]
 
 
-@needs_shared
-def test_corrupted_copy_in_data_dir_is_user_error(monkeypatch, tmp_path):
+def test_corrupted_copy_in_data_dir_is_user_error(monkeypatch, tmp_path, named_dataset):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     copy = data_dir / "the-verdict.txt"
-    shutil.copy(VERDICT, copy)
+    shutil.copy(named_dataset("the-verdict"), copy)
     with open(copy, "ab") as f:
         f.write(b"!")
     monkeypatch.setenv("LLMSCRATCH_DATA_DIR", str(data_dir))
