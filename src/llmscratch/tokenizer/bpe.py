@@ -172,6 +172,40 @@ def read_gpt2_files(
     return encoder, merges
 
 
+# ---------------------------------------------------------------- the id rule
+
+
+class MergeVocab:
+    """Token bytes <-> ids for the byte tokens and the merged tokens, grown by the one rule
+    every BPE here follows (training, GPT-2's files, our tokenizer.json): a merge whose
+    joined bytes are new gets the next id, `len(vocab)`; a merge whose joined bytes are
+    already a token (two pairs, like ("a", "ab") and ("aa", "b"), can spell the same bytes)
+    reuses that token's id, as Hugging Face's trainer does, so no two ids share their bytes.
+
+    Attributes:
+        tokens: id -> bytes.
+        ids: bytes -> id.
+    """
+
+    def __init__(self, byte_ids: Sequence[int] = range(256)) -> None:
+        """The 256 byte tokens; `byte_ids[b]` is the id of byte `b` (GPT-2 numbers them in
+        its own order, a trained tokenizer in byte order)."""
+        self.tokens: dict[int, bytes] = {i: bytes([b]) for b, i in enumerate(byte_ids)}
+        self.ids: dict[bytes, int] = {t: i for i, t in self.tokens.items()}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, token: bytes) -> int:
+        """The id of `token`, giving it the next id if it is new."""
+        i = self.ids.get(token)
+        if i is None:
+            i = len(self.tokens)
+            self.tokens[i] = token
+            self.ids[token] = i
+        return i
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -180,10 +214,8 @@ def learn_merges(
 ) -> list[tuple[int, int]]:
     """Learn BPE merges from counted words until there are `n_tokens` ordinary tokens.
 
-    Ids 0-255 are the bytes; each merge makes the id `len(vocab)` unless its bytes are
-    already a token (two different pairs, such as ("a", "ab") and ("aa", "b"), can spell
-    the same bytes), in which case it reuses that id, as Hugging Face's trainer does: every
-    token then has distinct bytes.
+    Ids 0-255 are the bytes; each merge gets its id by `MergeVocab.add` (the next id, or
+    the id of a token with the same bytes).
 
     The most frequent pair wins; ties go to the pair whose joined bytes sort first, then to
     the smaller ids, so training is deterministic. Example: on "aaabdaaabac" the merges are
@@ -198,8 +230,8 @@ def learn_merges(
     Returns:
         The merges, (left id, right id), in the order learned.
     """
-    vocab = [bytes([b]) for b in range(256)]  # id -> bytes
-    bytes_to_id = {tok: i for i, tok in enumerate(vocab)}
+    known = MergeVocab()
+    vocab = known.tokens  # id -> bytes
 
     # Each unique word once, as a mutable list of ids, with its count. A word of one byte
     # has no pair and can never change, so it is left out.
@@ -240,11 +272,7 @@ def learn_merges(
             continue
 
         a, b = pair
-        new = bytes_to_id.get(token)
-        if new is None:
-            new = len(vocab)
-            vocab.append(token)
-            bytes_to_id[token] = new
+        new = known.add(token)
         # With id reuse a merged pair can, very rarely, form again later; record it once.
         if pair not in merged:
             merged.add(pair)
@@ -325,7 +353,7 @@ class BPETokenizer(Tokenizer):
     def _set_state(
         self,
         byte_ids: Sequence[int],
-        merge_pairs: Iterable[tuple[int, int]],
+        merges: Iterable[tuple[int, int] | tuple[bytes, bytes]],
         special_tokens: Mapping[str, int],
     ) -> None:
         """Install a vocabulary and the lookup tables derived from it.
@@ -333,8 +361,9 @@ class BPETokenizer(Tokenizer):
         Args:
             byte_ids: the id of each byte 0-255: a permutation of 0-255 (identity for a
                 trained tokenizer, GPT-2's own order for its files).
-            merge_pairs: the merges in rank order; each gets its id by the rule in
-                `learn_merges` (next id, or the existing id of the same bytes).
+            merges: the merges in rank order, as (left, right) ids (as `learn_merges`
+                gives them) or bytes (as files store them); each joined token gets its id
+                by `MergeVocab.add`, the rule that numbered the ids in the first place.
             special_tokens: text -> id.
         """
         if sorted(byte_ids) != list(range(256)):
@@ -342,20 +371,23 @@ class BPETokenizer(Tokenizer):
         self.byte_ids = list(byte_ids)
         # bytes.translate maps each byte to its id in C; ids fit in a byte by the check above.
         self._byte_table = bytes(self.byte_ids)
-        self.vocab: dict[int, bytes] = {i: bytes([b]) for b, i in enumerate(self.byte_ids)}
-        bytes_to_id = {tok: i for i, tok in self.vocab.items()}
+        vocab = MergeVocab(self.byte_ids)
         self.merges: dict[tuple[int, int], int] = {}
-        for a, b in merge_pairs:
-            if a not in self.vocab or b not in self.vocab:
-                raise UserError(f"merge {(a, b)} uses an id that is not defined before it")
-            token = self.vocab[a] + self.vocab[b]
-            new = bytes_to_id.get(token)
-            if new is None:
-                new = len(self.vocab)
-                self.vocab[new] = token
-                bytes_to_id[token] = new
-            self.merges.setdefault((a, b), new)
+        for left, right in merges:
+            if isinstance(left, int):
+                if left not in vocab.tokens or right not in vocab.tokens:
+                    raise UserError(f"merge {(left, right)} uses an id that is not defined before it")
+                left, right = vocab.tokens[left], vocab.tokens[right]
+            elif left not in vocab.ids or right not in vocab.ids:
+                raise UserError(f"merge {token_to_str(left)!r} {token_to_str(right)!r} uses a token "
+                                "not defined before it")
+            self.merges.setdefault((vocab.ids[left], vocab.ids[right]), vocab.add(left + right))
+        self.vocab: dict[int, bytes] = vocab.tokens
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self._set_special_tokens(special_tokens)
+
+    def _set_special_tokens(self, special_tokens: Mapping[str, int]) -> None:
+        """Install the special tokens (text -> id), which must not reuse an ordinary id."""
         for text, i in special_tokens.items():
             if not isinstance(text, str) or not text:
                 raise UserError(f"special token {text!r} must be a non-empty string")
@@ -410,7 +442,7 @@ class BPETokenizer(Tokenizer):
         # there are is known once the merges are replayed (a reused id adds none).
         self._set_state(range(256), merge_pairs, {})
         n_ordinary = len(self.vocab)
-        self._set_state(range(256), merge_pairs, {s: n_ordinary + k for k, s in enumerate(specials)})
+        self._set_special_tokens({s: n_ordinary + k for k, s in enumerate(specials)})
         if verbose:
             print(f"trained BPE: {len(self.merges)} merges, vocab_size {self.vocab_size}")
         return self
@@ -513,22 +545,20 @@ class BPETokenizer(Tokenizer):
         except KeyError as e:
             raise UserError(f"{encoder_json}: byte token {e.args[0]!r} is missing") from None
         tok = cls()
-        str_to_id = {BYTE_ENCODER[b]: i for b, i in enumerate(byte_ids)}
-        pairs = []
-        for left, right in merge_strs:
-            if left not in str_to_id or right not in str_to_id:
-                raise UserError(f"{vocab_bpe}: merge {left!r} {right!r} uses a token not defined before it")
-            pairs.append((str_to_id[left], str_to_id[right]))
-            str_to_id.setdefault(left + right, len(str_to_id))
-        specials = {t: i for t, i in encoder.items() if t not in str_to_id}
-        tok._set_state(byte_ids, pairs, specials)
-        # The ids we derived from the merge order must be the ids encoder.json gives.
-        for text, i in str_to_id.items():
+        try:
+            tok._set_state(byte_ids, [(str_to_token(a), str_to_token(b)) for a, b in merge_strs], {})
+        except UserError as e:
+            raise UserError(f"{vocab_bpe}: {e}") from None
+        # Every ordinary token's id we derived from the merge order must be the id
+        # encoder.json gives; what encoder.json has beyond them are the special tokens.
+        derived = {token_to_str(t): i for i, t in tok.vocab.items()}
+        for text, i in derived.items():
             if encoder.get(text) != i:
                 raise UserError(
                     f"{encoder_json} and {vocab_bpe} disagree: token {text!r} has id "
                     f"{encoder.get(text)!r}, the merges give {i}"
                 )
+        tok._set_special_tokens({t: i for t, i in encoder.items() if t not in derived})
         return tok
 
     # ---------------------------------------------------------------- save / load
@@ -558,21 +588,13 @@ class BPETokenizer(Tokenizer):
         byte_ids = [0] * 256
         for i, c in enumerate(byte_tokens):
             byte_ids[str_to_token(c)[0]] = i
-        bytes_to_id = {bytes([b]): i for b, i in enumerate(byte_ids)}
-        pairs = []
-        next_id = 256
+        merges = []
         for k, line in enumerate(data["merges"]):
             parts = line.split(" ")
             if len(parts) != 2:
                 raise UserError(f"merges[{k}] = {line!r}: expected two tokens separated by a space")
-            left, right = (str_to_token(p) for p in parts)
-            if left not in bytes_to_id or right not in bytes_to_id:
-                raise UserError(f"merges[{k}] = {line!r} uses a token not defined before it")
-            pairs.append((bytes_to_id[left], bytes_to_id[right]))
-            if left + right not in bytes_to_id:
-                bytes_to_id[left + right] = next_id
-                next_id += 1
-        tok._set_state(byte_ids, pairs, data["special_tokens"])
+            merges.append(tuple(str_to_token(p) for p in parts))
+        tok._set_state(byte_ids, merges, data["special_tokens"])
         return tok
 
 
