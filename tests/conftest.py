@@ -62,7 +62,8 @@ def named_dataset(tmp_path_factory):
 
     cache = tmp_path_factory.getbasetemp() / "llmscratch-cache"
 
-    def resolve(name: str) -> Path:
+    def find(name: str) -> Path | str:
+        """The file's Path, or the one-line reason it can't be had."""
         if name not in _resolved:
             with pytest.MonkeyPatch.context() as mp:
                 if DATA_DIR:
@@ -74,12 +75,16 @@ def named_dataset(tmp_path_factory):
                     _resolved[name] = dataset_path(name, cache, progress=False)
                 except UserError as e:
                     _resolved[name] = str(e).splitlines()[0]
-        got = _resolved[name]
+        return _resolved[name]
+
+    def resolve(name: str) -> Path:
+        got = find(name)
         if isinstance(got, str):
             pytest.skip(f"dataset {name!r} not available (no LLMSCRATCH_DATA_DIR, no cache, "
                         f"no network): {got}")
         return got
 
+    resolve.find = find
     return resolve
 
 
@@ -157,6 +162,36 @@ INSTRUCTION_RECORDS = [
      "output": "The mouse was chased by the cat."},
     {"instruction": "Give a synonym of the word.", "input": "big", "output": "large"},
 ]
+
+
+def synthetic_instructions(n: int = 200, seed: int = 0) -> list[dict]:
+    """A seeded set of Alpaca-style records from a few task templates, each with a checkable
+    answer: plurals, antonyms, past tense, sums."""
+    rng = random.Random(seed)
+    plurals = [("cat", "cats"), ("mouse", "mice"), ("child", "children"), ("box", "boxes"),
+               ("leaf", "leaves"), ("city", "cities"), ("foot", "feet"), ("tooth", "teeth")]
+    antonyms = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("light", "dark"),
+                ("early", "late"), ("happy", "sad"), ("open", "closed"), ("high", "low")]
+    past = [("I walk to school.", "I walked to school."), ("She sings well.", "She sang well."),
+            ("They eat lunch.", "They ate lunch."), ("We go home.", "We went home.")]
+    out = []
+    for _ in range(n):
+        kind = rng.randrange(4)
+        if kind == 0:
+            word, answer = rng.choice(plurals)
+            out.append({"instruction": "Give the plural of the word.", "input": word, "output": answer})
+        elif kind == 1:
+            word, answer = rng.choice(antonyms)
+            out.append({"instruction": "Give an antonym of the word.", "input": word,
+                        "output": f"The opposite of {word} is {answer}."})
+        elif kind == 2:
+            sentence, answer = rng.choice(past)
+            out.append({"instruction": "Rewrite the sentence in the past tense.", "input": sentence,
+                        "output": answer})
+        else:
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            out.append({"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a + b}."})
+    return out
 
 
 @pytest.fixture(scope="session")
