@@ -13,7 +13,7 @@ import torch
 from llmscratch import GPT, GPTConfig
 from llmscratch.chat import Chat, chat_loop
 from llmscratch.checkpoint import save_model
-from llmscratch.finetune.instruct import TEMPLATES, encode_conversation
+from llmscratch.prompts import TEMPLATES, encode_conversation
 from llmscratch.tokenizer import get_tokenizer
 
 

@@ -339,7 +339,8 @@ def test_errors_through_the_openai_client_and_the_server_survives(srv, model_id)
 
 def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(tmp_path, monkeypatch):
     engine = load_engine(str(make_run(tmp_path / "m")), device="cpu", max_concurrency=1)
-    real_forward = engine.model.forward
+    # the LM head runs once per forward pass, whichever entry point generation uses
+    real_forward = engine.model.lm_head.forward
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):  # the 3rd forward pass of every request blows up
@@ -348,7 +349,7 @@ def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(tmp_path, mo
             raise RuntimeError("boom")
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", flaky)
+    monkeypatch.setattr(engine.model.lm_head, "forward", flaky)
     with BackgroundServer(create_app(engine)) as s:
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 10})
         assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
@@ -357,7 +358,7 @@ def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(tmp_path, mo
                           json={"prompt": "hi", "max_tokens": 10, "stream": True}) as r:
             events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
         assert json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == "[DONE]"
-        monkeypatch.setattr(engine.model, "forward", real_forward)
+        monkeypatch.setattr(engine.model.lm_head, "forward", real_forward)
         ok = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 10})
         assert ok.status_code == 200 and httpx.get(s.url + "/health").json()["active"] == 0
 

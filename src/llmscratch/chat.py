@@ -1,9 +1,11 @@
 """Chat with an instruction-tuned model in the terminal.
 
-`Chat` keeps the conversation, lays it out with the model's prompt template (recorded in
-its run folder's config.json by `finetune instruct`) and streams each reply token by token
-through `generate_stream`. The model only sees `context_length` tokens, so before each
-reply the oldest exchanges are dropped until the prompt plus the reply fit the window.
+`Chat` keeps the conversation, lays it out with the model's prompt template (`prompts`:
+the one recorded in its run folder by `finetune instruct`, else the plain transcript, the
+same rule `serve` follows) and streams each reply token by token (`generate.stream_decode`),
+ending it at `<|endoftext|>` or the template's stop strings. The model only sees
+`context_length` tokens, so before each reply the oldest exchanges are dropped until the
+prompt plus the reply fit the window.
 
 `chat_loop` is the REPL behind `llmscratch chat`: one line is one message, `/reset`
 forgets the history, `/exit` (or end of input) quits. It works with piped stdin too
@@ -15,10 +17,10 @@ from __future__ import annotations
 import sys
 from typing import IO, Iterator
 
-import torch
-
-from .finetune.instruct import Template, encode_conversation, get_template
-from .generate import generate_stream
+from .errors import UserError
+from .generate import stream_decode
+from .prompts import Template, encode_conversation, get_template, template_for
+from .streaming import StreamDecoder
 
 HELP = "commands: /reset forgets the conversation, /exit quits"
 
@@ -28,18 +30,18 @@ class Chat:
 
     Args:
         model / tokenizer: a `GPT` and its tokenizer.
-        template: the prompt layout (`finetune.instruct.TEMPLATES[...]`).
+        template: the prompt layout (a `prompts.Template` or its name).
         max_new_tokens: longest reply.
         temperature / top_k / top_p / seed: sampling (temperature 0 = greedy).
         system: a system message replacing the template's default preamble.
     """
 
-    def __init__(self, model, tokenizer, template: Template, max_new_tokens: int = 256,
+    def __init__(self, model, tokenizer, template: Template | str, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, system: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.template = template
+        self.template = get_template(template)
         self.max_new_tokens = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.seed = seed
@@ -73,26 +75,18 @@ class Chat:
     def send(self, text: str) -> Iterator[str]:
         """Stream the reply to `text` as text pieces; the exchange joins the history."""
         ids = self.prompt_ids(text)
-        device = next(self.model.parameters()).device
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        eot = self.tokenizer.eot_id
-        new: list[int] = []
-        emitted = ""
-        for tok in generate_stream(self.model, idx, self.max_new_tokens, eos_id=eot, seed=self.seed,
+        try:
+            eot = self.tokenizer.eot_id
+        except UserError:  # a word-level tokenizer without <|endoftext|>: length and stops only
+            eot = None
+        decoder = StreamDecoder(self.tokenizer, self.template.stops, eot)
+        parts: list[str] = []
+        for piece in stream_decode(self.model, decoder, ids, self.max_new_tokens, seed=self.seed,
                                    **self.sampling):
-            t = int(tok[0])
-            if t == eot:
-                break
-            new.append(t)
-            piece = self.tokenizer.decode(new)
-            # a byte-level token can end inside a UTF-8 character: wait for the rest
-            if piece.endswith("\ufffd"):
-                continue
-            yield piece[len(emitted):]
-            emitted = piece
-        reply = self.tokenizer.decode(new)
-        if len(reply) > len(emitted):
-            yield reply[len(emitted):]
+            if piece:
+                parts.append(piece)
+                yield piece
+        reply = "".join(parts)
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.strip()}]
 
 
@@ -145,9 +139,9 @@ def chat_loop(chat: Chat, stdin: IO[str] | None = None, stdout: IO[str] | None =
 
 def load_chat(model: str, device=None, template: str | None = None, **kwargs) -> Chat:
     """A `Chat` with the model in `model` (run folder, HF folder or preset) and the template
-    recorded in its config.json unless `template` names one."""
+    recorded in its config.json unless `template` names one (`prompts.template_for`)."""
     from .checkpoint import load_model
-    from .finetune.instruct import template_of
 
+    chosen = template_for(model, template)  # before loading: a bad name fails fast
     m, tok = load_model(model, device=device)
-    return Chat(m, tok, get_template(template or template_of(model)), **kwargs)
+    return Chat(m, tok, chosen, **kwargs)

@@ -2,8 +2,8 @@
 
 `sample` picks one token from logits (greedy, temperature, top-k, top-p) and knows nothing
 about models. `generate_stream` is the decoding loop, yielding one new token per row per
-step; `generate` collects it into a tensor and `stream_text` decodes it into text pieces
-for the CLI and the server.
+step; `generate` collects it into a tensor, and `stream_decode` / `stream_text` turn it
+into text pieces (`streaming.StreamDecoder`) for the CLI, `chat` and the server.
 
 With `use_cache=True` (the default) each layer's keys and values are kept in a
 pre-allocated KV cache, so a new token costs one position's work instead of the whole
@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .model import GPT
+from .streaming import StreamDecoder
 
 
 def sample(
@@ -160,6 +161,33 @@ def generate(
     return torch.cat([prompt, torch.stack(new, dim=1)], dim=1)
 
 
+def stream_decode(
+    model: GPT,
+    decoder: StreamDecoder,
+    ids: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[str]:
+    """Continue the prompt `ids` (batch size 1), yielding `decoder`'s text piece per token.
+
+    A piece is "" while the decoder holds text back (half a character, the possible start
+    of a stop string), so a caller can check for cancellation between tokens. Generation
+    ends at the decoder's `eos_id` or stop strings; `decoder.n_tokens` and
+    `decoder.finish_reason` tell afterwards how many tokens it took and why it ended.
+    """
+    device = device or next(model.parameters()).device
+    idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    steps = generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, decoder.eos_id, seed)
+    try:
+        yield from decoder.pieces(int(tok[0]) for tok in steps)
+    finally:
+        steps.close()  # frees the KV cache now, also when the caller stops early
+
+
 def stream_text(
     model: GPT,
     tokenizer,
@@ -171,35 +199,23 @@ def stream_text(
     seed: int | None = None,
     stop_at_eos: bool = True,
     device: torch.device | str | None = None,
+    stop: Sequence[str] = (),
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` as text, piece by piece (batch size 1).
 
-    A byte-level BPE token can end in the middle of a UTF-8 character, so text is emitted
-    only once the decoded tail no longer ends in an incomplete character.
+    Pieces are whole characters (a byte-level token can end inside one) and the text ends
+    before the first of the `stop` strings; see `streaming.StreamDecoder`.
     """
-    device = device or next(model.parameters()).device
     ids = tokenizer.encode(prompt)
     if not ids:
         ids = [tokenizer.eot_id]  # an empty prompt starts a new document
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    decoder = StreamDecoder(tokenizer, stop, tokenizer.eot_id if stop_at_eos else None)
     was_training = model.training
     model.eval()
-    new: list[int] = []
-    emitted = ""
     try:
-        eos = tokenizer.eot_id if stop_at_eos else None
-        for tok in generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos, seed):
-            t = int(tok[0])
-            if eos is not None and t == eos:
-                break
-            new.append(t)
-            text = tokenizer.decode(new)
-            if text.endswith("\ufffd"):
-                continue  # wait for the rest of the character
-            yield text[len(emitted):]
-            emitted = text
-        text = tokenizer.decode(new)
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
+        for piece in stream_decode(model, decoder, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                                   device):
+            if piece:
+                yield piece
     finally:
         model.train(was_training)

@@ -143,10 +143,10 @@ def cmd_eval_instruct(args) -> None:
     if args.model:
         from ..checkpoint import load_model
         from ..utils import pick_device
-        from .instruct import get_template, template_of
+        from ..prompts import template_for
 
+        template = template_for(args.model, args.template)
         model, tok = load_model(args.model, device=pick_device(args.device))
-        template = get_template(args.template or template_of(args.model))
         report.update(reference_loss(model, tok, template, records, batch_size=args.batch_size))
         print(f"ref. loss    {report['ref_loss']:.4f} nats/token (perplexity {report['ref_ppl']:.2f}) "
               f"on {report['ref_tokens']} reference tokens")
@@ -174,8 +174,8 @@ def add_eval_instruct_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--responses", help="responses.json written by finetune instruct")
     g.add_argument("--judge-url", help="OpenAI-compatible API base, e.g. http://localhost:11434/v1")
     g.add_argument("--judge-model", help="the judge model's name at --judge-url (e.g. llama3)")
-    g.add_argument("--template", choices=("alpaca", "phi3"), default=None,
-                   help="prompt template for the reference loss (default: the model's config.json)")
+    g.add_argument("--template", choices=("alpaca", "phi3", "plain"), default=None,
+                   help="prompt template for the reference loss (default: the model's config.json, else plain)")
     g.add_argument("--scores-out", help="also write all scores to this JSON file")
 
 
@@ -214,8 +214,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("chat", help="chat with an instruction-tuned model", description=cmd_chat.__doc__)
     p.add_argument("--model", required=True, help="run folder (from finetune instruct), HF folder or preset")
-    p.add_argument("--template", choices=("alpaca", "phi3"), default=None,
-                   help="prompt template (default: the run folder's, else alpaca)")
+    p.add_argument("--template", choices=("alpaca", "phi3", "plain"), default=None,
+                   help="prompt template (default: the run folder's config.json, else plain)")
     p.add_argument("--system", default=None, help="system message (replaces the template's preamble)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")

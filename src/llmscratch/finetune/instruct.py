@@ -1,10 +1,11 @@
 """Instruction fine-tuning: a GPT learns to answer instructions in a fixed prompt format.
 
 Each example is a conversation (`messages`, as `data.read_instruction_records` returns).
-A `Template` turns it into token ids: the prompt parts (system text, user turns, the
+A `prompts.Template` turns it into token ids (`prompts.encode_conversation`, the layout
+`chat` and `serve` prompt with): the prompt parts (system text, user turns, the
 "### Response:" cue) and the assistant's replies, each reply followed by `<|endoftext|>`,
-so the model learns to stop. `encode_conversation` also returns which tokens are the
-assistant's, so `--mask-prompt` can train on the responses only.
+so the model learns to stop. It also returns which tokens are the assistant's, so
+`--mask-prompt` can train on the responses only.
 
 `collate_instruct` batches them: inputs are right-padded with `<|endoftext|>`; targets
 are the inputs shifted by one, where the first end-of-text token stays a target (the model
@@ -25,6 +26,8 @@ from ..checkpoint import save_model
 from ..errors import UserError
 from ..generate import generate
 from ..model import lm_loss
+from ..prompts import DEFAULT_TEMPLATE, Template, encode_conversation, get_template
+from ..prompts import TEMPLATES  # noqa: F401  (re-exported: learners import the templates from here)
 from ..utils import pick_device, seed_everything, write_json
 from .classify import parse_split, set_dropout, set_trainable
 from .data import read_instruction_records
@@ -33,104 +36,6 @@ from .lora import merge_lora
 
 IGNORE_INDEX = -100
 TASK = "instruct"
-
-
-@dataclass(frozen=True)
-class Template:
-    """How a conversation is laid out as text.
-
-    The layout is `system_fmt` (once, if there is system text), then per exchange
-    `user_fmt` (which ends with the cue that the assistant speaks next), the reply, and
-    `<|endoftext|>`.
-    """
-
-    name: str
-    default_system: str
-    system_fmt: str  # "{system}"
-    user_fmt: str  # "{content}" and "{input}" (the formatted input_fmt or "")
-    input_fmt: str  # "{input}"
-
-    def system_text(self, system: str | None) -> str:
-        text = self.default_system if system is None else system
-        return self.system_fmt.format(system=text) if text else ""
-
-    def user_text(self, content: str, input: str = "") -> str:
-        extra = self.input_fmt.format(input=input) if input and input.strip() else ""
-        return self.user_fmt.format(content=content, input=extra)
-
-    def prompt(self, instruction: str, input: str = "") -> str:
-        """The whole single-turn prompt, as text (what the response follows)."""
-        return self.system_text(None) + self.user_text(instruction, input)
-
-
-TEMPLATES = {
-    # The Stanford Alpaca layout, as used by the book's chapter 7.
-    "alpaca": Template(
-        name="alpaca",
-        default_system="Below is an instruction that describes a task. "
-                       "Write a response that appropriately completes the request.",
-        system_fmt="{system}\n\n",
-        user_fmt="### Instruction:\n{content}{input}\n\n### Response:\n",
-        input_fmt="\n\n### Input:\n{input}",
-    ),
-    # Microsoft Phi-3's chat markers (written as plain text: GPT-2's BPE has no such tokens).
-    "phi3": Template(
-        name="phi3",
-        default_system="",
-        system_fmt="<|system|>\n{system}\n",
-        user_fmt="<|user|>\n{content}{input}\n<|assistant|>\n",
-        input_fmt="\n{input}",
-    ),
-}
-
-
-def get_template(name: str) -> Template:
-    if name not in TEMPLATES:
-        raise UserError(f"--template {name!r}: choose one of {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
-
-
-def encode_conversation(tokenizer, template: Template, messages: list[dict],
-                        for_generation: bool = False) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation, and which of them are the assistant's.
-
-    Args:
-        messages: `[{"role", "content"(, "input")}, ...]`; an optional system message
-            first, then user and assistant turns.
-        for_generation: the conversation ends with a user turn; stop after the cue for
-            the assistant's reply (a prompt for `generate`).
-
-    Returns:
-        `(ids, is_response)`, same length. Every assistant reply is followed by
-        `<|endoftext|>`, which counts as response (the model must learn to stop).
-
-    Example (Alpaca): user "Add 2+2", assistant "4" ->
-        "Below is an instruction ...\\n\\n### Instruction:\\nAdd 2+2\\n\\n### Response:\\n" "4" <eot>
-    """
-    ids: list[int] = []
-    mask: list[bool] = []
-
-    def add(text: str, response: bool) -> None:
-        # Text is encoded with special tokens off: "<|endoftext|>" typed by a user is text.
-        new = tokenizer.encode(text, allowed_special="none") if text else []
-        ids.extend(new)
-        mask.extend([response] * len(new))
-
-    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-    pending = template.system_text(system)
-    for m in messages:
-        if m["role"] == "system":
-            continue
-        if m["role"] == "user":
-            add(pending + template.user_text(m["content"], m.get("input", "")), False)
-            pending = ""
-        else:
-            add(m["content"], True)
-            ids.append(tokenizer.eot_id)
-            mask.append(True)
-    if for_generation and messages and messages[-1]["role"] == "assistant":
-        raise ValueError("for_generation needs a conversation that ends with a user turn")
-    return ids, mask
 
 
 def collate_instruct(batch: list[tuple[list[int], list[bool]]], pad_id: int, mask_prompt: bool = False,
@@ -226,7 +131,7 @@ class InstructConfig(FinetuneConfig):
     """alpaca-1100, an Alpaca .json/.jsonl file, or a chat .jsonl with messages"""
     out: str = "runs/instruct"
     """output run folder"""
-    template: str = "alpaca"
+    template: str = DEFAULT_TEMPLATE
     """prompt template: alpaca or phi3"""
     mask_prompt: bool = False
     """train on the response tokens only"""
@@ -286,6 +191,10 @@ def finetune_instruct(cfg: InstructConfig) -> InstructResult:
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg.model, device=device)
+    if cfg.kernels:
+        from ..kernels import apply_kernels
+
+        apply_kernels(model)
     ctx = model.config.context_length
     max_length = min(cfg.max_length or ctx, ctx)
     pad_id = tokenizer.eot_id
@@ -338,12 +247,3 @@ def finetune_instruct(cfg: InstructConfig) -> InstructResult:
     write_json(out / "metrics.json", metrics)
     plot_history(result.history, out / "loss.png", title="instruction fine-tuning loss")
     return InstructResult(out=out, metrics=metrics, interrupted=result.interrupted, params_line=params_line)
-
-
-def template_of(run_dir: str | Path, default: str = "alpaca") -> str:
-    """The template recorded in a run folder's config.json (`default` if none)."""
-    from ..checkpoint import is_run_dir, read_run_config
-
-    if is_run_dir(run_dir):
-        return read_run_config(run_dir).get("template", default)
-    return default
