@@ -15,6 +15,7 @@ from llmscratch.data import (
     iter_eval_batches,
     load_bin,
     split_train_val,
+    token_ids,
     tokenize_to_bin,
 )
 from llmscratch.datasets import Document
@@ -113,6 +114,19 @@ def test_tokenize_to_bin_roundtrip_and_cache(tmp_path):
     # Moving a character across the document boundary is a different corpus.
     other = tokenize_to_bin([Document("a", "hiy"), Document("b", "o!")], tok, tmp_path, progress=False)
     assert other != path and load_bin(other).tolist() == [104, 105, 121, 256, 111, 33]
+
+
+def test_token_ids_are_the_cached_bin_with_bytes_per_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMSCRATCH_CACHE_DIR", str(tmp_path))
+    tok = ByteTokenizer()
+    docs = [Document("a", "hé"), Document("b", "yo!")]  # é is 2 UTF-8 bytes: 6 bytes in all
+    ids, bytes_per_token = token_ids(docs, tok, source="test", progress=False)
+    assert isinstance(ids, np.memmap)
+    assert ids.tolist() == [104, 195, 169, 256, 121, 111, 33]  # 6 byte tokens + 1 separator
+    assert bytes_per_token == pytest.approx(6 / 7)
+    assert list((tmp_path / "tokens").glob("*.bin"))  # cached under the cache root
+    again, _ = token_ids(docs, tok, progress=False)
+    assert tok.calls == 2 and again.tolist() == ids.tolist()  # the cache answered
 
 
 def test_tokenize_to_bin_uint32_for_big_vocab(tmp_path):

@@ -1,4 +1,4 @@
-"""Named datasets, their downloads, and reading a user's own text.
+"""Named datasets, where their files come from, and reading a user's own text.
 
 Three ways to get text into the pipeline, all ending in a list of `Document`s:
 
@@ -12,7 +12,8 @@ Three ways to get text into the pipeline, all ending in a list of `Document`s:
   3. a download from the registry URL (or from `$LLMSCRATCH_DOWNLOAD_BASE/<mirror name>`,
      a mirror, which is how the tests point the code at a local server).
 
-  Every path verifies the checksum, so a file that is there is the file we expect.
+  Every path verifies the checksum, so a file that is there is the file we expect. The
+  fetching itself (resume, verify, atomic rename) is `download.py`'s, shared with `hub`.
 - A path: one text file, or a folder whose `.txt` files are read recursively in sorted order.
 
 Example:
@@ -24,17 +25,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import os
-import urllib.error
-import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from .download import ENV_DATA_DIR, download_file, extract_member
 from .errors import UserError
 from .utils import atomic_write, sha256_file
 
@@ -55,14 +51,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Environment variables a user (or a test) sets to change where data comes from.
-ENV_DATA_DIR = "LLMSCRATCH_DATA_DIR"  # a folder already holding the dataset files
 ENV_CACHE_DIR = "LLMSCRATCH_CACHE_DIR"  # the cache root (datasets/, tokens/ live under it)
 ENV_DOWNLOAD_BASE = "LLMSCRATCH_DOWNLOAD_BASE"  # a mirror URL used instead of each entry's URL
 
 ENCODING_ERRORS = ("strict", "replace", "ignore")
 
-_CHUNK = 1 << 16  # download read size: big enough to be fast, small enough for a live bar
-_TIMEOUT_S = 60  # per socket operation; a stalled server becomes a clear error, not a hang
 
 
 @dataclass(frozen=True)
@@ -216,131 +209,6 @@ def python_docs_text() -> str:
     return "\n\n".join(topics[key].strip("\n") for key in sorted(topics))
 
 
-# --------------------------------------------------------------------------- downloads
-
-
-def _network_error(url: str, dest: Path, reason: object) -> UserError:
-    return UserError(
-        f"could not download {url}: {reason}; to work offline, set {ENV_DATA_DIR} to a "
-        f"folder holding {dest.name}"
-    )
-
-
-def download_file(
-    url: str,
-    dest: str | os.PathLike,
-    sha256: str | None,
-    *,
-    progress: bool = True,
-) -> Path:
-    """Download `url` to `dest`, resuming a broken download, and verify its sha256.
-
-    Bytes stream into `dest + ".part"`. When a `.part` is already there (an earlier run was
-    interrupted), we ask for the rest with `Range: bytes=N-`; a server that ignores the
-    header answers 200 with the whole file, and we start over. Only a verified file is
-    renamed to `dest` (atomic within one folder), so `dest` is always complete.
-
-    Args:
-        url: http(s) or file URL.
-        dest: final path; its folder is created.
-        sha256: expected hex digest, or None to skip the check (used for a zip whose
-            member, not the zip, carries the pinned checksum).
-        progress: show a tqdm bar.
-
-    Returns:
-        `dest` as a Path.
-
-    Raises:
-        UserError: on a network or HTTP error (the `.part` stays, so the next call resumes),
-            or on a checksum mismatch (the bad file is removed; both hashes are named).
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        _fetch_into(url, part, progress=progress, desc=dest.name)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and part.exists():
-            # "Range not satisfiable": the .part is probably already complete (a crash
-            # between the last byte and the rename). Verify it; if it is bad, start over.
-            if sha256 is not None and sha256_file(part) != sha256:
-                part.unlink()
-                return download_file(url, dest, sha256, progress=progress)
-        else:
-            raise _network_error(url, dest, f"HTTP {e.code} {e.reason}") from e
-    except urllib.error.URLError as e:
-        raise _network_error(url, dest, e.reason) from e
-    except (OSError, http.client.HTTPException) as e:
-        # Connection reset, timeout, or a body cut short (IncompleteRead) mid-transfer.
-        raise _network_error(url, dest, str(e) or type(e).__name__) from e
-
-    if sha256 is not None:
-        got = sha256_file(part)
-        if got != sha256:
-            part.unlink()  # a resumed download can never repair it; start clean next time
-            raise UserError(
-                f"checksum mismatch for {dest.name} downloaded from {url}: expected sha256 "
-                f"{sha256}, got {got}; the file was removed, try again or check the URL"
-            )
-    os.replace(part, dest)
-    return dest
-
-
-def _fetch_into(url: str, part: Path, *, progress: bool, desc: str) -> None:
-    """Stream `url` into `part`, appending from its current size when the server allows.
-
-    Raises urllib / http.client / OSError exceptions; `download_file` turns them into
-    UserErrors.
-    """
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "llmscratch"})
-    if have:
-        request.add_header("Range", f"bytes={have}-")
-    with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-        status = getattr(response, "status", 200)
-        if have and status != 206:
-            # The server ignored Range and sends the whole file from byte 0: overwrite.
-            have = 0
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length and length.isdigit() else None
-        mode = "ab" if have else "wb"
-        with (
-            open(part, mode) as f,
-            tqdm(
-                total=total,
-                initial=have,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=desc,
-                disable=not progress,
-                leave=False,
-            ) as bar,
-        ):
-            while block := response.read(_CHUNK):
-                f.write(block)
-                bar.update(len(block))
-            f.flush()
-            os.fsync(f.fileno())
-        if total is not None and part.stat().st_size < total:
-            # urllib does not always raise on a short body (e.g. HTTP/1.0 without
-            # chunking); report it so the .part is kept and resumed next time.
-            raise http.client.IncompleteRead(b"", total - part.stat().st_size)
-
-
-def _extract_member(archive: Path, member: str, dest: Path) -> None:
-    """Extract one member of a zip to `dest`, atomically."""
-    try:
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
-            with atomic_write(dest, "wb") as out:
-                while block := src.read(_CHUNK):
-                    out.write(block)
-    except KeyError as e:
-        raise UserError(f"{archive} has no member {member!r}; the download is not the expected zip") from e
-    except zipfile.BadZipFile as e:
-        raise UserError(f"{archive} is not a valid zip file ({e}); delete it and try again") from e
-
-
 def _verify(path: Path, info: DatasetInfo) -> str:
     """Hex sha256 of `path`; raise a UserError naming the file and both hashes on a mismatch."""
     got = sha256_file(path)
@@ -418,7 +286,7 @@ def dataset_path(
     archive = folder / info.download_name
     download_file(url, archive, None, progress=progress)
     try:
-        _extract_member(archive, info.archive_member, cached)
+        extract_member(archive, info.archive_member, cached)
         got = sha256_file(cached)
         if got != info.sha256:
             cached.unlink()

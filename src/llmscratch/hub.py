@@ -2,7 +2,7 @@
 
 `download_gpt2("gpt2-124m")` fetches `config.json` and `model.safetensors` of one of the four
 GPT-2 sizes into a cache folder and returns it; `load_hf_gpt2` (or `--model <folder>`) then
-loads it. The download goes through `datasets.download_file`, so it resumes a broken
+loads it. The download goes through `download.download_file`, so it resumes a broken
 transfer, verifies a checksum and renames only a verified file into place.
 
 Where the checksum comes from: the Hub stores big files with Git LFS and answers a `HEAD`
@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import is_run_dir, load_run_model, save_model
-from .datasets import cache_root, download_file
+from .datasets import cache_root
+from .download import download_file
 from .errors import UserError
 from .tokenizer import get_tokenizer, load_tokenizer
 from .tokenizer.base import read_tokenizer_file
