@@ -20,6 +20,7 @@ from llmscratch.finetune.classify import (
     classification_metrics,
     classify_texts,
     collate_classification,
+    encode_texts,
     finetune_classify,
     load_classifier,
     set_trainable,
@@ -62,7 +63,8 @@ def toy_rows(n_per_class=10):
 # ----------------------------------------------------------------------------- data
 
 
-def test_sms_spam_is_read_without_quote_handling(data_dir):
+def test_sms_spam_is_read_without_quote_handling(named_dataset):
+    named_dataset("sms-spam")  # the real file (or a skip saying why it can't be had)
     rows = read_labeled("sms-spam")
     labels = [r[1] for r in rows]
     assert len(rows) == 5574
@@ -71,7 +73,23 @@ def test_sms_spam_is_read_without_quote_handling(data_dir):
     assert sum(t.startswith('"') for t, _, _ in rows) == 54
 
 
-def test_balance_and_stratified_split_are_seeded_and_proportional(data_dir):
+def test_balance_and_split_of_the_synthetic_set(sms_tsv):
+    """The same properties on the seeded synthetic set (120 ham, 40 spam), on any machine."""
+    rows = read_labeled(str(sms_tsv), text_column="1", label_column="0")
+    assert [r[1] for r in rows].count("spam") == 40
+    bal = balance_classes(rows, seed=123)
+    assert [r[1] for r in bal].count("ham") == [r[1] for r in bal].count("spam") == 40
+    train, val, test = stratified_split(bal, (0.7, 0.1, 0.2), seed=123)
+    assert (len(train), len(val), len(test)) == (56, 8, 16)
+    for part in (train, val, test):
+        labels = [r[1] for r in part]
+        assert labels.count("ham") == labels.count("spam")
+    assert [r[0] for r in stratified_split(bal, (0.7, 0.1, 0.2), seed=123)[2]] == [r[0] for r in test]
+    assert [r[0] for r in stratified_split(bal, (0.7, 0.1, 0.2), seed=1)[2]] != [r[0] for r in test]
+
+
+def test_balance_and_stratified_split_are_seeded_and_proportional(named_dataset):
+    named_dataset("sms-spam")
     rows = read_labeled("sms-spam")
     bal = balance_classes(rows, seed=123)
     assert [r[1] for r in bal].count("ham") == [r[1] for r in bal].count("spam") == 747
@@ -185,6 +203,15 @@ def test_finetune_writes_a_loadable_classifier(tmp_path, tiny_run, trainable):
     assert not any("lora" in n for n in model.state_dict())  # adapters were merged
     preds = classify_texts(out, SPAM[:2] + HAM[:2])
     assert all(0.5 <= p <= 1.0 for _, p in preds)
+    # ... and the reloaded folder IS the in-memory model: same logits, same predictions
+    texts = SPAM + HAM + ["an unseen text, longer than the others, about nothing in particular"]
+    enc = encode_texts(tok, texts, max_length)
+    idx, lengths, _ = collate_classification([(ids, 0) for ids in enc], tok.eot_id)
+    with torch.no_grad():
+        reloaded = classifier_logits(model, idx, lengths)
+        in_memory = classifier_logits(result.model.eval(), idx, lengths)
+    torch.testing.assert_close(reloaded, in_memory, atol=1e-6, rtol=0)
+    assert classify_texts(out, texts) == classify_texts((result.model, tok, labels, max_length), texts)
 
 
 def test_cli_finetune_and_classify(tmp_path, tiny_run):

@@ -17,9 +17,15 @@ from safetensors.torch import load_file
 from llmscratch.errors import UserError
 from llmscratch.train import TrainConfig, get_lr, pretrain
 
-TINY = dict(data="the-verdict", model="tiny", tokenizer="bpe:320", context_length=32, batch_size=4,
+TINY = dict(model="tiny", tokenizer="bpe:320", context_length=32, batch_size=4,
             eval_every=5, eval_batches=2, sample_tokens=4, warmup_steps=3, lr=3e-3,
             precision="fp32", progress=False, seed=7)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_corpus(corpus_file, monkeypatch):
+    """Every run here trains on a 20 KB slice of the embedded corpus (conftest)."""
+    monkeypatch.setitem(TINY, "data", str(corpus_file))
 
 
 def cfg(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:
@@ -45,7 +51,7 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_run_folder_and_loss_falls(tmp_path, data_dir):
+def test_run_folder_and_loss_falls(tmp_path):
     res = pretrain(cfg(tmp_path, max_steps=30, eval_every=10))
     out = res.out
     for f in ("config.json", "model.safetensors", "tokenizer.json", "train_state.safetensors",
@@ -69,7 +75,7 @@ def test_run_folder_and_loss_falls(tmp_path, data_dir):
     assert generate(model, torch.tensor([[1, 2]]), 5).shape == (1, 7)
 
 
-def test_same_seed_same_run(tmp_path, data_dir):
+def test_same_seed_same_run(tmp_path):
     a = pretrain(cfg(tmp_path, "a", max_steps=8, dropout=0.1)).out
     b = pretrain(cfg(tmp_path, "b", max_steps=8, dropout=0.1)).out
     assert losses(a) == losses(b)
@@ -77,7 +83,7 @@ def test_same_seed_same_run(tmp_path, data_dir):
         assert torch.equal(v, weights(b)[k])
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
+def test_resume_equals_uninterrupted_run(tmp_path):
     """20 steps straight == 10 steps, stop, resume to 20 (dropout on: the RNG is restored too)."""
     full = pretrain(cfg(tmp_path, "full", max_steps=20, dropout=0.1, grad_accum=2)).out
     first = pretrain(cfg(tmp_path, "split", max_steps=20, dropout=0.1, grad_accum=2), stop_after=10)
@@ -90,7 +96,29 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
         torch.testing.assert_close(ws[k], wf[k], atol=1e-6, rtol=0)
 
 
-def test_resume_refuses_changed_settings(tmp_path, data_dir):
+def test_resume_mid_interval_under_bf16_equals_uninterrupted_run(tmp_path, monkeypatch):
+    """Stopped at step 7 (evaluations and checkpoints every 5: not a boundary), under bf16
+    autocast, resumed to 20 == 20 steps straight. bf16 autocast is forced on, whatever the
+    CPU (where it is emulated it is slow, not different)."""
+    from llmscratch.train import autocast_dtype, loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    kw = dict(max_steps=20, eval_every=5, dropout=0.1, grad_accum=2, precision="bf16")
+    full = pretrain(cfg(tmp_path, "full", **kw)).out
+    first = pretrain(cfg(tmp_path, "split", **kw), stop_after=7)
+    assert first.interrupted and first.step == 7
+    second = pretrain(cfg(tmp_path, "split", **kw, resume=True))
+    assert second.step == 20 and not second.interrupted
+    assert losses(first.out) == pytest.approx(losses(full), abs=1e-6)
+    wf, ws = weights(full), weights(first.out)
+    for k in wf:
+        torch.testing.assert_close(ws[k], wf[k], atol=1e-6, rtol=0)
+    fp32 = pretrain(cfg(tmp_path, "fp32", **{**kw, "precision": "fp32", "max_steps": 2})).out
+    assert losses(fp32)[1] != losses(full)[1]  # bf16 really was on
+
+
+def test_resume_refuses_changed_settings(tmp_path):
     pretrain(cfg(tmp_path, max_steps=2))
     with pytest.raises(UserError, match=r"different settings: batch_size \(4 -> 8\)"):
         pretrain(cfg(tmp_path, max_steps=4, batch_size=8, resume=True))
@@ -100,7 +128,7 @@ def test_resume_refuses_changed_settings(tmp_path, data_dir):
         pretrain(cfg(tmp_path, "nothing", resume=True))
 
 
-def test_bad_settings_are_user_errors(tmp_path, data_dir):
+def test_bad_settings_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="--max-steps must be positive"):
         pretrain(cfg(tmp_path, max_steps=0))
     with pytest.raises(UserError, match=r"need at least .*4097"):
@@ -131,7 +159,7 @@ def _cli_args(out: Path, **kw) -> list[str]:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path, data_dir):
+def test_ddp_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) follows the single-process loss trajectory.
     (Dropout off: its masks come from each process's own RNG stream.)"""
     single = tmp_path / "single"
@@ -162,7 +190,7 @@ def test_ddp_user_error_on_rank0_ends_every_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path, data_dir):
+def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path):
     out = tmp_path / "killed"
     args = _cli_args(out, max_steps=100000, eval_every=100000)
     proc = subprocess.Popen([sys.executable, "-m", "llmscratch", "pretrain", *args],
@@ -183,7 +211,7 @@ def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path, data_dir):
     assert len(metrics.read_text().splitlines()) == step + 2
 
 
-def test_cli_errors_are_one_line(tmp_path, data_dir):
+def test_cli_errors_are_one_line(tmp_path):
     r = _cli("pretrain", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "missing.txt" in r.stderr
@@ -199,9 +227,9 @@ def test_cli_errors_are_one_line(tmp_path, data_dir):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_config_file_and_flags(tmp_path, data_dir):
+def test_cli_config_file_and_flags(tmp_path, corpus_file):
     toml = tmp_path / "run.toml"
-    toml.write_text('data = "the-verdict"\nmodel = "tiny"\ntokenizer = "bpe:300"\ncontext-length = 32\n'
+    toml.write_text(f'data = "{corpus_file}"\nmodel = "tiny"\ntokenizer = "bpe:300"\ncontext-length = 32\n'
                     'batch_size = 2\nmax_steps = 50\neval_every = 2\neval_batches = 1\nprecision = "fp32"\n')
     out = tmp_path / "cfgrun"
     r = _cli("pretrain", "--config", str(toml), "--max-steps", "2", "--out", str(out), "--no-progress")
@@ -209,17 +237,6 @@ def test_cli_config_file_and_flags(tmp_path, data_dir):
     conf = json.loads((out / "config.json").read_text())["train"]
     assert conf["max_steps"] == 2 and conf["batch_size"] == 2 and conf["tokenizer"] == "bpe:300"
     assert "run folder:" in r.stdout and "loss.png" in r.stdout
-    r = _cli("eval", "--model", str(out), "--data", "the-verdict", "--max-batches", "2")
+    r = _cli("eval", "--model", str(out), "--data", str(corpus_file), "--max-batches", "2")
     assert r.returncode == 0, r.stderr
     assert "bits/byte" in r.stdout and "perplexity" in r.stdout
-
-
-def test_reuse_freed_memory_applies_on_glibc_and_can_be_turned_off():
-    code = "from llmscratch.utils import reuse_freed_memory; print(reuse_freed_memory())"
-    env = {k: v for k, v in os.environ.items() if k != "LLMSCRATCH_MALLOC"}
-    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=env | {"LLMSCRATCH_MALLOC": "system"})
-    assert off.stdout.strip() == "False"
-    if sys.platform.startswith("linux"):
-        assert on.stdout.strip() == "True"

@@ -6,18 +6,18 @@ the last real token is the only position that has seen the whole text (and paddi
 right cannot change it), so the prediction reads that position's output.
 
 Pipeline: `read_labeled` -> optional undersampling to balance the classes -> stratified
-train/val/test split -> tokenize and truncate -> `fit` (the shared loop) with accuracy each
-epoch -> metrics, plots, and a classifier folder that `load_classifier` / `llmscratch
-classify` read back.
+train/val/test split -> tokenize and truncate -> `fit_examples` (the one training loop) on
+`classification_loss`, with `evaluate_classifier` each epoch -> metrics, plots, and a
+classifier folder that `load_classifier` / `llmscratch classify` read back.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,87 +28,17 @@ from safetensors.torch import load_file
 from ..checkpoint import FORMAT, read_run_config, save_safetensors
 from ..errors import UserError
 from ..model import GPT, GPTConfig
-from ..utils import pick_device, seed_everything, write_json
-from .data import read_labeled
-from .loop import FinetuneConfig, count_params, fit, iter_batches, plot_history
+from ..train import distributed_setup, rank0_first
+from ..train.state import STATE_FILE
+from ..utils import seed_everything, write_json
+from .common import FinetuneConfig, check_out_folder, count_params, fit_examples, iter_batches
+from .data import balance_classes, parse_split, read_labeled, stratified_split
 from .lora import apply_lora, merge_lora
 
 TASK = "classify"
 
 
 # --------------------------------------------------------------------------- data
-
-
-def balance_classes(examples: list, seed: int) -> list:
-    """Undersample every class to the size of the smallest one.
-
-    Args:
-        examples: `(text, label, ...)` tuples.
-        seed: which examples of the larger classes are kept.
-
-    Returns:
-        The kept examples, in their original order.
-    """
-    rng = random.Random(seed)
-    by_label: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_label.setdefault(ex[1], []).append(i)
-    n = min(len(v) for v in by_label.values())
-    keep = set()
-    for label in sorted(by_label):
-        keep.update(rng.sample(by_label[label], n))
-    return [ex for i, ex in enumerate(examples) if i in keep]
-
-
-def stratified_split(examples: list, fractions: tuple[float, float, float], seed: int):
-    """Split into train/val/test with each class in the same proportions in every part.
-
-    Args:
-        examples: `(text, label, ...)` tuples.
-        fractions: `(train, val, test)`, summing to 1, e.g. `(0.7, 0.1, 0.2)`.
-        seed: shuffling seed.
-
-    Returns:
-        `(train, val, test)` lists, each shuffled.
-
-    Raises:
-        UserError: a class too small to put at least one example in every part.
-    """
-    rng = random.Random(seed)
-    by_label: dict[str, list] = {}
-    for ex in examples:
-        by_label.setdefault(ex[1], []).append(ex)
-    parts: tuple[list, list, list] = ([], [], [])
-    for label in sorted(by_label):
-        items = by_label[label][:]
-        rng.shuffle(items)
-        n = len(items)
-        n_train = int(round(n * fractions[0]))
-        n_val = int(round(n * fractions[1]))
-        n_test = n - n_train - n_val
-        if min(n_train, n_val, n_test) < 1:
-            need = max(3, int(1 / max(1e-9, min(fractions))) + 1)
-            raise UserError(
-                f"dataset too small: class {label!r} has {n} example(s), too few for a "
-                f"{'/'.join(f'{round(f * 100)}' for f in fractions)} split (needs about {need} per class "
-                "so every split gets one)")
-        parts[0].extend(items[:n_train])
-        parts[1].extend(items[n_train:n_train + n_val])
-        parts[2].extend(items[n_train + n_val:])
-    for p in parts:
-        rng.shuffle(p)
-    return parts
-
-
-def parse_split(spec: str | tuple) -> tuple[float, float, float]:
-    """`"0.7,0.1,0.2"` (or a tuple) -> `(0.7, 0.1, 0.2)`, checked to be positive and sum to 1."""
-    try:
-        values = tuple(float(x) for x in (spec.split(",") if isinstance(spec, str) else spec))
-    except ValueError:
-        raise UserError(f"--split {spec!r}: expected three numbers like 0.7,0.1,0.2") from None
-    if len(values) != 3 or min(values) <= 0 or abs(sum(values) - 1) > 1e-6:
-        raise UserError(f"--split {spec!r}: expected three positive fractions summing to 1, like 0.7,0.1,0.2")
-    return values  # type: ignore[return-value]
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -235,6 +165,28 @@ def predict_ids(model: GPT, encoded: list[list[int]], pad_id: int, batch_size: i
     return torch.cat(out) if out else torch.zeros(0, model.lm_head.out_features)
 
 
+def classification_loss(model: GPT, batch) -> torch.Tensor:
+    """The classification objective: cross-entropy of the class logits at each row's last
+    real token, for a batch `(idx, lengths, labels)` from `collate_classification`."""
+    idx, lengths, y = batch
+    return F.cross_entropy(classifier_logits(model, idx, lengths).float(), y)
+
+
+def evaluate_classifier(model: GPT, examples: list[tuple[list[int], int]], pad_id: int,
+                        batch_size: int = 32) -> dict:
+    """`{"val_loss", "val_accuracy"}` of the model on encoded `(ids, label)` examples."""
+    probs = predict_ids(model, [ids for ids, _ in examples], pad_id, batch_size)
+    y = torch.tensor([label for _, label in examples])
+    return {"val_loss": F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item(),
+            "val_accuracy": (probs.argmax(-1) == y).float().mean().item()}
+
+
+def classification_accuracy(model: GPT, examples: list[tuple[list[int], int]], pad_id: int,
+                            batch_size: int = 32) -> float:
+    """Share of the encoded `(ids, label)` examples the model labels correctly."""
+    return evaluate_classifier(model, examples, pad_id, batch_size)["val_accuracy"]
+
+
 # ------------------------------------------------------------------------ metrics
 
 
@@ -335,6 +287,8 @@ class ClassifyResult:
     metrics: dict
     interrupted: bool
     params_line: str = ""
+    model: GPT | None = None
+    """the trained classifier in memory (adapters merged), as saved in `out`"""
 
 
 def _prepare_splits(cfg: ClassifyConfig):
@@ -363,12 +317,14 @@ def _prepare_splits(cfg: ClassifyConfig):
     return labels, train, val, test
 
 
-def finetune_classify(cfg: ClassifyConfig) -> ClassifyResult:
+def finetune_classify(cfg: ClassifyConfig, *, stop_after: int | None = None) -> ClassifyResult:
     """Fine-tune a classifier as described by `cfg`; writes the classifier folder.
 
     Writes to `cfg.out`: `model.safetensors`, `tokenizer.json`, `config.json` (model config,
-    labels, max length), `metrics.json`, `loss.png`, `confusion.png`. All inputs are checked
-    before anything is written, and every file is written atomically.
+    labels, max length), `metrics.json`, `metrics.jsonl`, `loss.png`, `confusion.png`. All
+    inputs are checked before anything is written, and every file is written atomically.
+    While training, `train_state.safetensors` holds the checkpoint `--resume` continues
+    from (after Ctrl-C, SIGTERM or `stop_after` steps); it is removed once the run is done.
     """
     from ..checkpoint import load_model
 
@@ -376,14 +332,18 @@ def finetune_classify(cfg: ClassifyConfig) -> ClassifyResult:
     if cfg.lora_rank:
         cfg.trainable = "lora"
     out = Path(cfg.out)
-    if (out / "config.json").exists() and not cfg.overwrite:
-        raise UserError(f"{out} already holds a model; pick another --out or pass --overwrite")
+    check_out_folder(out, cfg)
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    labels, train, val, test = _prepare_splits(cfg)
-    device = pick_device(cfg.device)
+    rank, world, device = distributed_setup(cfg.device)
+    master = rank == 0
+    labels, train, val, test = rank0_first(world, master, lambda: _prepare_splits(cfg))
     seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg.model, device=device)
+    if cfg.kernels:
+        from ..kernels import apply_kernels
+
+        apply_kernels(model)
     pad_id = tokenizer.eot_id
     ctx = model.config.context_length
     if cfg.max_length is not None:
@@ -404,26 +364,14 @@ def finetune_classify(cfg: ClassifyConfig) -> ClassifyResult:
     set_dropout(model, cfg.dropout)
     add_classification_head(model, len(labels))
     params_line = set_trainable(model, cfg.trainable, cfg.lora_rank, cfg.lora_alpha, extra=(model.lm_head,))
-    print(f"{len(train_ex)} train / {len(val_ex)} val / {len(test_ex)} test examples, "
-          f"labels {labels}, max length {max_length} tokens; {params_line}", file=sys.stderr)
+    if master:
+        print(f"{len(train_ex)} train / {len(val_ex)} val / {len(test_ex)} test examples, "
+              f"labels {labels}, max length {max_length} tokens; {params_line}", file=sys.stderr)
 
-    collate = lambda batch: collate_classification(batch, pad_id)  # noqa: E731
-
-    def loss_fn(m, batch):
-        idx, lengths, y = (t.to(device) for t in batch)
-        return F.cross_entropy(classifier_logits(m, idx, lengths).float(), y)
-
-    def accuracy_and_loss(examples) -> tuple[float, float]:
-        probs = predict_ids(model, [ids for ids, _ in examples], pad_id, cfg.batch_size * 2, device)
-        y = torch.tensor([lab for _, lab in examples])
-        loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()
-        return (probs.argmax(-1) == y).float().mean().item(), loss
-
-    def evaluate(m) -> dict:
-        val_acc, val_loss = accuracy_and_loss(val_ex)
-        return {"val_loss": val_loss, "val_accuracy": val_acc}
-
-    result = fit(model, train_ex, collate, loss_fn, cfg, device, evaluate=evaluate, desc="classify")
+    evaluate = partial(evaluate_classifier, examples=val_ex, pad_id=pad_id, batch_size=cfg.batch_size * 2)
+    result = fit_examples(model, classification_loss, train_ex, partial(collate_classification, pad_id=pad_id),
+                          cfg, device=device, evaluate=evaluate, out=out, rank=rank, world=world,
+                          stop_after=stop_after, title="classification fine-tuning loss", desc="classify")
 
     # Merge adapters first: the saved model is a plain GPT with a classification head.
     merge_lora(model)
@@ -438,17 +386,19 @@ def finetune_classify(cfg: ClassifyConfig) -> ClassifyResult:
             metrics["per_class"] = m["per_class"]
             metrics["confusion_matrix"] = m["confusion_matrix"]
     metrics["interrupted"] = result.interrupted
-    metrics["steps"] = result.steps
-    metrics["history"] = result.history
-    metrics["settings"] = {k: v for k, v in dataclasses.asdict(cfg).items()
-                           if k not in ("max_steps", "warmup_steps", "progress")}
+    metrics["steps"] = result.step
+    metrics["history"] = result.records
+    metrics["settings"] = cfg.settings()
 
-    save_classifier(model, out, tokenizer, labels, max_length)
-    write_json(out / "metrics.json", metrics)
-    plot_history(result.history, out / "loss.png", title="classification fine-tuning loss")
-    plot_confusion(metrics["confusion_matrix"], labels, out / "confusion.png",
-                   f"test set: accuracy {100 * metrics['test_accuracy']:.2f}%")
-    return ClassifyResult(out=out, metrics=metrics, interrupted=result.interrupted, params_line=params_line)
+    if master:
+        save_classifier(model, out, tokenizer, labels, max_length)
+        write_json(out / "metrics.json", metrics)
+        plot_confusion(metrics["confusion_matrix"], labels, out / "confusion.png",
+                       f"test set: accuracy {100 * metrics['test_accuracy']:.2f}%")
+        if not result.interrupted:
+            (out / STATE_FILE).unlink(missing_ok=True)  # done: nothing left to resume
+    return ClassifyResult(out=out, metrics=metrics, interrupted=result.interrupted, params_line=params_line,
+                          model=model)
 
 
 # ------------------------------------------------------------------- save / load

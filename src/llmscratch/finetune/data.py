@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from pathlib import Path
 
 from ..datasets import dataset_names, dataset_path
@@ -281,3 +282,78 @@ def _check_messages(messages, where: str) -> list[dict]:
     if not any(m["role"] == "user" for m in out):
         raise UserError(f"{where}: no user message")
     return out
+
+
+# ------------------------------------------------------------------ splits
+
+
+def balance_classes(examples: list, seed: int) -> list:
+    """Undersample every class to the size of the smallest one.
+
+    Args:
+        examples: `(text, label, ...)` tuples.
+        seed: which examples of the larger classes are kept.
+
+    Returns:
+        The kept examples, in their original order.
+    """
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_label.setdefault(ex[1], []).append(i)
+    n = min(len(v) for v in by_label.values())
+    keep = set()
+    for label in sorted(by_label):
+        keep.update(rng.sample(by_label[label], n))
+    return [ex for i, ex in enumerate(examples) if i in keep]
+
+
+def stratified_split(examples: list, fractions: tuple[float, float, float], seed: int):
+    """Split into train/val/test with each class in the same proportions in every part.
+
+    Args:
+        examples: `(text, label, ...)` tuples.
+        fractions: `(train, val, test)`, summing to 1, e.g. `(0.7, 0.1, 0.2)`.
+        seed: shuffling seed.
+
+    Returns:
+        `(train, val, test)` lists, each shuffled.
+
+    Raises:
+        UserError: a class too small to put at least one example in every part.
+    """
+    rng = random.Random(seed)
+    by_label: dict[str, list] = {}
+    for ex in examples:
+        by_label.setdefault(ex[1], []).append(ex)
+    parts: tuple[list, list, list] = ([], [], [])
+    for label in sorted(by_label):
+        items = by_label[label][:]
+        rng.shuffle(items)
+        n = len(items)
+        n_train = int(round(n * fractions[0]))
+        n_val = int(round(n * fractions[1]))
+        n_test = n - n_train - n_val
+        if min(n_train, n_val, n_test) < 1:
+            need = max(3, int(1 / max(1e-9, min(fractions))) + 1)
+            raise UserError(
+                f"dataset too small: class {label!r} has {n} example(s), too few for a "
+                f"{'/'.join(f'{round(f * 100)}' for f in fractions)} split (needs about {need} per class "
+                "so every split gets one)")
+        parts[0].extend(items[:n_train])
+        parts[1].extend(items[n_train:n_train + n_val])
+        parts[2].extend(items[n_train + n_val:])
+    for p in parts:
+        rng.shuffle(p)
+    return parts
+
+
+def parse_split(spec: str | tuple) -> tuple[float, float, float]:
+    """`"0.7,0.1,0.2"` (or a tuple) -> `(0.7, 0.1, 0.2)`, checked to be positive and sum to 1."""
+    try:
+        values = tuple(float(x) for x in (spec.split(",") if isinstance(spec, str) else spec))
+    except ValueError:
+        raise UserError(f"--split {spec!r}: expected three numbers like 0.7,0.1,0.2") from None
+    if len(values) != 3 or min(values) <= 0 or abs(sum(values) - 1) > 1e-6:
+        raise UserError(f"--split {spec!r}: expected three positive fractions summing to 1, like 0.7,0.1,0.2")
+    return values  # type: ignore[return-value]

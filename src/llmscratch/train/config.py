@@ -1,0 +1,86 @@
+"""Pretraining settings (`TrainConfig`) and the learning-rate schedule (`get_lr`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+
+def _opt(default, help: str, **kw):
+    """A dataclass field carrying its --help text (the CLI builds its flags from these)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run needs. Each field is also a `llmscratch pretrain` flag."""
+
+    data: str = _opt("python-docs", "dataset name, text file, or folder of .txt files")
+    model: str = _opt("small", "model preset to train from scratch")
+    out: str = _opt("runs/pretrain", "run folder for config, weights, tokenizer, state, metrics, plot")
+    tokenizer: str = _opt("bpe:8192", "bpe:VOCAB (train a byte-level BPE on the data), gpt2, or a tokenizer.json")
+    max_steps: int = _opt(240, "optimizer steps to train for")
+    batch_size: int = _opt(16, "sequences per optimizer step (global, all processes together)")
+    grad_accum: int = _opt(1, "micro-batches per step; each micro-batch has batch_size sequences")
+    context_length: int | None = _opt(None, "tokens per sequence (default: the preset's)")
+    dropout: float = _opt(0.1, "dropout on embeddings, attention and residual branches")
+    lr: float = _opt(1e-3, "peak learning rate")
+    min_lr_ratio: float = _opt(0.1, "cosine decay floor, as a fraction of lr")
+    warmup_steps: int = _opt(50, "linear warmup steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only, not biases/norms)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_every: int = _opt(40, "evaluate, sample and checkpoint every N steps")
+    eval_batches: int = _opt(20, "validation batches per evaluation")
+    val_fraction: float = _opt(0.1, "share of the tokens held out for validation (the tail)")
+    sample_tokens: int = _opt(60, "tokens generated at each evaluation (0 = none)")
+    seed: int = _opt(1337, "seed for init, data order and dropout")
+    device: str = _opt("auto", "cpu, cuda, cuda:N, mps or auto")
+    precision: str = _opt("auto", "fp32, bf16 (autocast, fp32 master weights) or auto",
+                          choices=("auto", "fp32", "bf16"))
+    compile: bool = _opt(False, "torch.compile the model and its loss")
+    kernels: bool = _opt(True, "swap in the speed kernels (llmscratch.kernels); --no-kernels trains "
+                               "the plain reference model")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, slower")
+    encoding_errors: str = _opt("strict", "undecodable bytes in local text: strict, replace or ignore",
+                                choices=("strict", "replace", "ignore"))
+    resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def validate(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.context_length is not None and self.context_length <= 0:
+            raise UserError(f"--context-length must be positive, got {self.context_length}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.warmup_steps < 0:
+            raise UserError("--warmup-steps must be >= 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    # Changing these between a run and its resume would silently train something else.
+    RESUME_FIXED = ("data", "model", "tokenizer", "batch_size", "grad_accum", "context_length",
+                    "dropout", "seed", "val_fraction")
+
+
+def get_lr(step: int, cfg) -> float:
+    """Linear warmup to `cfg.lr`, then cosine decay to `cfg.lr * cfg.min_lr_ratio` at max_steps.
+
+    A pure function of the step (and the settings `lr`, `min_lr_ratio`, `warmup_steps`,
+    `max_steps`), so a resumed run follows the same schedule as an uninterrupted one.
+    """
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)

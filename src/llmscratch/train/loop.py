@@ -1,0 +1,366 @@
+"""The one training loop: every objective (pretraining, classification, instruction tuning,
+and the next ones) is trained by `fit`.
+
+An objective is three small things (`Objective`):
+
+- `loss(model, batch) -> scalar tensor`: a module-level function. The loop calls it under
+  autocast and backpropagates it; `model` is the plain model (never a DDP wrapper).
+- `batches`: a `BatchSource`, whose batch for (step, micro-batch, rank) is a pure function
+  of those numbers. The step is therefore the whole position in the data, and resuming at
+  step s needs nothing else.
+- `evaluate(model) -> dict` (optional): validation metrics, called in eval mode, without
+  gradients and under autocast, every `eval_every` steps, at the end, and when stopped.
+
+A new objective (masked LM, DPO, ...) is a loss function and a batch source; the loop does
+the rest once for all: AdamW (fused where PyTorch has it) with weight decay on matrices
+only, linear warmup and cosine decay (`get_lr`), gradient accumulation, gradient clipping,
+bf16 autocast, DDP under torchrun, atomic checkpoints with exact resume (`state.py`),
+Ctrl-C/SIGTERM that finish the step and checkpoint, `metrics.jsonl` and a loss plot.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..utils import atomic_write, pick_device
+from .config import get_lr
+from .state import METRICS_FILE, append_metrics, load_train_state, read_metrics, save_train_state
+
+
+class BatchSource(Protocol):
+    """Where an objective's batches come from; the position in it is the step alone."""
+
+    unit: str
+    """what `seen` counts: "tokens" or "examples" (the x axis of the loss plot)"""
+
+    def get(self, step: int, micro: int, rank: int, world: int, device: torch.device) -> Any:
+        """This rank's share of micro-batch `micro` of optimizer step `step`, on `device`."""
+
+    def seen(self, step: int) -> int:
+        """Tokens or examples consumed by all ranks in steps `0 .. step - 1`."""
+
+    def epoch_of(self, step: int) -> float:
+        """Passes over the training data done at the start of `step`."""
+
+
+@dataclass
+class Objective:
+    """What `fit` trains: a loss, the batches it is computed on, and how to evaluate."""
+
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+    """module-level `loss(model, batch) -> scalar`, e.g. `pretrain.lm_train_loss`"""
+    batches: BatchSource
+    """the training batches, indexed by step (see `BatchSource`)"""
+    evaluate: Callable[[torch.nn.Module], dict] | None = None
+    """`evaluate(model) -> {"val_loss": ..., ...}`; float values are logged, strings printed"""
+
+
+@dataclass
+class FitResult:
+    step: int
+    """optimizer steps done (including those before a resume)"""
+    seen: int
+    """tokens or examples trained on (the source's `unit`)"""
+    records: list[dict] = field(default_factory=list)
+    """the metrics records, one per step (rank 0 only); eval steps carry the eval metrics"""
+    interrupted: bool = False
+    """Ctrl-C, SIGTERM or `stop_after` ended the run before `cfg.max_steps`"""
+    last_eval: dict = field(default_factory=dict)
+    """the metrics of the last evaluation"""
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+def configure_optimizer(model: torch.nn.Module, cfg, device: torch.device):
+    """AdamW over the parameters that require grad, weight decay on matrices only: decaying
+    biases and LayerNorm gains toward zero only hurts. The fused kernel is used where the
+    device has one. Reads `cfg.lr`, `weight_decay`, `beta1`, `beta2`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu")  # PyTorch has fused AdamW for both
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        # bf16 is a win on CPUs with native bf16 dot products; elsewhere it is emulated
+        # and slower than fp32.
+        ok = cpu_has_native_bf16()
+    else:
+        ok = device.type == "mps" and precision == "bf16"
+    if not ok and precision == "bf16":
+        raise UserError(f"--precision bf16 is not supported on {device}; use fp32")
+    return torch.bfloat16 if ok else None
+
+
+def distributed_setup(device_arg: str) -> tuple[int, int, torch.device]:
+    """`(rank, world_size, device)`; initialises torch.distributed under torchrun (gloo on
+    CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, pick_device(device_arg)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_arg)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def rank0_first(world: int, master: bool, fn: Callable):
+    """`fn()` on rank 0 first, then on the other ranks (rank 0 fills shared caches). A
+    UserError on rank 0 is sent to every rank and raised there too, so no process is left
+    waiting for the others."""
+    if world == 1:
+        return fn()
+    if master:
+        try:
+            result, error = fn(), None
+        except UserError as e:
+            result, error = None, str(e)
+        dist.broadcast_object_list([error], src=0)
+        if error is not None:
+            raise UserError(error)
+        return result
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    return fn()
+
+
+class StopFlag:
+    """Ctrl-C and SIGTERM set a flag; the loop finishes its step, saves, and stops. A second
+    Ctrl-C raises at once (the last checkpoint on disk stays intact)."""
+
+    def __init__(self):
+        self.set = False
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class _LossModule(torch.nn.Module):
+    """`loss(model, batch)` as a module's forward, so that DDP (which syncs gradients of
+    what runs inside its forward) and torch.compile see the whole loss computation."""
+
+    def __init__(self, model: torch.nn.Module, loss: Callable):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch):
+        return self.loss(self.model, batch)
+
+
+# ------------------------------------------------------------------------------- fit
+
+
+def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.device, eval_every: int,
+        out: Path | None = None, resume: bool = False, settings: dict | None = None, rank: int = 0,
+        world: int = 1, stop_after: int | None = None, on_checkpoint: Callable[[int], None] | None = None,
+        plot_title: str = "", desc: str = "train") -> FitResult:
+    """Train the parameters of `model` that require grad on `objective` for `cfg.max_steps`.
+
+    Args:
+        model: on `device`, built (and seeded) the same way for a fresh run and a resume.
+        objective: loss, batches and evaluation (see the module docstring).
+        cfg: a settings dataclass with `max_steps`, `lr`, `min_lr_ratio`, `warmup_steps`,
+            `weight_decay`, `beta1`, `beta2`, `grad_clip`, `grad_accum`, `precision` and
+            `progress` (and optionally `compile`), e.g. `TrainConfig` or `FinetuneConfig`.
+        eval_every: evaluate and checkpoint every this many steps (and at the end).
+        out: the run folder for `train_state.safetensors`, `metrics.jsonl` and `loss.png`;
+            None keeps everything in memory (no checkpoints, no resume).
+        resume: continue from `out`'s checkpoint (the caller checks it is compatible).
+        settings: stored in the checkpoint, for `state.check_resume`.
+        rank, world: this process and the process count (`distributed_setup`).
+        stop_after: behave as if interrupted once this step is done (checkpoint, then
+            return with `interrupted=True`); the schedule still follows `cfg.max_steps`.
+        on_checkpoint: called on rank 0 after each checkpoint with the step (e.g. to
+            write the inference weights beside it).
+        plot_title, desc: the loss plot's title and the progress bar's label.
+
+    Returns:
+        A `FitResult`; the model holds the weights of the last finished step.
+    """
+    master = rank == 0
+    batches = objective.batches
+    optimizer = configure_optimizer(model, cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics_path = out / METRICS_FILE if out is not None else None
+    step, seen = 0, 0
+    records: list[dict] = []
+    if resume:
+        step, seen = load_train_state(out, model, optimizer)
+        if master:
+            records = read_metrics(metrics_path, step)
+    elif master and out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+    amp = autocast_dtype(cfg.precision, device)
+    ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+
+    fwd = _LossModule(model, objective.loss)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    if getattr(cfg, "compile", False):
+        fwd = torch.compile(fwd)
+
+    def evaluate() -> dict:
+        model.eval()
+        with torch.no_grad(), ctx:
+            result = objective.evaluate(model)
+        model.train()
+        return result
+
+    def checkpoint(step: int) -> None:
+        if master and out is not None:
+            save_train_state(out, model, optimizer, step, seen, settings)
+            if on_checkpoint is not None:
+                on_checkpoint(step)
+            plot_losses(records, out / "loss.png", plot_title, x=batches.unit)
+
+    last_eval: dict = {}
+    interrupted = False
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and master),
+               desc=desc, unit="step", dynamic_ncols=True)
+    t_last, seen_last = time.perf_counter(), seen
+    model.train()
+    with StopFlag() as stop:
+        while step < cfg.max_steps:
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                batch = batches.get(step, micro, rank, world, device)
+                # only the last micro-batch all-reduces gradients under DDP
+                sync = nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else fwd.no_sync()
+                with sync:
+                    with ctx:
+                        loss = fwd(batch) / cfg.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seen = batches.seen(step)
+
+            if world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            train_loss = loss_sum.item()
+            if not math.isfinite(train_loss):
+                raise UserError(f"loss became {train_loss} at step {step}; lower --lr "
+                                "(the last checkpoint on disk is intact)")
+            now = time.perf_counter()
+            rate = (seen - seen_last) / max(now - t_last, 1e-9)
+            t_last, seen_last = now, seen
+            rec = {"step": step, batches.unit: seen, "train_loss": train_loss, "lr": lr,
+                   f"{batches.unit}_per_s": rate}
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", **{f"{batches.unit[:3]}_s": f"{rate:,.0f}"})
+
+            stop_now = stop.set or step == stop_after
+            if world > 1:  # every rank must agree to stop at the same step
+                flag = torch.tensor([int(stop_now)], device=device)
+                dist.all_reduce(flag)
+                stop_now = bool(flag.item())
+            boundary = step % eval_every == 0 or step == cfg.max_steps or stop_now
+            if boundary and objective.evaluate is not None:
+                last_eval = evaluate()
+                numbers = {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}
+                rec.update(numbers, epoch=round(batches.epoch_of(step), 4))
+                if master:
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in numbers.items())
+                    texts = "".join(f" | {k}: {v[:100]!r}" for k, v in last_eval.items() if isinstance(v, str))
+                    bar.write(f"step {step}: {shown}{texts}")
+            if master:
+                records.append(rec)
+                if metrics_path is not None:
+                    append_metrics(metrics_path, rec)
+            if boundary:
+                checkpoint(step)
+            if stop_now:
+                interrupted = True
+                break
+    bar.close()
+    model.eval()
+    if world > 1:
+        dist.barrier()
+    return FitResult(step=step, seen=seen, records=records, interrupted=interrupted, last_eval=last_eval)
+
+
+def plot_losses(records: list[dict], path: str | Path, title: str = "", x: str = "tokens") -> None:
+    """Training loss (every step) and validation loss (every evaluation) against the tokens
+    or examples seen (`x`), written atomically as a PNG."""
+    # A bare Figure, not pyplot: no GUI backend needed, and a notebook's inline backend
+    # is left alone.
+    from matplotlib.figure import Figure
+
+    train = [(r[x], r["train_loss"]) for r in records if "train_loss" in r and x in r]
+    val = [(r[x], r["val_loss"]) for r in records if "val_loss" in r and x in r]
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.8, linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", linewidth=2)
+    ax.set_xlabel(f"{x} seen")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.set_title(title or "training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")

@@ -1,0 +1,260 @@
+"""Pretraining: the language-model objective, its data and its run folder.
+
+`pretrain(TrainConfig(...))` is the whole job, in plain functions (litgpt style):
+
+    setup (tokenizer, data, model, maybe resume)
+      -> fit (loop.py): for each step: micro-batches -> backward -> clip -> AdamW step
+              every eval_every steps: validation loss/perplexity/bits-per-byte, a sample,
+              metrics.jsonl, loss.png and a checkpoint
+      -> final checkpoint
+
+The objective is `lm_train_loss` (next-token cross-entropy, the one place the LM-head loss
+is computed) on `LMBatches` (random windows of the corpus, a pure function of the step), with
+`evaluate` on the held-out tail.
+
+Exact resume. The learning rate is a pure function of the step (`get_lr`), batches are a
+pure function of (seed, step) (`data.BatchSampler`), and the checkpoint holds the weights,
+the optimizer's moments, the step and the RNG state (for dropout). So a run stopped at step
+10 and resumed to 20 ends with the weights of an uninterrupted 20-step run.
+
+Checkpoints. `train_state.safetensors` is one self-contained file (see `state.py`);
+`model.safetensors` beside it holds just the weights, for inference.
+
+Distributed. Launched by `torchrun`, each process takes its slice of every global batch
+and DDP averages the gradients, so N processes follow the same loss trajectory as one
+process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import save_model
+from ..data import BatchSampler, iter_eval_batches, load_bin, split_train_val, tokenize_to_bin
+from ..datasets import cache_root, load_text
+from ..errors import UserError
+from ..kernels import apply_kernels, lm_head_loss
+from ..model import GPT, GPTConfig, lm_loss
+from ..utils import seed_everything
+from .config import TrainConfig
+from .loop import Objective, autocast_dtype, distributed_setup, fit, rank0_first
+from .state import STATE_FILE, check_resume
+
+# ------------------------------------------------------------------------ the objective
+
+
+def lm_train_loss(model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch `(x, y)`, from the final hidden states: with
+    the kernels on, head + cross-entropy run chunk by chunk and the full `(B*T, vocab)`
+    logits are never stored (see `kernels.lm_head_loss`)."""
+    x, y = batch
+    return lm_head_loss(model, model.hidden_states(x), y)
+
+
+class LMBatches:
+    """The pretraining `BatchSource`: micro-batch `micro` of step `step` is window batch
+    `step * grad_accum + micro` of a `BatchSampler` (a pure function of the seed and that
+    number; each rank takes its rows of it)."""
+
+    unit = "tokens"
+
+    def __init__(self, sampler: BatchSampler, grad_accum: int):
+        self.sampler = sampler
+        self.grad_accum = grad_accum
+
+    def get(self, step: int, micro: int, rank: int, world: int, device: torch.device):
+        return self.sampler.get_batch(step * self.grad_accum + micro, rank, world, device=device)
+
+    def seen(self, step: int) -> int:
+        return step * self.grad_accum * self.sampler.batch_size * self.sampler.context_length
+
+    def epoch_of(self, step: int) -> float:
+        return self.sampler.epoch_of(step * self.grad_accum)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def build_tokenizer(spec: str, documents):
+    """The run's tokenizer: GPT-2's, a BPE trained on the data (`bpe:4096`), or a file."""
+    from ..tokenizer import BPETokenizer, get_tokenizer
+
+    if spec.startswith("bpe:"):
+        try:
+            vocab = int(spec[4:])
+        except ValueError:
+            raise UserError(f"--tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:4096") from None
+        if vocab < 257:
+            raise UserError(f"--tokenizer {spec}: a byte-level BPE needs a vocabulary of at least 257")
+        tok = BPETokenizer()
+        tok.train("\n\n".join(d.text for d in documents), vocab, special_tokens=("<|endoftext|>",))
+        return tok
+    return get_tokenizer(spec)
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, context_length: int, documents):
+    """Tokenize (once, cached by content) and split into a training head and validation tail.
+
+    Returns:
+        `(train_ids, val_ids, bytes_per_token)`; the last turns nats/token into bits/byte.
+    """
+    n_bytes = sum(len(d.text.encode("utf-8")) for d in documents)
+    bin_path = tokenize_to_bin(documents, tokenizer, cache_root() / "tokens", source=str(cfg.data),
+                               progress=cfg.progress)
+    ids = load_bin(bin_path)
+    if len(ids) < 2 * (context_length + 1):
+        raise UserError(
+            f"--data {cfg.data}: the corpus has {len(ids):,} tokens, too short for --context-length "
+            f"{context_length} (need at least {2 * (context_length + 1):,} for a training and a "
+            "validation window); use more text or a shorter context"
+        )
+    train_ids, val_ids = split_train_val(ids, cfg.val_fraction, context_length)
+    return train_ids, val_ids, n_bytes / len(ids)
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: GPT, val_ids, batch_size: int, context_length: int, max_batches: int | None,
+             device: torch.device, amp: torch.dtype | None = None, rank: int = 0,
+             world_size: int = 1) -> float:
+    """Mean next-token loss (nats/token) over the first `max_batches` validation batches."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
+    ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+    for x, y in iter_eval_batches(val_ids, batch_size, context_length, max_batches,
+                                  rank=rank, world_size=world_size):
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits = model(x)
+        total[0] += lm_loss(logits, y).double() * y.numel()
+        total[1] += y.numel()
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+def metrics_from_loss(loss: float, bytes_per_token: float) -> dict:
+    """Loss in nats/token -> perplexity and bits per byte (comparable across tokenizers)."""
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+            "val_bpb": loss / math.log(2) / bytes_per_token}
+
+
+def evaluate_lm(model: GPT, val_ids, bytes_per_token: float, cfg: TrainConfig, device: torch.device,
+                amp: torch.dtype | None, rank: int, world: int, tokenizer=None) -> dict:
+    """The pretraining evaluation: loss, perplexity and bits per byte on the validation
+    tail, plus (rank 0, `cfg.sample_tokens` > 0) a sample continuing its first tokens."""
+    loss = evaluate(model, val_ids, cfg.batch_size, model.config.context_length, cfg.eval_batches,
+                    device, amp, rank, world)
+    result = metrics_from_loss(loss, bytes_per_token)
+    if rank == 0 and tokenizer is not None and cfg.sample_tokens > 0:
+        with torch.autocast(device.type, enabled=False):  # sampled in the weights' own dtype
+            result["sample"] = _sample(model, tokenizer, val_ids, cfg.sample_tokens, device, cfg.seed)
+    return result
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    tokens_seen: int
+    val_loss: float | None
+    val_bpb: float | None
+    interrupted: bool
+    sample: str = ""
+
+
+def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) a pretraining run as described by `cfg`; see the module docstring.
+
+    Args:
+        cfg: the run's settings.
+        stop_after: behave as if interrupted once this step is done (checkpoint, then
+            return with `interrupted=True`); the schedule still follows `cfg.max_steps`.
+    """
+    cfg.validate()
+    rank, world, device = distributed_setup(cfg.device)
+    master = rank == 0
+    out = Path(cfg.out)
+    settings = dataclasses.asdict(cfg)
+
+    if cfg.resume:
+        check_resume(out, settings, TrainConfig.RESUME_FIXED)
+    elif (out / STATE_FILE).exists():
+        raise UserError(f"{out} already holds a run; pass --resume to continue it, or pick another --out")
+
+    seed_everything(cfg.seed)
+
+    def load_data():
+        documents = load_text(cfg.data, encoding_errors=cfg.encoding_errors, progress=cfg.progress and master)
+        if cfg.resume and (out / "tokenizer.json").is_file():
+            from ..tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(out / "tokenizer.json")
+        else:
+            tokenizer = build_tokenizer(cfg.tokenizer, documents)
+        overrides = {"vocab_size": tokenizer.vocab_size, "dropout": cfg.dropout}
+        if cfg.context_length:
+            overrides["context_length"] = cfg.context_length
+        model_cfg = GPTConfig.from_name(cfg.model, **overrides)
+        return (tokenizer, model_cfg, *prepare_data(cfg, tokenizer, model_cfg.context_length, documents))
+
+    # Rank 0 downloads and tokenizes first (both write shared cache files); the others then
+    # find everything cached.
+    tokenizer, model_cfg, train_ids, val_ids, bytes_per_token = rank0_first(world, master, load_data)
+    T = model_cfg.context_length
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    batches = LMBatches(BatchSampler(train_ids, cfg.batch_size, T, seed=cfg.seed), cfg.grad_accum)
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(device)
+    if cfg.kernels:
+        apply_kernels(model)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    run_info = {"train": settings, "tokenizer_file": "tokenizer.json"}
+    if master and not cfg.resume:
+        save_model(model, out, tokenizer, extra=run_info)
+    amp = autocast_dtype(cfg.precision, device)
+
+    if master:
+        print(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters, context {T}, vocab "
+              f"{model_cfg.vocab_size} ({tokenizer.name}); train {len(train_ids):,} tokens, validation "
+              f"{len(val_ids):,}; {batches.seen(1):,} tokens/step on {world} x {device}"
+              f"{' with bf16 autocast' if amp else ''}")
+
+    evaluate_fn = partial(evaluate_lm, val_ids=val_ids, bytes_per_token=bytes_per_token, cfg=cfg,
+                          device=device, amp=amp, rank=rank, world=world, tokenizer=tokenizer)
+    result = fit(model, Objective(lm_train_loss, batches, evaluate_fn), cfg, device=device,
+                 eval_every=cfg.eval_every, out=out, resume=cfg.resume, settings=settings, rank=rank,
+                 world=world, stop_after=stop_after,
+                 on_checkpoint=lambda step: save_model(model, out, tokenizer, extra=run_info),
+                 plot_title=f"{cfg.model} on {cfg.data}", desc="pretrain")
+    ev = result.last_eval
+    return TrainResult(out, result.step, result.seen, ev.get("val_loss"), ev.get("val_bpb"),
+                       result.interrupted, ev.get("sample", ""))
+
+
+def _sample(model: GPT, tokenizer, val_ids, n_tokens: int, device, seed: int) -> str:
+    """A continuation of the first tokens of the validation text. Fixed prompt and seed, so
+    samples from successive evaluations are comparable; the sampler's private generator
+    leaves the training RNG (dropout) untouched, which exact resume depends on."""
+    from ..generate import generate
+
+    prompt = torch.tensor([[int(t) for t in val_ids[:8]]], dtype=torch.long, device=device)
+    out = generate(model, prompt, n_tokens, temperature=0.8, top_k=40, seed=seed)
+    return tokenizer.decode(out[0].tolist())
