@@ -1,0 +1,112 @@
+"""The streaming decoder: whole UTF-8 characters, stop strings across token boundaries,
+work proportional to the new tokens, and the same text as decoding the ids at once."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llmscratch import GPT, GPTConfig, generate, get_tokenizer
+from llmscratch.generate import stream_text
+from llmscratch.streaming import StreamDecoder
+
+GPT2 = get_tokenizer("gpt2")
+
+
+class ByteTok:
+    """One token per byte, as a byte-level BPE falls back to; counts the ids it decodes."""
+
+    def __init__(self):
+        self.decoded_ids = 0
+
+    def decode(self, ids):
+        self.decoded_ids += len(ids)
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class PieceTok:
+    """Each id is one of the given text pieces."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def stream(decoder, ids):
+    return list(decoder.pieces(ids))
+
+
+def test_a_character_split_over_tokens_is_released_whole():
+    text = "é😀a€"
+    pieces = stream(StreamDecoder(ByteTok()), list(text.encode()))
+    assert "".join(pieces) == text
+    assert [p for p in pieces if p] == ["é", "😀", "a", "€"]  # never a half character
+    assert all("\ufffd" not in p for p in pieces)
+    # the emoji is 4 bytes: 3 pushes give nothing, the 4th gives the whole character
+    assert pieces[2:6] == ["", "", "", "😀"]
+
+
+def test_a_stop_string_split_over_two_tokens_ends_the_reply():
+    tok = PieceTok(["Hello", "\nUs", "er: what", " more"])
+    d = StreamDecoder(tok, stop=["\nUser:"])
+    assert d.push(0) == "Hello"
+    assert d.push(1) == ""  # "\nUs" may be the start of "\nUser:": held back
+    assert d.push(2) == "" and d.stopped and d.stop_found == "\nUser:"
+    assert d.push(3) == "" and d.flush() == ""  # nothing after the stop
+    assert d.finish_reason == "stop" and d.n_tokens == 3
+    assert stream(StreamDecoder(tok, stop=["\nUser:"]), [0, 1, 2, 3]) == ["Hello", "", ""]
+
+
+def test_a_prefix_that_turns_out_not_to_be_a_stop_is_released():
+    tok = PieceTok(["a", "\nU", "nder", "\n", "Us"])
+    d = StreamDecoder(tok, stop=["\nUser:"])
+    assert [d.push(i) for i in (0, 1, 2)] == ["a", "", "\nUnder"]
+    assert not d.stopped
+    # held back at the end of generation: released by flush, not lost
+    assert d.push(3) == "" and d.push(4) == "" and d.flush() == "\nUs"
+    assert d.finish_reason is None and d.text == "a\nUnder\nUs"
+
+
+def test_end_of_text_stops_without_text_and_releases_what_was_held():
+    tok = PieceTok(["Hi", "\nUs", "<eot>"])
+    pieces = stream(d := StreamDecoder(tok, stop=["\nUser:"], eos_id=2), [0, 1, 2, 0])
+    assert pieces == ["Hi", "", "", "\nUs"] and d.n_tokens == 2 and d.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pieces_equal_decoding_all_the_ids_at_once(seed):
+    rng = random.Random(seed)
+    text = "Zürich, 東京 and 🦙🦙 cost 5€. " * 3
+    ids = GPT2.encode(text)
+    ids = ids + [rng.randrange(GPT2.vocab_size - 1) for _ in range(40)]  # any bytes at all
+    assert "".join(stream(StreamDecoder(GPT2), ids)) == GPT2.decode(ids)
+    # with a stop string: the text before its first occurrence
+    full = GPT2.decode(ids)
+    stop = full[rng.randrange(5, 40):][:3]
+    assert "".join(stream(StreamDecoder(GPT2, stop=[stop, "\x00never"]), ids)) == full[: full.index(stop)]
+
+
+def test_each_token_decodes_only_the_few_ids_held_back():
+    """O(new tokens): a 2000-byte reply decodes about 2000 ids in all, not 2000^2 / 2."""
+    tok = ByteTok()
+    text = ("naïve café 😀 " * 200)[:2000]
+    ids = list(text.encode())
+    assert "".join(stream(StreamDecoder(tok, stop=["\nUser:"]), ids)) == text
+    assert tok.decoded_ids <= 3 * len(ids)
+
+
+def test_stream_text_stops_at_a_stop_string_like_the_whole_decode():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, context_length=64, n_embd=16, n_layer=2, n_head=2)).eval()
+    prompt = "In the beginning"
+    ids = GPT2.encode(prompt)
+    new = generate(model, torch.tensor([ids]), 24)[0, len(ids):].tolist()
+    full = GPT2.decode(new[: new.index(GPT2.eot_id)] if GPT2.eot_id in new else new)
+    assert "".join(stream_text(model, GPT2, prompt, 24)) == full
+    assert len(full) > 12
+    stop = full[6:9]
+    assert "".join(stream_text(model, GPT2, prompt, 24, stop=[stop])) == full[: full.index(stop)]
