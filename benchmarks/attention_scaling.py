@@ -5,7 +5,7 @@ The fast path (`CausalSelfAttention`: fused QKV + `scaled_dot_product_attention`
 stores the (T, T) attention matrix; the naive one (`MultiHeadAttention`: scores, mask,
 softmax, dropout, weighted sum) stores several, per head, for backward. Two more lines
 show bf16 autocast on the CPU: the blocked causal attention that training uses there
-(`attention.blocked_causal_attention`, which keeps the causal half of the weights) against
+(`kernels.blocked_causal_attention`, which keeps the causal half of the weights) against
 PyTorch's fused flash kernel, each forced at every length: training takes the blocked one
 up to 1024 positions, where it stops winning.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from llmscratch.attention import CausalSelfAttention, MultiHeadAttention
-from llmscratch.bench import peak_rss_mb
+from peak_memory import peak_rss_mb  # benchmarks/peak_memory.py, beside this script
 
 IMPLS = ("fast (sdpa)", "naive formula", "bf16: blocked", "bf16: sdpa flash kernel")
 
@@ -35,15 +35,17 @@ IMPLS = ("fast (sdpa)", "naive formula", "bf16: blocked", "bf16: sdpa flash kern
 def child(impl: str, T: int, n_embd: int, n_head: int, batch: int) -> None:
     from contextlib import nullcontext
 
-    from llmscratch import attention
+    from llmscratch.kernels import blocked_attention
 
     torch.manual_seed(0)
     if impl == "naive formula":
         layer = MultiHeadAttention(n_embd, n_embd, T, n_head, qkv_bias=True)
     else:
-        layer = CausalSelfAttention(n_embd, n_head)
+        layer = blocked_attention.BlockedCausalSelfAttention.from_attention(CausalSelfAttention(n_embd, n_head))
     if impl.startswith("bf16"):  # force one kernel at every length, to show the crossover
-        attention._use_blocked = lambda q: impl == "bf16: blocked"
+        blocked_attention.use_blocked = lambda q: impl == "bf16: blocked"
+    else:  # "fast (sdpa)": the fused kernel (fp32 never takes the blocked path anyway)
+        blocked_attention.use_blocked = lambda q: False
     amp = impl.startswith("bf16")
     x = torch.randn(batch, T, n_embd, requires_grad=True)
 

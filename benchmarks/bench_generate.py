@@ -2,7 +2,7 @@
 the book's `generate_text_simple` (when `llms-from-scratch` is installed, without cache).
 
 Same random weights, same prompt, greedy decoding, one process, implementations
-interleaved round by round (see `llmscratch.bench.bench_generation`).
+interleaved round by round (see `harness.bench_generation`).
 
     python benchmarks/bench_generate.py                      # gpt2-124m shape, batch 1
     python benchmarks/bench_generate.py --batch-size 8 --json out.json
@@ -15,8 +15,8 @@ import json
 
 import torch
 
-from llmscratch.utils import reuse_freed_memory
-from llmscratch.bench import bench_generation, print_rows
+from harness import bench_generation, print_rows  # benchmarks/harness.py
+from llmscratch.kernels import reuse_freed_memory
 
 
 def main() -> None:

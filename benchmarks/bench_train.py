@@ -17,8 +17,8 @@ import json
 
 import torch
 
-from llmscratch.utils import reuse_freed_memory
-from llmscratch.bench import TrainShape, bench_training, matmul_peak, print_rows
+from harness import TrainShape, bench_training, matmul_peak, print_rows  # benchmarks/harness.py
+from llmscratch.kernels import reuse_freed_memory
 
 
 def main() -> None:

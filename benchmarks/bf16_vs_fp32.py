@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from llmscratch.train import TrainConfig, pretrain
-from llmscratch.utils import reuse_freed_memory
+from llmscratch.kernels import reuse_freed_memory
 
 
 def _records(run: Path) -> list[dict]:

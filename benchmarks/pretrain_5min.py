@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from llmscratch.train import TrainConfig, pretrain
-from llmscratch.utils import reuse_freed_memory
+from llmscratch.kernels import reuse_freed_memory
 
 
 def main() -> None:

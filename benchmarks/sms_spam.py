@@ -31,7 +31,8 @@ from pathlib import Path
 from llmscratch.finetune.classify import ClassifyConfig, balance_classes, finetune_classify, stratified_split
 from llmscratch.finetune.data import read_labeled
 from llmscratch.train import TrainConfig, pretrain
-from llmscratch.utils import atomic_write, reuse_freed_memory, write_json
+from llmscratch.kernels import reuse_freed_memory
+from llmscratch.utils import atomic_write, write_json
 
 
 def build_corpus(path: Path, seed: int) -> dict:

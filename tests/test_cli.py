@@ -98,11 +98,12 @@ def test_stream_text_waits_for_whole_characters():
             self.script = list("é€".encode()) + [256]
             self.config = GPTConfig(vocab_size=257, context_length=64, n_embd=4, n_layer=1, n_head=1)
             self.w = torch.nn.Parameter(torch.zeros(1))
+            self.lm_head = torch.nn.Identity()  # the "hidden states" below are the logits
 
         def make_kv_caches(self, *a, **k):
             return None
 
-        def forward(self, idx, caches=None, start=0, last_only=False):
+        def hidden_states(self, idx, caches=None, start=0):
             n = idx.shape[1] + start - 1  # tokens generated so far = position - prompt length
             step = max(0, n)
             logits = torch.full((idx.shape[0], 1, 257), -1e9)
@@ -124,15 +125,49 @@ def test_bench_quick_writes_json(tmp_path):
     assert report["machine"]["matmul_fp32_gflops"] > 0
     assert {row["impl"] for row in report["train"]} == {"llmscratch fp32", "llmscratch bf16-autocast"}
     assert all(row["tokens_per_s"] > 0 for row in report["generate_batch1"])
+    assert report["kernels"] is True and all(row["kernels"] is True for row in report["train"])
+    _assert_rows_ran_what_they_name(report["train"])
+    for bs in (1, 8):
+        _assert_rows_ran_what_they_name(report[f"generate_batch{bs}"], prompt_len=20)
+    assert {"llmscratch KV cache fp32", "llmscratch KV cache bf16", "llmscratch KV cache int8"} <= {
+        row["impl"] for row in report["generate_batch1"]}
 
 
-def test_bench_runs_the_peers_on_the_same_shape():
+def _assert_rows_ran_what_they_name(rows, prompt_len=None):
+    """Each bench row's `ran` (recorded by a hook on the model's first projection during the
+    timed call) matches the shape and the precision its `shape` and `impl` name."""
+    assert rows
+    for r in rows:
+        ran, name, shape = r["ran"], r["impl"], r["shape"].split()
+        if prompt_len is None:  # training: "PRESET BxT"
+            assert (ran["batch"], ran["seq_len"]) == tuple(map(int, shape[-1].split("x"))), r
+        else:  # generation: "PRESET batch B"; the first forward is the prefill of the prompt
+            assert (ran["batch"], ran["seq_len"]) == (int(shape[-1]), prompt_len), r
+        if "int8" in name:
+            assert (ran["weight_dtype"], ran["dtype"]) == ("int8", "bfloat16"), r
+        elif "bf16" in name:
+            assert ran["dtype"] == "bfloat16", r
+        else:
+            assert "fp32" in name and ran["dtype"] == ran["weight_dtype"] == "float32", r
+
+
+def _harness(monkeypatch):
+    """benchmarks/harness.py of this checkout (the bench harness is not in the package)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import harness
+
+    return harness
+
+
+def test_bench_runs_the_peers_on_the_same_shape(monkeypatch):
     # transformers comes with the test extras; the book's package (`pip install --no-deps
     # llms-from-scratch`) is installed by .ci/run, which sets LLMSCRATCH_REQUIRE_BOOK
     import importlib.util
     import os
 
-    from llmscratch import bench
+    bench = _harness(monkeypatch)
 
     book = importlib.util.find_spec("llms_from_scratch") is not None
     if os.environ.get("LLMSCRATCH_REQUIRE_BOOK"):
@@ -143,6 +178,7 @@ def test_bench_runs_the_peers_on_the_same_shape():
     if book:
         assert {"book GPTModel fp32", "book GPTModelFast fp32", "book GPTModelFast bf16-autocast"} <= impls
     assert all(r["tokens_per_s"] > 0 and "vs_fastest_peer" in r for r in rows)
+    _assert_rows_ran_what_they_name(rows)
 
     gen, identical = bench.bench_generation("tiny", 2, prompt_len=5, new_tokens=6, rounds=1)
     assert identical is True  # our greedy tokens equal transformers' on the same weights
@@ -150,3 +186,4 @@ def test_bench_runs_the_peers_on_the_same_shape():
     assert "transformers generate fp32" in gen_impls
     if book:
         assert "book no cache fp32" in gen_impls
+    _assert_rows_ran_what_they_name(gen, prompt_len=5)

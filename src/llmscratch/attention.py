@@ -1,4 +1,4 @@
-"""Self-attention, built up one idea at a time, ending in the fast path the model uses.
+"""Self-attention, built up one idea at a time, ending in the layer the model uses.
 
 Read top to bottom, this file retraces how attention is usually taught:
 
@@ -12,12 +12,12 @@ Read top to bottom, this file retraces how attention is usually taught:
    heads run in one batched matmul.
 6. `CausalSelfAttention` — what `GPT` uses: the Q, K and V projections fused into one
    matrix (`c_attn`, GPT-2's name), `scaled_dot_product_attention` (flash / memory-efficient
-   kernels where the device has them), and an optional KV cache for generation.
+   kernels where the device has them), and an optional `KVCache` for generation.
 
-Steps 1–5 exist to be read, plotted and tested; `tests/test_attention.py` checks that the
-fast path (6) computes exactly the naive formula of step 5. `blocked_causal_attention` is
-the path bf16 training takes on the CPU instead of `scaled_dot_product_attention`: see its
-docstring for why and what it costs.
+Steps 1–5 exist to be read, plotted and tested; `tests/test_attention.py` checks that
+step 6 computes exactly the naive formula of step 5. Faster CPU paths (a blocked causal
+attention for bf16 training) live apart in `llmscratch.kernels` and are swapped in by
+`apply_kernels`; this file stays plain `nn.Linear` + `scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Linear
 
 
 def simplified_self_attention(x: torch.Tensor) -> torch.Tensor:
@@ -167,128 +166,8 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-BLOCK = 256
-BLOCKED_MAX_T = 1024
-
-
-def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = BLOCK,
-                             dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention computed one block of queries at a time, skipping the keys a block
-    can never see.
-
-    Queries `s..e` only attend to keys `0..e`, so their scores are a `(e-s, e)` matrix: a
-    plain matmul, a mask on its last `(e-s, e-s)` square, a softmax and a matmul with the
-    values. Over all blocks this does about `(n+1)/(2n)` of the full `T x T` work for `n`
-    blocks. `_blocked_attention_ops` writes it as plain tensor ops and lets autograd derive
-    the backward; without dropout, `_BlockedCausalAttention` computes the same thing with a
-    hand-written backward, which skips autograd's bookkeeping (masked-fill backward, full-size
-    zero gradients for every key slice) and accumulates the key and value gradients in fp32:
-    1.3x faster at 12 heads x 1024 positions in bf16.
-
-    Why it exists: PyTorch's CPU flash-attention kernel reaches only about 170 GFLOP/s in
-    bf16 forward + backward on the development CPU, where bf16 matmuls run at about 900.
-    Measured for one layer's attention, forward + backward, with 256-query blocks: 1.7x
-    faster than the fused kernel at gpt2-124m's 12 heads x 1024 positions, 1.9x at 6 heads
-    x 256 (before the hand-written backward). Past 1024 positions the late blocks' scores
-    outgrow the caches and the fused kernel wins again (`benchmarks/attention_scaling.py`:
-    at 2048, 12.4k against 13.3k tokens/s), so it is used only for CPU bf16 training at up
-    to `BLOCKED_MAX_T` positions; in fp32, and on GPUs, `scaled_dot_product_attention` is
-    as fast or faster. What it costs: the attention weights of every block are kept for the
-    backward pass (about `T^2/2` bf16 values per head and layer), where flash attention
-    keeps one number per query: at batch 4 x 1024 positions, 573 MB against 388 MB peak for
-    that one layer.
-
-    Args:
-        q, k, v: `(B, nh, T, hs)`.
-        block: queries per block.
-        dropout_p: dropout on the attention weights, as `scaled_dot_product_attention`'s.
-
-    Returns:
-        `(B, nh, T, hs)`, equal to `scaled_dot_product_attention(q, k, v, is_causal=True)`
-        up to rounding (the scores are rounded to `q`'s dtype before the softmax, which
-        then accumulates in fp32).
-    """
-    if dropout_p:
-        return _blocked_attention_ops(q, k, v, block, dropout_p)
-    return _BlockedCausalAttention.apply(q, k, v, block)
-
-
-def _blocked_attention_ops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,
-                           dropout_p: float = 0.0) -> torch.Tensor:
-    """`blocked_causal_attention` as plain tensor ops; autograd derives the backward."""
-    T, hs = q.shape[-2], q.shape[-1]
-    q = q * (1.0 / math.sqrt(hs))  # exact in bf16 for power-of-two head sizes
-    upper = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
-    outs = []
-    for s in range(0, T, block):
-        e = min(s + block, T)
-        scores = q[:, :, s:e] @ k[:, :, :e].transpose(-2, -1)  # (B, nh, e-s, e)
-        scores[..., s:].masked_fill_(upper[: e - s, : e - s], float("-inf"))  # the diagonal square
-        weights = torch.softmax(scores, dim=-1)
-        if dropout_p:
-            weights = F.dropout(weights, dropout_p)
-        outs.append(weights @ v[:, :, :e])
-    return torch.cat(outs, dim=2)
-
-
-class _BlockedCausalAttention(torch.autograd.Function):
-    """`_blocked_attention_ops` without dropout, with its backward written out.
-
-    With `S = (q/sqrt(hs)) K^T`, `P = softmax(S)` and `O = P V` per block of queries:
-    `dV += P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(dP * P))` (the softmax backward),
-    `dq = dS K / sqrt(hs)` and `dK += dS^T (q/sqrt(hs))`, where `+=` adds each block's share
-    into the keys and values it saw.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, block: int):
-        B, H, T, hs = q.shape
-        qs = (q * (1.0 / math.sqrt(hs))).reshape(B * H, T, hs)
-        k3, v3 = k.reshape(B * H, T, hs), v.reshape(B * H, T, hs)
-        upper = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
-        out = torch.empty_like(qs)
-        weights = []
-        for s in range(0, T, block):
-            e = min(s + block, T)
-            scores = torch.bmm(qs[:, s:e], k3[:, :e].transpose(1, 2))  # (B*nh, e-s, e)
-            scores[..., s:].masked_fill_(upper[: e - s, : e - s], float("-inf"))
-            p = torch.softmax(scores, dim=-1)
-            out[:, s:e] = torch.bmm(p, v3[:, :e])
-            weights.append(p)
-        ctx.save_for_backward(qs, k3, v3, *weights)
-        ctx.block, ctx.shape = block, (B, H, T, hs)
-        return out.view(B, H, T, hs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        qs, k3, v3, *weights = ctx.saved_tensors
-        B, H, T, hs = ctx.shape
-        d_out = grad_out.reshape(B * H, T, hs)
-        dq = torch.empty_like(qs)
-        dk = torch.zeros(qs.shape, dtype=torch.float32, device=qs.device)
-        dv = torch.zeros(qs.shape, dtype=torch.float32, device=qs.device)
-        for p, s in zip(weights, range(0, T, ctx.block)):
-            e = min(s + ctx.block, T)
-            dp = torch.bmm(d_out[:, s:e], v3[:, :e].transpose(1, 2))  # (B*nh, e-s, e)
-            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # P * (dP - rowsum(dP * P))
-            dq[:, s:e] = torch.bmm(ds, k3[:, :e])
-            dk[:, :e] += torch.bmm(ds.transpose(1, 2), qs[:, s:e])
-            dv[:, :e] += torch.bmm(p.transpose(1, 2), d_out[:, s:e])
-        shape = (B, H, T, hs)
-        return ((dq * (1.0 / math.sqrt(hs))).view(shape), dk.to(qs.dtype).view(shape),
-                dv.to(qs.dtype).view(shape), None)
-
-
-def _use_blocked(q: torch.Tensor) -> bool:
-    """bf16 training on the CPU, up to 1024 positions: where `blocked_causal_attention`
-    beats the fused kernel."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
-            and q.shape[-2] <= BLOCKED_MAX_T)
-
-
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention as GPT-2 computes it, on the fast path.
+    """Multi-head causal self-attention as GPT-2 computes it.
 
     One fused `c_attn` projection yields Q, K and V (one matmul instead of three), and
     `scaled_dot_product_attention` does mask + softmax + weighted sum in one kernel.
@@ -297,8 +176,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, qkv_bias: bool = True):
         super().__init__()
         self.n_head, self.head_dim = n_head, n_embd // n_head
-        self.c_attn = Linear(n_embd, 3 * n_embd, bias=qkv_bias)
-        self.c_proj = Linear(n_embd, n_embd)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=qkv_bias)
+        self.c_proj = nn.Linear(n_embd, n_embd)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -317,22 +196,28 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        if cache is None or start == 0:
-            if cache is not None:
-                cache.update(0, k, v)
-            if _use_blocked(q):
-                y = blocked_causal_attention(q, k, v, dropout_p=dropout_p)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            k, v = cache.update(start, k, v)  # (B, nh, start+T, hs)
-            if T == 1:
-                # one new token may look at everything cached: no mask at all
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-            else:
-                # a chunk after a prefix: query i (absolute start+i) sees keys 0..start+i
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, nh, start+T, hs): the cached prefix too
+        y = self.attend(q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs)) v, each query seeing only the keys at or before it.
+
+        Args:
+            q: `(B, nh, T, hs)`, the last `T` positions; k, v: `(B, nh, P+T, hs)`, a prefix
+                of `P >= 0` earlier (cached) positions followed by the queries' own.
+
+        Returns:
+            `(B, nh, T, hs)`.
+        """
+        T, P = q.shape[2], k.shape[2] - q.shape[2]
+        dropout_p = self.dropout if self.training else 0.0
+        if P == 0:  # no prefix: the plain causal triangle
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if T == 1:  # one new token may look at everything cached: no mask at all
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        # a chunk after a prefix: query i (absolute position P+i) sees keys 0..P+i
+        mask = torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(P)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

@@ -132,7 +132,7 @@ def _load_config_file(path: str, cls) -> dict:
 def cmd_pretrain(args) -> int:
     """Pretrain a GPT from scratch on a corpus, writing a self-contained run folder."""
     from .train import TrainConfig, pretrain
-    from .utils import reuse_freed_memory
+    from .kernels import reuse_freed_memory
 
     values = _load_config_file(args.config, TrainConfig) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "func", "config")})
@@ -217,63 +217,19 @@ def cmd_convert(args) -> None:
 def cmd_bench(args) -> None:
     """Measure the machine's matmul peak and memory bandwidth, training throughput (with
     MFU), generation speed, tokenizers and peak memory, against the peers that are installed
-    (transformers; the book's llms-from-scratch package, installed with `pip install --no-deps`)."""
-    import torch
+    (transformers; the book's llms-from-scratch package, installed with `pip install --no-deps`).
+    Runs `benchmarks/harness.py` of a source checkout: the harness imports the peers, so it
+    is not part of the installed package."""
+    from pathlib import Path
 
-    from . import bench
-    from .utils import release_freed_memory, reuse_freed_memory
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (folder / "harness.py").is_file():
+        raise UserError("llmscratch bench runs benchmarks/harness.py from a source checkout of llmscratch "
+                        "(git clone, then pip install -e \".[bench]\"); this installation has no benchmarks/ folder")
+    sys.path.insert(0, str(folder))  # the harness and its sibling modules, as when run as scripts
+    import harness
 
-    # process-wide, so every implementation measured here runs with the same allocator
-    reuse_freed_memory()
-    device = args.device if args.device != "auto" else "cpu"
-    report: dict = {"threads": torch.get_num_threads(), "device": device}
-    peak32 = bench.matmul_peak(torch.float32, device=device)
-    peak16 = bench.matmul_peak(torch.bfloat16, device=device)
-    bw = bench.memory_bandwidth(device=device)
-    report["machine"] = {"matmul_fp32_gflops": peak32, "matmul_bf16_gflops": peak16, "copy_gb_s": bw}
-    print(f"machine: {torch.get_num_threads()} threads on {device}; matmul fp32 {peak32:.0f} GFLOP/s, "
-          f"bf16 {peak16:.0f} GFLOP/s; copy {bw:.1f} GB/s")
-    if "train" in args.what:
-        shapes = [bench.TrainShape("small", 8, 256), bench.TrainShape("gpt2-124m", 1, 1024)]
-        if args.quick:
-            shapes = [bench.TrainShape("tiny", 4, 128)]
-        rows = bench.bench_training(shapes, args.rounds, device, peers=not args.no_peers,
-                                    peak_fp32=peak32, peak_bf16=peak16)
-        bench.print_rows(rows, f"training step (forward + backward + AdamW), median of {args.rounds}")
-        report["train"] = rows
-        release_freed_memory()  # the memory rows below run children beside this process
-    if "generate" in args.what:
-        preset = "tiny" if args.quick else "gpt2-124m"
-        n_new = 20 if args.quick else 200
-        for bs in (1, 8):
-            rows, same = bench.bench_generation(preset, bs, 20, n_new, args.rounds, device,
-                                                peers=not args.no_peers, uncached=bs == 1)
-            bench.print_rows(rows, f"generation, greedy, prompt 20, {n_new} new tokens, batch {bs}"
-                             + ("" if same is None else f" (tokens identical to transformers: {same})"))
-            report[f"generate_batch{bs}"] = rows
-            release_freed_memory()
-    if "tokenizer" in args.what:
-        from .datasets import load_text
-
-        text = load_text("python-docs" if args.quick else "tinyshakespeare")[0].text
-        rows = bench.bench_tokenizers(text, 512 if args.quick else 4096, peers=not args.no_peers)
-        print(f"\ntokenizers on {'python-docs' if args.quick else 'tinyshakespeare'} ({len(text) / 1e6:.2f} MB)")
-        for r in rows:
-            speed = f"{r['mb_per_s']:6.2f} MB/s" if "mb_per_s" in r else ""
-            print(f"  {r['task']:22s} {r['impl']:34s} {r['seconds']:7.3f} s  {speed}")
-        report["tokenizer"] = rows
-    if "memory" in args.what:
-        preset, B, T = ("tiny", 2, 128) if args.quick else ("gpt2-124m", 4, 1024)
-        rows = bench.bench_memory(preset, B, T, peers=not args.no_peers)
-        print(f"\npeak RSS of a training step ({preset}, batch {B} x {T}), each in a fresh process")
-        for r in rows:
-            print(f"  {r['impl']:45s} {r['peak_rss_mb']:8.0f} MB   {r['tokens_per_s']:7.1f} tok/s")
-        report["memory"] = rows
-    if args.json:
-        from .utils import write_json
-
-        write_json(args.json, report)
-        print(f"\nwrote {args.json}")
+    harness.run(args)
 
 
 # ----------------------------------------------------------------------------- serve
@@ -362,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="skip the peers (transformers, the book's llms-from-scratch)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false",
+                   help="measure the plain reference model (llmscratch.kernels not applied)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and chat page", description=cmd_serve.__doc__)

@@ -66,6 +66,12 @@ def _fit_prompt(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return idx
 
 
+def _last_logits(model: GPT, idx: torch.Tensor, caches, start: int) -> torch.Tensor:
+    """`(B, V)` logits of the last position only: decoding needs no more, and on a long
+    prompt the LM head of every other position would be most of the prefill's work."""
+    return model.lm_head(model.hidden_states(idx, caches, start)[:, -1])
+
+
 @torch.inference_mode()
 def generate_stream(
     model: GPT,
@@ -99,7 +105,7 @@ def generate_stream(
 
     caches = model.make_kv_caches(idx.shape[0], ctx) if use_cache else None
     seq = idx
-    logits = model(seq, caches, 0, last_only=True)[:, -1]  # prefill: (B, V)
+    logits = _last_logits(model, seq, caches, 0)  # prefill: (B, V)
     for _ in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         if eos is not None:
@@ -111,11 +117,11 @@ def generate_stream(
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         if seq.shape[1] > ctx:  # slide the window: positions change, recompute it
             seq = seq[:, -ctx:]
-            logits = model(seq, caches, 0, last_only=True)[:, -1]
+            logits = _last_logits(model, seq, caches, 0)
         elif use_cache:
-            logits = model(nxt[:, None], caches, seq.shape[1] - 1, last_only=True)[:, -1]
+            logits = _last_logits(model, nxt[:, None], caches, seq.shape[1] - 1)
         else:
-            logits = model(seq, None, 0, last_only=True)[:, -1]
+            logits = _last_logits(model, seq, None, 0)
 
 
 def generate(

@@ -5,6 +5,10 @@ Reads top to bottom like GPT-2 itself: token + position embeddings -> n_layer bl
 LayerNorm -> linear head back to the vocabulary. Parameter names follow GPT-2's (`wte`,
 `wpe`, `h.N.attn.c_attn`, `c_proj`, `ln_f`), so loading OpenAI's weights is a name map
 plus a transpose (see `weights.py`).
+
+This is the reference model: `nn.Linear`, `nn.LayerNorm` and `scaled_dot_product_attention`
+only. `llmscratch.kernels.apply_kernels(model)` swaps faster CPU kernels into a built model
+(the CLI, trainer, server and bench do so by default); their results equal this file's.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache
 from .errors import UserError
-from .layers import Linear
 
 # name -> (n_layer, n_head, n_embd, context_length). The GPT-2 sizes are OpenAI's; the small
 # presets are sized to train in minutes on a laptop CPU.
@@ -96,8 +99,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +135,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # One Parameter in two places: gradients from both uses add up, and the two can
             # never drift apart (copying wte into the head at load time would let them).
@@ -156,25 +159,20 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        caches: list[KVCache] | None = None,
-        start: int = 0,
-        last_only: bool = False,
-        return_hidden: bool = False,
-    ) -> torch.Tensor:
-        """Args:
+    def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None,
+                      start: int = 0) -> torch.Tensor:
+        """The final hidden states, after `ln_f`: what the LM head turns into logits.
+
+        For losses that want them rather than logits (`kernels.lm_head_loss` never builds
+        the full logits), and for decoding, which only needs the last position's logits.
+
+        Args:
             idx: `(B, T)` token ids.
             caches: one `KVCache` per layer (from `make_kv_caches`) for incremental decoding.
             start: position of `idx[:, 0]` in the sequence (nonzero only with caches).
-            last_only: compute logits for the last position only (all that decoding needs;
-                skips most of the LM head's work on a long prompt).
-            return_hidden: return the final hidden states `(B, T, n_embd)` (after `ln_f`)
-                instead of logits, for `fused_lm_loss`, which never builds the full logits.
 
         Returns:
-            Logits `(B, T, vocab_size)`, or `(B, 1, vocab_size)` with `last_only`.
+            `(B, T, n_embd)`.
         """
         B, T = idx.shape
         if start + T > self.config.context_length:
@@ -189,12 +187,12 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, cache, start)
-        if last_only:
-            x = x[:, -1:, :]  # (B, 1, C)
-        x = self.ln_f(x)
-        if return_hidden:
-            return x  # (B, T, C)
-        return self.lm_head(x)  # (B, T, vocab)
+        return self.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+        """Next-token logits `(B, T, vocab_size)` for token ids `idx` `(B, T)`; `caches` and
+        `start` as in `hidden_states`."""
+        return self.lm_head(self.hidden_states(idx, caches, start))  # (B, T, vocab)
 
     def make_kv_caches(self, batch_size: int, max_len: int | None = None,
                        dtype: torch.dtype | None = None) -> list[KVCache]:
@@ -234,95 +232,3 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
     return F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index
     )
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T` without ever holding all the logits.
-
-    Rows are processed in chunks: logits of one chunk, their softmax, the loss, and at once
-    the gradient (softmax - one_hot), which is all backward needs. Peak memory is one chunk
-    of logits instead of `(N, vocab)` in fp32 several times over (logits, log-softmax, and
-    its gradient), and the full logits never travel through memory at all.
-
-    Three details make it fast on the CPU (measured at gpt2-124m, 1024 rows, bf16):
-    - The softmax runs on the logits in the compute dtype (the kernel accumulates in fp32)
-      and becomes the gradient in place: one pass instead of six over fp32 logits.
-    - The loss needs each row's log-sum-exp, which comes from the softmax's largest entry:
-      `lse = max - log(p_max)`. `p_max >= 1/vocab` never underflows, so in bf16 this is
-      within 0.002 of the fp32 value per row; no extra pass over the logits.
-    - The vocabulary is padded to a multiple of 64 rows inside the compute copy of the
-      weight (GPT-2's 50257 -> 50304; the padding logits are -inf): oneDNN's bf16
-      weight-gradient matmul runs about 20% faster on the padded shape.
-    The per-row loss weight `1/count` is folded into the small `(n, C)` operands rather
-    than applied to the `(n, vocab)` gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_rows: int):
-        dtype = hidden.dtype
-        V, C = weight.shape
-        Vp = -(-V // 64) * 64
-        w = hidden.new_empty((Vp, C))  # the compute copy (bf16 under autocast), padded
-        w[:V].copy_(weight)
-        w[V:].zero_()
-        valid_all = targets != ignore_index
-        count = valid_all.sum().clamp(min=1).to(torch.float32)
-        row_scale = valid_all.to(torch.float32) / count  # d(mean loss)/d(row loss)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        d_hidden = torch.empty_like(hidden)
-        d_weight = None
-        for s in range(0, hidden.shape[0], chunk_rows):
-            h, t = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]  # (n, C), (n,)
-            valid, scale = valid_all[s:s + chunk_rows], row_scale[s:s + chunk_rows, None]
-            t = t.masked_fill(~valid, 0)[:, None]
-            logits = h @ w.t()  # (n, Vp)
-            if Vp > V:
-                logits[:, V:] = float("-inf")
-            top, top_idx = logits.max(dim=-1, keepdim=True)
-            target_logit = logits.gather(1, t)
-            probs = torch.softmax(logits, dim=-1)  # (n, Vp); the logits are not needed again
-            del logits
-            lse = top.float() - probs.gather(1, top_idx).float().log()
-            total += ((lse - target_logit.float()).squeeze(1) * valid).sum()
-            probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))  # softmax - one_hot
-            d_hidden[s:s + chunk_rows] = (probs @ w) * scale.to(dtype)  # (n, C)
-            dw = probs.t() @ (h * scale.to(dtype))  # (Vp, C)
-            if d_weight is None:
-                d_weight = dw[:V].to(weight.dtype)
-            else:
-                d_weight += dw[:V]
-        ctx.save_for_backward(d_hidden, d_weight)
-        return total / count
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError("fused_lm_loss: backward can run only once per forward (retain_graph is not supported)")
-        ctx.consumed = True
-        d_hidden, d_weight = ctx.saved_tensors
-        # scaled in place: these buffers are ours, and backward runs once per forward
-        return d_hidden.mul_(grad_out.to(d_hidden.dtype)), d_weight.mul_(grad_out), None, None, None
-
-
-def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                  ignore_index: int = -100, chunk_elements: int = 2**26) -> torch.Tensor:
-    """`lm_loss(hidden @ weight.T, targets)` computed chunk by chunk (see `_LinearCrossEntropy`).
-
-    Args:
-        hidden: `(B, T, C)` final hidden states (`model(idx, return_hidden=True)`).
-        weight: `(V, C)` LM head weight (`model.lm_head.weight`).
-        targets: `(B, T)` ids, `ignore_index` where no loss is wanted.
-        chunk_elements: logits held at once (rows x vocab); 2**26 is 256 MB in fp32.
-            Fewer, larger chunks are faster (each chunk adds its share of the weight
-            gradient into one fp32 buffer); smaller ones save memory.
-
-    Returns:
-        The mean loss over the non-ignored targets (a scalar), with gradients for
-        `hidden` and `weight`.
-    """
-    C = hidden.shape[-1]
-    if torch.is_autocast_enabled(hidden.device.type):
-        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
-    rows = max(1, chunk_elements // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden.reshape(-1, C), weight, targets.reshape(-1), ignore_index, rows)

@@ -56,7 +56,7 @@ def _config(cls, args):
 
 def cmd_finetune_classify(args) -> int:
     """Fine-tune a model into a text classifier (e.g. spam / not spam)."""
-    from ..utils import reuse_freed_memory
+    from ..kernels import reuse_freed_memory
     from .classify import ClassifyConfig, finetune_classify
 
     reuse_freed_memory()
@@ -77,7 +77,7 @@ def cmd_finetune_classify(args) -> int:
 
 def cmd_finetune_instruct(args) -> int:
     """Instruction-tune a model; writes a run folder and the test set's responses."""
-    from ..utils import reuse_freed_memory
+    from ..kernels import reuse_freed_memory
     from .instruct import InstructConfig, finetune_instruct
 
     reuse_freed_memory()

@@ -1,5 +1,13 @@
 """Speed measurements: the machine's own limits, training throughput and generation speed.
 
+The harness behind `llmscratch bench` (which loads this file from a source checkout) and
+the scripts beside it. It lives outside the installed package because it imports peers.
+Our rows run with the kernels applied (`llmscratch.kernels.apply_kernels`), as the CLI
+and the trainer do; `kernels=False` (`llmscratch bench --no-kernels`) measures the
+reference model instead. Every row records what actually ran (`ran`: batch, sequence
+length, activation and weight dtypes, seen by a hook on the first projection), so a row
+cannot claim a shape or precision it did not run.
+
 Every figure is reported against what the hardware can do (measured matmul GFLOP/s), and
 against peers on the same shapes in the same run when they are installed: `transformers`'
 GPT2LMHeadModel, and the book's own package (`pip install --no-deps llms-from-scratch`; its
@@ -20,7 +28,8 @@ from typing import Callable
 
 import torch
 
-from .model import GPT, GPTConfig, fused_lm_loss
+from llmscratch.kernels import apply_kernels, lm_head_loss, reuse_freed_memory
+from llmscratch.model import GPT, GPTConfig
 
 
 def _sync(device: torch.device) -> None:
@@ -84,10 +93,48 @@ class TrainShape:
     seq_len: int
 
 
+def _first_projection(model: torch.nn.Module) -> torch.nn.Module:
+    """The first matmul layer of `model` (`nn.Linear` and its kernel/int8 variants, or
+    transformers' `Conv1D`): its output shows the batch, length and compute dtype."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Conv1D", "Int8Linear"):
+            return m
+    raise ValueError(f"no linear layer in {type(model).__name__}")
+
+
+def record_run(model: torch.nn.Module) -> dict:
+    """A dict that a forward hook on `model`'s first projection fills with what the last
+    call actually ran: `batch`, `seq_len` (of the call's first forward: the prefill when
+    generating), `dtype` (of the activations) and `weight_dtype`."""
+    ran: dict = {}
+    layer = _first_projection(model)
+
+    def hook(module, inputs, out):
+        if not ran.get("_seen"):
+            ran.update(_seen=True, batch=out.shape[0], seq_len=out.shape[1] if out.dim() > 2 else 1,
+                       dtype=str(out.dtype).removeprefix("torch."),
+                       weight_dtype=str(module.weight.dtype).removeprefix("torch."))
+
+    layer.register_forward_hook(hook)
+    return ran
+
+
+def _recorded(fn: Callable[[], object], ran: dict) -> Callable[[], object]:
+    """`fn`, resetting `ran` before each call so it describes the latest one."""
+
+    def call():
+        ran.pop("_seen", None)
+        return fn()
+
+    call.ran = ran
+    return call
+
+
 def _train_step(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], vocab_size: int,
                 B: int, T: int, amp: torch.dtype | None, device: torch.device) -> Callable[[], None]:
     """A closure doing one forward (`loss_of(tokens)`, under autocast when `amp`) + backward
-    + fused AdamW step of `model` on a fixed batch of random tokens."""
+    + fused AdamW step of `model` on a fixed batch of random tokens. Its `.ran` says what
+    the last call ran (`record_run`)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
     x = torch.randint(0, vocab_size, (B, T), device=device)
     ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
@@ -100,21 +147,26 @@ def _train_step(model: torch.nn.Module, loss_of: Callable[[torch.Tensor], torch.
         opt.zero_grad(set_to_none=True)
         _sync(device)
 
-    return step
+    return _recorded(step, record_run(model))
 
 
 def ours_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, device="cpu",
-                    compile: bool = False, checkpointing: bool = False) -> tuple[Callable[[], None], float]:
-    """A closure doing one forward + backward + fused AdamW step of our GPT, and its
-    training FLOPs per token."""
+                    compile: bool = False, checkpointing: bool = False,
+                    kernels: bool = True) -> tuple[Callable[[], None], float]:
+    """A closure doing one forward + backward + fused AdamW step of our GPT (with the
+    kernels applied unless `kernels=False`), and its training FLOPs per token."""
     device = torch.device(device)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
+    if kernels:
+        apply_kernels(model)
     model.gradient_checkpointing = checkpointing
-    fwd = torch.compile(model) if compile else model
 
-    def loss_of(x):  # what train.pretrain does per micro-batch
-        return fused_lm_loss(fwd(x, return_hidden=True), model.lm_head.weight, x)
+    def loss_of(x):  # what the trainer does per micro-batch
+        return lm_head_loss(model, model.hidden_states(x), x)
+
+    if compile:
+        loss_of = torch.compile(loss_of)
 
     return _train_step(model, loss_of, cfg.vocab_size, B, T, amp, device), model.flops_per_token(T)
 
@@ -157,17 +209,22 @@ def book_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, dev
 
 
 def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peers: bool = True,
-                   peak_fp32: float | None = None, peak_bf16: float | None = None) -> list[dict]:
+                   peak_fp32: float | None = None, peak_bf16: float | None = None,
+                   kernels: bool = True) -> list[dict]:
     """Tokens/s and MFU of a training step for each shape, interleaved: ours and
     transformers', each in fp32 and under bf16 autocast, and the book's GPTModel (fp32) and
-    GPTModelFast (fp32 and bf16 autocast). Missing peers are skipped."""
+    GPTModelFast (fp32 and bf16 autocast). Missing peers are skipped.
+
+    Returns:
+        One dict per (shape, implementation): `shape`, `impl`, `tokens_per_s`, `tflops`,
+        `ran` (what the step ran, `record_run`), ratios to the peers and MFU."""
     rows = []
     for shape in shapes:
         cfg = GPTConfig.from_name(shape.preset, context_length=max(shape.seq_len, 1))
         B, T = shape.batch_size, shape.seq_len
         fns: dict[str, Callable[[], None]] = {}
-        fns["llmscratch fp32"], flops_tok = ours_train_step(cfg, B, T, None, device)
-        fns["llmscratch bf16-autocast"], _ = ours_train_step(cfg, B, T, torch.bfloat16, device)
+        fns["llmscratch fp32"], flops_tok = ours_train_step(cfg, B, T, None, device, kernels=kernels)
+        fns["llmscratch bf16-autocast"], _ = ours_train_step(cfg, B, T, torch.bfloat16, device, kernels=kernels)
         if peers:
             try:
                 fns["transformers fp32 (sdpa)"] = hf_train_step(cfg, B, T, None, device)
@@ -188,7 +245,9 @@ def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peer
         for name, s in secs.items():
             tps = B * T / s
             row = {"shape": f"{shape.preset} {B}x{T}", "impl": name, "tokens_per_s": tps,
-                   "tflops": flops_tok * tps / 1e12}
+                   "tflops": flops_tok * tps / 1e12, "ran": _ran(fns[name])}
+            if name.startswith("llmscratch"):
+                row["kernels"] = kernels
             if peer_best:
                 row["vs_fastest_peer"] = peer_best / s
             if peer_best_fp32:
@@ -205,23 +264,29 @@ def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peer
 
 def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len: int = 20,
                      new_tokens: int = 200, rounds: int = 3, device="cpu", peers: bool = True,
-                     uncached: bool = True) -> tuple[list[dict], bool | None]:
-    """Greedy decoding tokens/s: ours with the KV cache (fp32 and bf16 weights), without it,
-    and transformers' `generate` on the same weights.
+                     uncached: bool = True, kernels: bool = True) -> tuple[list[dict], bool | None]:
+    """Greedy decoding tokens/s: ours with the KV cache (fp32, bf16 and int8 weights, with
+    the kernels applied unless `kernels=False`), without it, and transformers' `generate`
+    on the same weights.
 
     Returns:
-        `(rows, identical)`, where `identical` says whether our fp32 greedy tokens equal
-        transformers' (None when transformers is not installed).
+        `(rows, identical)`: rows as `bench_training`'s (`ran` describes the prefill), and
+        whether our fp32 greedy tokens equal transformers' (None when transformers is not
+        installed).
     """
     import tempfile
 
-    from .generate import generate
+    from llmscratch.generate import generate
+
+    def ours_model() -> GPT:
+        model = GPT(cfg).to(device).eval()
+        return apply_kernels(model) if kernels else model
 
     device = torch.device(device)
     torch.manual_seed(0)
     cfg = GPTConfig.from_name(preset)
-    ours = GPT(cfg).to(device).eval()
-    ours_bf16 = GPT(cfg).to(device).eval()
+    ours = ours_model()
+    ours_bf16 = ours_model()
     ours_bf16.load_state_dict(ours.state_dict())
     ours_bf16.to(torch.bfloat16)
     idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), device=device)
@@ -229,15 +294,18 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
         "llmscratch KV cache fp32": lambda: generate(ours, idx, new_tokens),
         "llmscratch KV cache bf16": lambda: generate(ours_bf16, idx, new_tokens),
     }
+    models = {"llmscratch KV cache fp32": ours, "llmscratch KV cache bf16": ours_bf16}  # name -> model run
     if device.type == "cpu":
-        from .quantize import quantize_int8
+        from llmscratch.quantize import quantize_int8
 
-        ours_int8 = GPT(cfg).eval()
+        ours_int8 = ours_model()
         ours_int8.load_state_dict(ours.state_dict())
         quantize_int8(ours_int8)
         fns["llmscratch KV cache int8"] = lambda: generate(ours_int8, idx, new_tokens)
+        models["llmscratch KV cache int8"] = ours_int8
     if uncached:
         fns["llmscratch no cache fp32"] = lambda: generate(ours, idx, new_tokens, use_cache=False)
+        models["llmscratch no cache fp32"] = ours
     identical = None
     if peers:
         try:
@@ -245,7 +313,7 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
         except ImportError:
             GPT2LMHeadModel = None
         if GPT2LMHeadModel is not None:
-            from .weights import save_hf_gpt2
+            from llmscratch.weights import save_hf_gpt2
 
             with tempfile.TemporaryDirectory() as d:
                 save_hf_gpt2(ours, d)
@@ -259,6 +327,7 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
                                        pad_token_id=0)
 
             fns["transformers generate fp32"] = run_hf
+            models["transformers generate fp32"] = hf
             identical = torch.equal(fns["llmscratch KV cache fp32"](), run_hf())
         if uncached:
             # The book's own decoding loop (ch04 `generate_text_simple`: the whole context
@@ -275,16 +344,25 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
                 book = BookGPT(book_config(cfg)).to(device).eval()
                 fns["book no cache fp32"] = lambda: generate_text_simple(book, idx, new_tokens,
                                                                          cfg.context_length)
+                models["book no cache fp32"] = book
+    fns = {name: _recorded(fn, record_run(models[name])) for name, fn in fns.items()}
     secs = interleave(fns, rounds)
     ref = secs.get("transformers generate fp32")
     rows = []
     for name, s in secs.items():
         row = {"shape": f"{preset} batch {batch_size}", "impl": name,
-               "tokens_per_s": batch_size * new_tokens / s}
+               "tokens_per_s": batch_size * new_tokens / s, "ran": _ran(fns[name])}
+        if name.startswith("llmscratch"):
+            row["kernels"] = kernels
         if ref:
             row["vs_transformers"] = ref / s
         rows.append(row)
     return rows, identical
+
+
+def _ran(fn) -> dict:
+    """What `fn`'s last call ran (see `record_run`), without the bookkeeping key."""
+    return {k: v for k, v in fn.ran.items() if k != "_seen"}
 
 
 def print_rows(rows: list[dict], title: str) -> None:
@@ -301,89 +379,11 @@ def print_rows(rows: list[dict], title: str) -> None:
         print(f"  {r['shape']:22s} {r['impl']:32s} {r['tokens_per_s']:10.1f} tok/s   " + "   ".join(extra))
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB.
-
-    On Linux this is `VmHWM` of the process's own address space: `ru_maxrss` would also
-    count the parent's peak, which a child started with fork + exec inherits."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux (bytes on macOS)
-
-
-def _rss_child(impl: str, preset: str, B: int, T: int, amp: str, checkpointing: bool) -> None:
-    """Run inside a fresh process: two training steps, then print the peak RSS in MB."""
-    from .utils import reuse_freed_memory
-
-    reuse_freed_memory()  # as the CLI's training commands do
-
-    dtype = torch.bfloat16 if amp == "bf16" else None
-    cfg = GPTConfig.from_name(preset, context_length=max(T, 1))
-    if impl == "llmscratch":
-        step, _ = ours_train_step(cfg, B, T, dtype, checkpointing=checkpointing)
-    else:
-        step = hf_train_step(cfg, B, T, dtype)
-    t0 = time.perf_counter()
-    step()
-    step()
-    secs = (time.perf_counter() - t0) / 2
-    print(f"RSS {peak_rss_mb():.1f} {B * T / secs:.1f}")
-
-
-def peak_rss_train_step(impl: str, preset: str = "gpt2-124m", batch_size: int = 4, seq_len: int = 1024,
-                        amp: str = "fp32", checkpointing: bool = False) -> tuple[float, float]:
-    """Peak resident memory (MB) and tokens/s of a training step, measured in a fresh
-    process so earlier allocations do not count. `impl` is "llmscratch" or "transformers"."""
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "llmscratch.bench", impl, preset, str(batch_size), str(seq_len), amp,
-           "1" if checkpointing else "0"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    line = [ln for ln in out.splitlines() if ln.startswith("RSS ")][-1]
-    rss, tps = line.split()[1:]
-    return float(rss), float(tps)
-
-
-def bench_memory(preset: str = "gpt2-124m", batch_size: int = 4, seq_len: int = 1024,
-                 peers: bool = True) -> list[dict]:
-    """Peak RSS of a training step: ours fp32, ours with activation checkpointing, ours bf16
-    autocast, and transformers fp32."""
-    runs = [("llmscratch", "fp32", False), ("llmscratch", "fp32", True), ("llmscratch", "bf16", False)]
-    if peers:
-        runs.append(("transformers", "fp32", False))
-    rows = []
-    for impl, amp, ckpt in runs:
-        try:
-            rss, tps = peak_rss_train_step(impl, preset, batch_size, seq_len, amp, ckpt)
-        except Exception as e:  # a missing peer or an out-of-memory child: report, go on
-            print(f"  {impl} {amp}: failed ({e})")
-            continue
-        name = f"{impl} {amp}" + (" + activation checkpointing" if ckpt else "")
-        rows.append({"shape": f"{preset} {batch_size}x{seq_len}", "impl": name, "peak_rss_mb": rss,
-                     "tokens_per_s": tps})
-    return rows
-
-
-if __name__ == "__main__":  # the child process of peak_rss_train_step
-    import sys
-
-    _impl, _preset, _b, _t, _amp, _ckpt = sys.argv[1:7]
-    _rss_child(_impl, _preset, int(_b), int(_t), _amp, _ckpt == "1")
-
-
 def bench_tokenizers(text: str, vocab_size: int = 4096, peers: bool = True) -> list[dict]:
     """BPE training seconds (ours vs the Rust `tokenizers` trainer) and encoding MB/s
     (GPT-2's via `get_tokenizer`, the raw tiktoken encoding underneath, our trained BPE).
     Best of two runs each."""
-    from .tokenizer import BPETokenizer, get_tokenizer
+    from llmscratch.tokenizer import BPETokenizer, get_tokenizer
 
     def best(fn, n=2):
         times = []
@@ -422,3 +422,69 @@ def bench_tokenizers(text: str, vocab_size: int = 4096, peers: bool = True) -> l
         s = best(fn)
         rows.append({"task": "encode", "impl": name, "seconds": s, "mb_per_s": mb / s})
     return rows
+
+
+def run(args) -> None:
+    """`llmscratch bench`: the machine's matmul peak and memory bandwidth, then the
+    sections in `args.what`, printed and (with `args.json`) written as JSON.
+
+    Args:
+        args: the CLI's parsed flags (`what`, `rounds`, `quick`, `no_peers`, `device`,
+            `json`, `kernels`).
+    """
+    from llmscratch.kernels import release_freed_memory
+
+    # process-wide, so every implementation measured here runs with the same allocator
+    reuse_freed_memory()
+    kernels = getattr(args, "kernels", True)
+    device = args.device if args.device != "auto" else "cpu"
+    report: dict = {"threads": torch.get_num_threads(), "device": device, "kernels": kernels}
+    peak32 = matmul_peak(torch.float32, device=device)
+    peak16 = matmul_peak(torch.bfloat16, device=device)
+    bw = memory_bandwidth(device=device)
+    report["machine"] = {"matmul_fp32_gflops": peak32, "matmul_bf16_gflops": peak16, "copy_gb_s": bw}
+    print(f"machine: {torch.get_num_threads()} threads on {device}; matmul fp32 {peak32:.0f} GFLOP/s, "
+          f"bf16 {peak16:.0f} GFLOP/s; copy {bw:.1f} GB/s; our rows {'with' if kernels else 'without'} kernels")
+    if "train" in args.what:
+        shapes = [TrainShape("small", 8, 256), TrainShape("gpt2-124m", 1, 1024)]
+        if args.quick:
+            shapes = [TrainShape("tiny", 4, 128)]
+        rows = bench_training(shapes, args.rounds, device, peers=not args.no_peers,
+                              peak_fp32=peak32, peak_bf16=peak16, kernels=kernels)
+        print_rows(rows, f"training step (forward + backward + AdamW), median of {args.rounds}")
+        report["train"] = rows
+        release_freed_memory()  # the memory rows below run children beside this process
+    if "generate" in args.what:
+        preset = "tiny" if args.quick else "gpt2-124m"
+        n_new = 20 if args.quick else 200
+        for bs in (1, 8):
+            rows, same = bench_generation(preset, bs, 20, n_new, args.rounds, device,
+                                          peers=not args.no_peers, uncached=bs == 1, kernels=kernels)
+            print_rows(rows, f"generation, greedy, prompt 20, {n_new} new tokens, batch {bs}"
+                       + ("" if same is None else f" (tokens identical to transformers: {same})"))
+            report[f"generate_batch{bs}"] = rows
+            release_freed_memory()
+    if "tokenizer" in args.what:
+        from llmscratch.datasets import load_text
+
+        text = load_text("python-docs" if args.quick else "tinyshakespeare")[0].text
+        rows = bench_tokenizers(text, 512 if args.quick else 4096, peers=not args.no_peers)
+        print(f"\ntokenizers on {'python-docs' if args.quick else 'tinyshakespeare'} ({len(text) / 1e6:.2f} MB)")
+        for r in rows:
+            speed = f"{r['mb_per_s']:6.2f} MB/s" if "mb_per_s" in r else ""
+            print(f"  {r['task']:22s} {r['impl']:34s} {r['seconds']:7.3f} s  {speed}")
+        report["tokenizer"] = rows
+    if "memory" in args.what:
+        preset, B, T = ("tiny", 2, 128) if args.quick else ("gpt2-124m", 4, 1024)
+        from peak_memory import bench_memory
+
+        rows = bench_memory(preset, B, T, peers=not args.no_peers, kernels=kernels)
+        print(f"\npeak RSS of a training step ({preset}, batch {B} x {T}), each in a fresh process")
+        for r in rows:
+            print(f"  {r['impl']:45s} {r['peak_rss_mb']:8.0f} MB   {r['tokens_per_s']:7.1f} tok/s")
+        report["memory"] = rows
+    if args.json:
+        from llmscratch.utils import write_json
+
+        write_json(args.json, report)
+        print(f"\nwrote {args.json}")

@@ -1,4 +1,4 @@
-"""`Linear`: `nn.Linear` with a faster CPU path for decoding a few tokens in fp32.
+"""`SplitLinear`: `nn.Linear` with a faster CPU path for decoding a few tokens in fp32.
 
 Decoding multiplies each weight by a handful of rows (one new token per sequence), so the
 matmul is really a matrix-vector product, limited by how fast the weight streams from
@@ -10,10 +10,12 @@ Splitting the output rows into two halves and doing them as one two-batch `bmm` 
 no copy) uses both cores: for the GPT-2 shapes, 39-60 GB/s at one row (as matrix times
 vector per half), 18-20 GB/s at eight rows (as rows times the transposed half, which is
 faster there), against 11-23 GB/s for `F.linear`, and nothing gained from 32 rows on,
-where the ordinary matmul kernel takes over. So the split is only taken for at most
-`SPLIT_MAX_ROWS` rows, on the CPU, in fp32, without autograd. bf16 gains nothing from it
-and keeps `F.linear`. The result equals `F.linear` up to float summation order
-(`tests/test_model.py` checks it).
+where the ordinary matmul kernel takes over.
+
+When it is taken (`use_split`): at most `SPLIT_MAX_ROWS` rows, on the CPU, fp32 input and
+weight, a contiguous weight of more than one row, and autograd off. Everything else (bf16,
+which gains nothing from it; training; long prompts; GPUs) is plain `F.linear`. The result
+equals `F.linear` up to float summation order (`tests/test_kernels.py` checks it).
 """
 
 from __future__ import annotations
@@ -25,8 +27,23 @@ import torch.nn.functional as F
 SPLIT_MAX_ROWS = 8
 
 
+def use_split(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` takes the two-core split path (see the module docstring)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (0 < rows <= SPLIT_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and weight.is_contiguous() and weight.shape[0] > 1
+            and not torch.is_grad_enabled())
+
+
 def _split_linear(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x2d @ weight.T` as a two-batch bmm over the halves of `weight`'s rows."""
+    """`x2d @ weight.T` as a two-batch bmm over the halves of `weight`'s rows.
+
+    Args:
+        x2d: `(rows, in)`; weight: `(out, in)`, contiguous.
+
+    Returns:
+        `(rows, out)`.
+    """
     out_f, in_f = weight.shape
     half = out_f // 2
     rows = x2d.shape[0]
@@ -42,11 +59,16 @@ def _split_linear(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through the split path when it is faster (see the module docstring)."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (0 < rows <= SPLIT_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and weight.is_contiguous() and weight.shape[0] > 1
-            and not torch.is_grad_enabled()):
+    """`F.linear(x, weight, bias)`, through the split path when `use_split` says it is faster.
+
+    Args:
+        x: `(..., in)`; weight: `(out, in)`; bias: `(out,)` or None.
+
+    Returns:
+        `(..., out)`.
+    """
+    if use_split(x, weight):
+        rows = x.numel() // x.shape[-1]
         y = _split_linear(x.reshape(rows, x.shape[-1]), weight)
         if bias is not None:
             y = y + bias
@@ -54,8 +76,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-class Linear(nn.Linear):
+class SplitLinear(nn.Linear):
     """`nn.Linear` (same parameters, same state dict) whose forward uses `linear` above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "SplitLinear":
+        """A `cls` sharing `lin`'s Parameters (so a tied weight stays tied), built without
+        allocating or initializing weights of its own."""
+        with torch.device("meta"):
+            new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        new.weight = lin.weight
+        new.bias = lin.bias
+        return new
