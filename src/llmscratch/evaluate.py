@@ -114,7 +114,7 @@ def reference_loss(model, tokenizer, template, records: list[dict], batch_size: 
     conversation longer than the window loses the start of its prompt.
     """
     from .finetune.instruct import IGNORE_INDEX, collate_instruct, encode_conversation
-    from .finetune.loop import iter_batches
+    from .finetune.common import iter_batches
     from .model import lm_loss
 
     device = next(model.parameters()).device

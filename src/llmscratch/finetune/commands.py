@@ -19,7 +19,7 @@ def _add_finetune_flags(p: argparse.ArgumentParser, cls) -> None:
     import ast
     import inspect
 
-    from .loop import FinetuneConfig
+    from .common import FinetuneConfig
 
     # Field docs are the string literal right after each field (read from the source, so
     # the help text and the dataclass cannot drift apart).

@@ -14,9 +14,9 @@ must learn to emit it) and the padding after it is -100, which the loss ignores.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,10 +28,12 @@ from ..generate import generate
 from ..model import lm_loss
 from ..prompts import DEFAULT_TEMPLATE, Template, encode_conversation, get_template
 from ..prompts import TEMPLATES  # noqa: F401  (re-exported: learners import the templates from here)
-from ..utils import pick_device, seed_everything, write_json
-from .classify import parse_split, set_dropout, set_trainable
-from .data import read_instruction_records
-from .loop import FinetuneConfig, fit, iter_batches, plot_history
+from ..train import distributed_setup, rank0_first
+from ..train.state import STATE_FILE
+from ..utils import seed_everything, write_json
+from .classify import set_dropout, set_trainable
+from .common import FinetuneConfig, check_out_folder, fit_examples, iter_batches
+from .data import parse_split, read_instruction_records
 from .lora import merge_lora
 
 IGNORE_INDEX = -100
@@ -83,6 +85,27 @@ def masked_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.
     if not bool((targets != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
     return lm_loss(logits, targets)
+
+
+def instruction_loss(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The instruction-tuning objective: `masked_lm_loss` of a batch `(inputs, targets)`
+    from `collate_instruct`."""
+    inputs, targets = batch
+    return masked_lm_loss(model, inputs, targets)
+
+
+def evaluate_instruct(model, examples: list, collate, batch_size: int = 16) -> dict:
+    """`{"val_loss"}`: mean next-token loss over every target that is not -100 in the
+    encoded `examples` (batched with `collate`, e.g. a `collate_instruct` partial)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for x, y in iter_batches(examples, batch_size, collate):
+        x, y = x.to(device), y.to(device)
+        n = int((y != IGNORE_INDEX).sum())
+        if n:
+            total += lm_loss(model(x), y).item() * n
+            count += n
+    return {"val_loss": total / max(count, 1)}
 
 
 def split_in_order(records: list, fractions: tuple[float, float, float]) -> tuple[list, list, list]:
@@ -165,13 +188,15 @@ class InstructResult:
     params_line: str = ""
 
 
-def finetune_instruct(cfg: InstructConfig) -> InstructResult:
+def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> InstructResult:
     """Instruction-tune a model as described by `cfg`.
 
     Writes to `cfg.out` a run folder (`model.safetensors`, `tokenizer.json`, `config.json`
     with the template) usable by `llmscratch generate` and `chat`, plus `responses.json`
-    (test set: instruction, input, reference output, model response), `metrics.json`
-    and `loss.png`. Inputs are checked before anything is written.
+    (test set: instruction, input, reference output, model response), `metrics.json`,
+    `metrics.jsonl` and `loss.png`. Inputs are checked before anything is written. While
+    training, `train_state.safetensors` holds the checkpoint `--resume` continues from
+    (after Ctrl-C, SIGTERM or `stop_after` steps); it is removed once the run is done.
     """
     from ..checkpoint import load_model
 
@@ -180,15 +205,15 @@ def finetune_instruct(cfg: InstructConfig) -> InstructResult:
         cfg.trainable = "lora"
     template = get_template(cfg.template)
     out = Path(cfg.out)
-    if (out / "config.json").exists() and not cfg.overwrite:
-        raise UserError(f"{out} already holds a model; pick another --out or pass --overwrite")
+    check_out_folder(out, cfg)
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.max_new_tokens < 0:
         raise UserError("--max-new-tokens must be >= 0")
-    records = read_instruction_records(cfg.data)
+    rank, world, device = distributed_setup(cfg.device)
+    master = rank == 0
+    records = rank0_first(world, master, lambda: read_instruction_records(cfg.data))
     train, val, test = split_in_order(records, parse_split(cfg.split))
-    device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg.model, device=device)
     if cfg.kernels:
@@ -202,27 +227,18 @@ def finetune_instruct(cfg: InstructConfig) -> InstructResult:
     train_ex, val_ex = encode(train), encode(val)
     set_dropout(model, cfg.dropout)
     params_line = set_trainable(model, cfg.trainable, cfg.lora_rank, cfg.lora_alpha)
-    print(f"{len(train)} train / {len(val)} val / {len(test)} test examples, template {template.name}, "
-          f"max length {max_length} tokens; {params_line}", file=sys.stderr)
+    if master:
+        print(f"{len(train)} train / {len(val)} val / {len(test)} test examples, template {template.name}, "
+              f"max length {max_length} tokens; {params_line}", file=sys.stderr)
 
-    collate = lambda b: collate_instruct(b, pad_id, cfg.mask_prompt, max_length)  # noqa: E731
-
-    def loss_fn(m, batch):
-        x, y = (t.to(device) for t in batch)
-        return masked_lm_loss(m, x, y)
-
-    def evaluate(m) -> dict:
-        total, count = 0.0, 0
-        for x, y in iter_batches(val_ex, cfg.batch_size, collate):
-            x, y = x.to(device), y.to(device)
-            n = int((y != IGNORE_INDEX).sum())
-            if n:
-                total += lm_loss(m(x), y).item() * n
-                count += n
-        return {"val_loss": total / max(count, 1)}
-
-    result = fit(model, train_ex, collate, loss_fn, cfg, device, evaluate=evaluate, desc="instruct")
+    collate = partial(collate_instruct, pad_id=pad_id, mask_prompt=cfg.mask_prompt, max_length=max_length)
+    evaluate = partial(evaluate_instruct, examples=val_ex, collate=collate, batch_size=cfg.batch_size)
+    result = fit_examples(model, instruction_loss, train_ex, collate, cfg, device=device, evaluate=evaluate,
+                          out=out, rank=rank, world=world, stop_after=stop_after,
+                          title="instruction fine-tuning loss", desc="instruct")
     merge_lora(model)
+    if not master:
+        return InstructResult(out=out, metrics={}, interrupted=result.interrupted, params_line=params_line)
 
     test_run = test[: cfg.max_test] if cfg.max_test is not None else test
     responses = []
@@ -234,16 +250,18 @@ def finetune_instruct(cfg: InstructConfig) -> InstructResult:
         entry["response"] = respond(model, tokenizer, template, msgs[:-1], cfg.max_new_tokens)
         responses.append(entry)
 
-    val_loss = next((h["val_loss"] for h in reversed(result.history) if "val_loss" in h), None)
+    val_loss = next((h["val_loss"] for h in reversed(result.records) if "val_loss" in h), None)
     metrics = {"val_loss": val_loss, "template": template.name, "mask_prompt": cfg.mask_prompt,
                "trainable": cfg.trainable, "n_train": len(train), "n_val": len(val), "n_test": len(test),
-               "interrupted": result.interrupted, "steps": result.steps, "history": result.history}
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("max_steps", "warmup_steps", "progress")}
+               "interrupted": result.interrupted, "steps": result.step, "history": result.records}
     # config.json is written last by save_model, after the weights: a folder with a
     # config always has the weights it describes.
-    save_model(model, out, tokenizer, extra={"task": TASK, "template": template.name, "finetune": settings})
+    save_model(model, out, tokenizer, extra={"task": TASK, "template": template.name,
+                                             "finetune": cfg.settings()})
     write_json(out / "responses.json", responses)
     write_json(out / "metrics.json", metrics)
-    plot_history(result.history, out / "loss.png", title="instruction fine-tuning loss")
+    if not result.interrupted:
+        (out / STATE_FILE).unlink(missing_ok=True)  # done: nothing left to resume
     return InstructResult(out=out, metrics=metrics, interrupted=result.interrupted, params_line=params_line)
+
+
