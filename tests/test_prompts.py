@@ -10,8 +10,10 @@ from llmscratch import GPT, GPTConfig, UserError, get_tokenizer
 from llmscratch.chat import load_chat
 from llmscratch.checkpoint import save_model
 from llmscratch.prompts import (
+    ALPACA_PREAMBLE,
     NO_TEMPLATE,
     TEMPLATES,
+    alpaca_prompt,
     encode_chat,
     encode_conversation,
     format_chat,
@@ -70,3 +72,59 @@ def test_a_reply_is_followed_by_end_of_text_and_counts_as_response():
         assert TOK.decode([i for i, m in zip(ids, mask) if m]) == "Fig.<|endoftext|>"
         with pytest.raises(ValueError, match="ends with a user turn"):
             encode_conversation(TOK, name, MSGS[:3], for_generation=True)
+
+
+# ------------------------------------------------------------------------- the layouts
+
+def test_alpaca_template_is_the_books_format():
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    expected = (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName a colour.\n\n### Response:\n"
+    )
+    assert format_chat(msgs, "alpaca") == expected == alpaca_prompt("Name a colour.")
+    with_input = [{"role": "user", "content": "Translate.", "input": "Hallo"}]
+    assert format_chat(with_input, "alpaca") == alpaca_prompt("Translate.", "Hallo")
+    assert "\n\n### Input:\nHallo\n\n### Response:\n" in format_chat(with_input, "alpaca")
+    turns = msgs + [{"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another?"}]
+    assert format_chat(turns, "alpaca") == (  # a reply ends with <|endoftext|>, as fine-tuning trains it
+        ALPACA_PREAMBLE + "\n\n### Instruction:\nName a colour.\n\n### Response:\nRed.<|endoftext|>"
+        "### Instruction:\nAnother?\n\n### Response:\n"
+    )
+    system = [{"role": "system", "content": "Be brief."}] + msgs
+    assert format_chat(system, "alpaca").startswith("Be brief.\n\n### Instruction:\n")
+
+
+def test_phi3_and_plain_templates():
+    msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    assert format_chat(msgs, "phi3") == (
+        "<|system|>\nBe kind.\n<|user|>\nHi\n<|assistant|>\nHello!<|endoftext|><|user|>\nBye\n<|assistant|>\n"
+    )
+    assert format_chat(msgs[1:2], "phi3") == "<|user|>\nHi\n<|assistant|>\n"
+    assert format_chat(msgs, None) == "Be kind.\nUser: Hi\nAssistant: Hello!\nUser: Bye\nAssistant:"
+    assert format_chat(msgs, "plain") == format_chat(msgs, None)
+    with pytest.raises(UserError, match="unknown prompt template 'chatml'"):
+        format_chat(msgs, "chatml")
+
+
+def test_chat_tokens_put_the_turn_boundary_in_and_keep_user_text_plain():
+    msgs = [{"role": "user", "content": "say <|endoftext|> please"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "again"}]
+    ids = encode_chat(TOK, msgs, "alpaca")
+    assert ids.count(TOK.eot_id) == 1  # the boundary after "ok", not the string the user typed
+    assert TOK.decode(ids) == format_chat(msgs, "alpaca")
+
+
+@pytest.mark.parametrize("template", ["alpaca", "phi3"])
+def test_chat_layout_equals_what_instruction_finetuning_trains_on(template):
+    instruct = pytest.importorskip("llmscratch.finetune.instruct")
+    conversations = [
+        [{"role": "user", "content": "Name a colour."}],
+        [{"role": "user", "content": "Translate.", "input": "Hallo"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
+    ]
+    for msgs in conversations:
+        theirs, _ = instruct.encode_conversation(TOK, instruct.get_template(template), msgs, for_generation=True)
+        assert encode_chat(TOK, msgs, template) == theirs

@@ -26,12 +26,9 @@ httpx = pytest.importorskip("httpx")
 from llmscratch import GPT, GPTConfig, UserError, generate, get_tokenizer  # noqa: E402
 from llmscratch.checkpoint import load_model, save_model  # noqa: E402
 from llmscratch.serve import (  # noqa: E402
-    ALPACA_PREAMBLE,
     BackgroundServer,
     Engine,
     FairLimiter,
-    TextAssembler,
-    alpaca_prompt,
     create_app,
     encode_chat,
     format_chat,
@@ -80,61 +77,7 @@ def library_greedy(run_dir, prompt_ids, n):
     return TOK.decode(new), len(new)
 
 
-# ----------------------------------------------------------------------------- templates
-
-def test_alpaca_template_is_the_books_format():
-    msgs = [{"role": "user", "content": "Name a colour."}]
-    expected = (
-        "Below is an instruction that describes a task. Write a response that appropriately "
-        "completes the request.\n\n### Instruction:\nName a colour.\n\n### Response:\n"
-    )
-    assert format_chat(msgs, "alpaca") == expected == alpaca_prompt("Name a colour.")
-    with_input = [{"role": "user", "content": "Translate.", "input": "Hallo"}]
-    assert format_chat(with_input, "alpaca") == alpaca_prompt("Translate.", "Hallo")
-    assert "\n\n### Input:\nHallo\n\n### Response:\n" in format_chat(with_input, "alpaca")
-    turns = msgs + [{"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another?"}]
-    assert format_chat(turns, "alpaca") == (  # a reply ends with <|endoftext|>, as fine-tuning trains it
-        ALPACA_PREAMBLE + "\n\n### Instruction:\nName a colour.\n\n### Response:\nRed.<|endoftext|>"
-        "### Instruction:\nAnother?\n\n### Response:\n"
-    )
-    system = [{"role": "system", "content": "Be brief."}] + msgs
-    assert format_chat(system, "alpaca").startswith("Be brief.\n\n### Instruction:\n")
-
-
-def test_phi3_and_plain_templates():
-    msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
-    assert format_chat(msgs, "phi3") == (
-        "<|system|>\nBe kind.\n<|user|>\nHi\n<|assistant|>\nHello!<|endoftext|><|user|>\nBye\n<|assistant|>\n"
-    )
-    assert format_chat(msgs[1:2], "phi3") == "<|user|>\nHi\n<|assistant|>\n"
-    assert format_chat(msgs, None) == "Be kind.\nUser: Hi\nAssistant: Hello!\nUser: Bye\nAssistant:"
-    assert format_chat(msgs, "plain") == format_chat(msgs, None)
-    with pytest.raises(UserError, match="unknown prompt template 'chatml'"):
-        format_chat(msgs, "chatml")
-
-
-def test_chat_tokens_put_the_turn_boundary_in_and_keep_user_text_plain():
-    msgs = [{"role": "user", "content": "say <|endoftext|> please"}, {"role": "assistant", "content": "ok"},
-            {"role": "user", "content": "again"}]
-    ids = encode_chat(TOK, msgs, "alpaca")
-    assert ids.count(TOK.eot_id) == 1  # the boundary after "ok", not the string the user typed
-    assert TOK.decode(ids) == format_chat(msgs, "alpaca")
-
-
-@pytest.mark.parametrize("template", ["alpaca", "phi3"])
-def test_chat_layout_equals_what_instruction_finetuning_trains_on(template):
-    instruct = pytest.importorskip("llmscratch.finetune.instruct")
-    conversations = [
-        [{"role": "user", "content": "Name a colour."}],
-        [{"role": "user", "content": "Translate.", "input": "Hallo"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
-    ]
-    for msgs in conversations:
-        theirs, _ = instruct.encode_conversation(TOK, instruct.get_template(template), msgs, for_generation=True)
-        assert encode_chat(TOK, msgs, template) == theirs
-
+# ------------------------------------------------------------------ the template of a run
 
 def test_template_is_read_from_config_json(tmp_path, alpaca_dir):
     assert read_template(alpaca_dir) == "alpaca"
@@ -147,35 +90,7 @@ def test_template_is_read_from_config_json(tmp_path, alpaca_dir):
     assert load_engine(str(tmp_path / "odd"), template="phi3").template == "phi3"
 
 
-# ---------------------------------------------------------- stop strings, fair queueing
-
-class CharTokenizer:
-    """Each id is one character of `chars` (ids past it: half of a UTF-8 'é')."""
-
-    def __init__(self, chars):
-        self.chars = chars
-
-    def decode(self, ids):
-        raw = b"".join(self.chars[i].encode() if i < len(self.chars) else b"\xc3" if i == 100 else b"\xa9"
-                       for i in ids)
-        return raw.decode("utf-8", errors="replace")
-
-
-def test_text_assembler_holds_back_partial_stops_and_characters():
-    tok = CharTokenizer("ab\n#")
-    t = TextAssembler(tok, stop=["\n##"])
-    out = [t.push(i) for i in (0, 1, 2, 3)]  # "a", "b", "\n" (may start the stop), "#"
-    assert out == ["a", "b", "", ""] and not t.stopped
-    assert t.push(0) == "\n#a"  # "\n#a" cannot become "\n##" any more: released
-    assert t.push(2) == "" and t.push(3) == "" and t.push(3) == ""
-    assert t.stopped and t.text.endswith("\n##") and t.flush() == ""
-    # a character split over two tokens is released whole
-    u = TextAssembler(tok)
-    assert u.push(100) == "" and u.push(101) == "é" and u.flush() == ""
-    # no stop: flush releases what was held
-    v = TextAssembler(tok, stop=["ab\n"])
-    assert v.push(0) == "" and v.push(1) == "" and v.flush() == "ab"
-
+# --------------------------------------------------------------------------- fair queueing
 
 def test_fair_limiter_admits_in_arrival_order_and_survives_cancellation():
     async def main():

@@ -110,3 +110,33 @@ def test_stream_text_stops_at_a_stop_string_like_the_whole_decode():
     assert len(full) > 12
     stop = full[6:9]
     assert "".join(stream_text(model, GPT2, prompt, 24, stop=[stop])) == full[: full.index(stop)]
+
+
+# ------------------------------------------------------------- push by push, by hand
+
+class CharTokenizer:
+    """Each id is one character of `chars` (ids past it: half of a UTF-8 'é')."""
+
+    def __init__(self, chars):
+        self.chars = chars
+
+    def decode(self, ids):
+        raw = b"".join(self.chars[i].encode() if i < len(self.chars) else b"\xc3" if i == 100 else b"\xa9"
+                       for i in ids)
+        return raw.decode("utf-8", errors="replace")
+
+
+def test_holds_back_partial_stops_and_characters():
+    tok = CharTokenizer("ab\n#")
+    t = StreamDecoder(tok, stop=["\n##"])
+    out = [t.push(i) for i in (0, 1, 2, 3)]  # "a", "b", "\n" (may start the stop), "#"
+    assert out == ["a", "b", "", ""] and not t.stopped
+    assert t.push(0) == "\n#a"  # "\n#a" cannot become "\n##" any more: released
+    assert t.push(2) == "" and t.push(3) == "" and t.push(3) == ""
+    assert t.stopped and t.text.endswith("\n##") and t.flush() == ""
+    # a character split over two tokens is released whole
+    u = StreamDecoder(tok)
+    assert u.push(100) == "" and u.push(101) == "é" and u.flush() == ""
+    # no stop: flush releases what was held
+    v = StreamDecoder(tok, stop=["ab\n"])
+    assert v.push(0) == "" and v.push(1) == "" and v.flush() == "ab"
