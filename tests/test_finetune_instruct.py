@@ -3,10 +3,12 @@ run whose output folder generates like any run folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llmscratch import GPT, GPTConfig, UserError
 from llmscratch.checkpoint import load_model, read_run_config, save_model
@@ -66,9 +68,17 @@ def test_collate_pads_keeps_first_eot_and_masks_the_rest():
     assert x.tolist() == [[5, 6], [8, eot]] and y.tolist() == [[6, 7], [eot, -100]]
 
 
-def test_reads_alpaca_1100_and_chat_jsonl(data_dir, tmp_path):
+def test_reads_alpaca_1100(named_dataset):
+    named_dataset("alpaca-1100")  # the real file (or a skip saying why it can't be had)
     recs = read_instruction_records("alpaca-1100")
     assert len(recs) == 1100 and recs[0]["messages"][1]["role"] == "assistant"
+
+
+def test_reads_alpaca_json_and_chat_jsonl(instruction_json, tmp_path):
+    recs = read_instruction_records(str(instruction_json))
+    assert len(recs) == 12 and [m["role"] for m in recs[0]["messages"]] == ["user", "assistant"]
+    assert recs[0]["messages"][0]["input"] == "I walk to school."
+    assert recs[1]["messages"][0]["input"] == ""  # no input: an empty one
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
                                              {"role": "user", "content": "Hi"},
@@ -128,6 +138,41 @@ def test_finetune_instruct_end_to_end(tmp_path, tiny_run, template, lora):
     reply = respond(model, tok, TEMPLATES[template], [{"role": "user", "content": "Repeat the word fig."}], 5)
     assert isinstance(reply, str)
     assert not any("lora" in k for k in model.state_dict())
+
+
+def test_instruct_resume_mid_epoch_equals_uninterrupted(tmp_path, tiny_run):
+    """LoRA adapters with dropout: stopped at step 5 (4 steps an epoch: mid-epoch, not an
+    evaluation), resumed == trained straight through (weights, losses, responses)."""
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(RECORDS))
+
+    def run(name, **kw):
+        return InstructConfig(model=str(tiny_run), data=str(data), out=str(tmp_path / name), epochs=3,
+                              batch_size=4, lr=3e-3, lora_rank=4, dropout=0.1, max_new_tokens=5,
+                              split="0.7,0.1,0.2", progress=False, **kw)
+
+    full = finetune_instruct(run("full"))
+    first = finetune_instruct(run("split"), stop_after=5)
+    assert first.interrupted and first.metrics["steps"] == 5
+    assert (tmp_path / "split" / "train_state.safetensors").is_file()
+    with pytest.raises(UserError, match="unfinished run; pass --resume"):
+        finetune_instruct(run("split"))
+    with pytest.raises(UserError, match=r"different settings: lora_rank \(4 -> 8\)"):
+        finetune_instruct(dataclasses.replace(run("split", resume=True), lora_rank=8))
+    second = finetune_instruct(run("split", resume=True))
+    assert not second.interrupted and second.metrics["steps"] == full.metrics["steps"] == 12
+    assert not (tmp_path / "split" / "train_state.safetensors").exists()  # done: state removed
+
+    def curve(result):
+        return [h["train_loss"] for h in result.metrics["history"]]
+
+    assert curve(second) == pytest.approx(curve(full), abs=1e-6)
+    wf = load_file(str(tmp_path / "full" / "model.safetensors"))
+    ws = load_file(str(tmp_path / "split" / "model.safetensors"))
+    for k in wf:
+        torch.testing.assert_close(ws[k], wf[k], atol=1e-6, rtol=0)
+    responses = lambda name: json.loads((tmp_path / name / "responses.json").read_text())  # noqa: E731
+    assert responses("split") == responses("full")
 
 
 # --------------------------------------------------------------------- eval instruct
@@ -224,14 +269,14 @@ def test_cli_eval_instruct_with_judge_and_errors(tmp_path, judge_server):
     assert r.returncode == 2 and "bad.json:2: malformed JSON" in r.stderr
 
 
-def test_cli_eval_instruct_reference_loss_and_lm_eval_still_work(tmp_path, tiny_run):
+def test_cli_eval_instruct_reference_loss_and_lm_eval_still_work(tmp_path, tiny_run, corpus_file):
     path = tmp_path / "responses.json"
     path.write_text(json.dumps(RESPONSES))
     r = cli("eval", "instruct", "--responses", str(path), "--model", str(tiny_run))
     assert r.returncode == 0, r.stderr
     assert "ref. loss" in r.stdout and "perplexity" in r.stdout
-    r = cli("eval", "--model", str(tiny_run), "--data", "the-verdict", "--max-batches", "1")
+    r = cli("eval", "--model", str(tiny_run), "--data", str(corpus_file), "--max-batches", "1")
     assert r.returncode == 0, r.stderr
     assert "perplexity" in r.stdout
-    r = cli("eval", "--data", "the-verdict")
+    r = cli("eval", "--data", str(corpus_file))
     assert r.returncode == 2 and "--model" in r.stderr

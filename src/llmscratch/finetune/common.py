@@ -160,11 +160,11 @@ def check_out_folder(out: Path, cfg: FinetuneConfig) -> None:
     `--resume`, check the run in `out` was started with the same settings."""
     if cfg.resume:
         check_resume(out, cfg.settings(), FinetuneConfig.RESUME_FIXED)
-    elif (out / "config.json").exists() and not getattr(cfg, "overwrite", False):
-        raise UserError(f"{out} already holds a model; pick another --out or pass --overwrite")
     elif (out / STATE_FILE).exists() and not getattr(cfg, "overwrite", False):
         raise UserError(f"{out} holds an unfinished run; pass --resume to continue it, --overwrite "
                         "to start again, or pick another --out")
+    elif (out / "config.json").exists() and not getattr(cfg, "overwrite", False):
+        raise UserError(f"{out} already holds a model; pick another --out or pass --overwrite")
 
 
 def fit_examples(model: torch.nn.Module, loss: Callable, examples: Sequence, collate: Callable,
