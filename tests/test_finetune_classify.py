@@ -4,11 +4,15 @@ end-to-end training to a loadable classifier, and one-line errors on bad input."
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llmscratch import GPT, GPTConfig, UserError
 from llmscratch.checkpoint import save_model
@@ -212,6 +216,98 @@ def test_finetune_writes_a_loadable_classifier(tmp_path, tiny_run, trainable):
         in_memory = classifier_logits(result.model.eval(), idx, lengths)
     torch.testing.assert_close(reloaded, in_memory, atol=1e-6, rtol=0)
     assert classify_texts(out, texts) == classify_texts((result.model, tok, labels, max_length), texts)
+
+
+def test_classify_resume_mid_epoch_equals_uninterrupted(tmp_path, tiny_run):
+    """Dropout on, stopped at step 6 (4 steps an epoch: mid-epoch, not an evaluation),
+    resumed: the same weights, loss curve and metrics as a run trained straight through."""
+    data = write_tsv(tmp_path / "toy.tsv", toy_rows(10))
+
+    def run(name, **kw):
+        return ClassifyConfig(model=str(tiny_run), data=str(data), out=str(tmp_path / name), epochs=3,
+                              batch_size=4, lr=3e-3, trainable="all", dropout=0.1, progress=False, seed=1, **kw)
+
+    full = finetune_classify(run("full"))
+    first = finetune_classify(run("split"), stop_after=6)
+    assert first.interrupted and first.metrics["steps"] == 6
+    assert (tmp_path / "split" / "train_state.safetensors").is_file()
+    second = finetune_classify(run("split", resume=True))
+    assert not second.interrupted and second.metrics["steps"] == full.metrics["steps"] == 12
+    assert not (tmp_path / "split" / "train_state.safetensors").exists()
+
+    def curve(result):
+        return [h["train_loss"] for h in result.metrics["history"]]
+
+    assert curve(second) == pytest.approx(curve(full), abs=1e-6)
+    assert [h["epoch"] for h in second.metrics["history"] if "val_loss" in h] == [1, 1.5, 2, 3]
+    wf = load_file(str(tmp_path / "full" / "model.safetensors"))
+    ws = load_file(str(tmp_path / "split" / "model.safetensors"))
+    for k in wf:
+        torch.testing.assert_close(ws[k], wf[k], atol=1e-6, rtol=0)
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "confusion_matrix"):
+        assert second.metrics[key] == full.metrics[key]
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "llmscratch", *args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+@pytest.mark.slow
+def test_sigterm_during_finetuning_saves_and_resume_finishes(tmp_path, tiny_run, sms_tsv):
+    out = tmp_path / "clf"
+    args = ["finetune", "classify", "--model", str(tiny_run), "--data", str(sms_tsv), "--out", str(out),
+            "--text-column", "1", "--label-column", "0", "--batch-size", "8", "--lr", "1e-3",
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "llmscratch", *args, "--epochs", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted after" in err
+    state = load_file(str(out / "train_state.safetensors"))
+    assert "rng.cpu" in state
+    step = len(metrics.read_text().splitlines())
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step
+    # 56 training examples, 7 steps an epoch: enough epochs for two more steps at least
+    epochs = step // 7 + 1
+    r = _cli(*args, "--epochs", str(epochs), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout
+    assert len(metrics.read_text().splitlines()) == epochs * 7 > step
+    assert not (out / "train_state.safetensors").exists()
+    assert load_classifier(out)[2] == ["ham", "spam"]
+
+
+@pytest.mark.slow
+def test_ddp_finetuning_matches_one_process(tmp_path, tiny_run, sms_tsv):
+    """torchrun with 2 CPU processes fine-tunes the classifier along the single-process loss
+    trajectory (7 batches of 8 an epoch: 4 rows per process)."""
+    def args(out):
+        return ["finetune", "classify", "--model", str(tiny_run), "--data", str(sms_tsv), "--out", str(out),
+                "--text-column", "1", "--label-column", "0", "--batch-size", "8", "--epochs", "2",
+                "--lr", "1e-3", "--trainable", "all", "--no-progress"]
+
+    r = _cli(*args(tmp_path / "single"))
+    assert r.returncode == 0, r.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "llmscratch", *args(tmp_path / "ddp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def curve(out):
+        return [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(curve(tmp_path / "ddp")) == 14
+    assert curve(tmp_path / "ddp") == pytest.approx(curve(tmp_path / "single"), abs=1e-4)
+    ws = load_file(str(tmp_path / "single" / "model.safetensors"))
+    wd = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    for k in ws:
+        torch.testing.assert_close(wd[k], ws[k], atol=1e-4, rtol=1e-4)
 
 
 def test_cli_finetune_and_classify(tmp_path, tiny_run):
