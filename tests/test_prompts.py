@@ -128,3 +128,15 @@ def test_chat_layout_equals_what_instruction_finetuning_trains_on(template):
     for msgs in conversations:
         theirs, _ = instruct.encode_conversation(TOK, instruct.get_template(template), msgs, for_generation=True)
         assert encode_chat(TOK, msgs, template) == theirs
+
+
+def test_fine_tuning_refuses_a_template_whose_replies_cannot_teach_stopping(tmp_path):
+    assert get_template("alpaca", for_training=True) is TEMPLATES["alpaca"]
+    with pytest.raises(UserError, match="'plain'.*fine-tune with: alpaca, phi3"):
+        get_template("plain", for_training=True)
+    finetune = pytest.importorskip("llmscratch.finetune.instruct")
+    cfg = finetune.InstructConfig(model="tiny", data="alpaca-1100", out=str(tmp_path / "out"),
+                                  template="plain")
+    with pytest.raises(UserError, match="'plain'"):
+        finetune.finetune_instruct(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -110,19 +110,29 @@ TEMPLATES = {
 _ALIASES = {"phi-3": "phi3", "none": "plain", "": "plain"}
 
 
-def get_template(template: str | Template | None) -> Template:
+def get_template(template: str | Template | None, for_training: bool = False) -> Template:
     """The `Template` for a name (None means `"plain"`), or `template` itself.
 
+    Args:
+        for_training: only templates whose replies end with `<|endoftext|>`: a model
+            fine-tuned on replies without it never learns to stop.
+
     Raises:
-        UserError: an unknown name.
+        UserError: an unknown name (or, for training, one without an end-of-text).
     """
     if isinstance(template, Template):
-        return template
-    name = (template or "").strip().lower()
-    name = _ALIASES.get(name, name)
-    if name not in TEMPLATES:
-        raise UserError(f"unknown prompt template {template!r}; choose one of: {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
+        found = template
+    else:
+        name = (template or "").strip().lower()
+        name = _ALIASES.get(name, name)
+        if name not in TEMPLATES:
+            raise UserError(f"unknown prompt template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+        found = TEMPLATES[name]
+    if for_training and not found.reply_ends_with_eot:
+        trainable = ", ".join(n for n, t in TEMPLATES.items() if t.reply_ends_with_eot)
+        raise UserError(f"template {found.name!r} is the transcript for models never instruction-tuned "
+                        f"(its replies carry no <|endoftext|> to learn to stop from); fine-tune with: {trainable}")
+    return found
 
 
 def normalize_template(template: str | None) -> str:

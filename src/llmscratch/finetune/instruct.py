@@ -203,7 +203,7 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
     cfg.validate()
     if cfg.lora_rank:
         cfg.trainable = "lora"
-    template = get_template(cfg.template)
+    template = get_template(cfg.template, for_training=True)
     out = Path(cfg.out)
     check_out_folder(out, cfg)
     if not 0 <= cfg.dropout < 1:
@@ -263,5 +263,3 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
     if not result.interrupted:
         (out / STATE_FILE).unlink(missing_ok=True)  # done: nothing left to resume
     return InstructResult(out=out, metrics=metrics, interrupted=result.interrupted, params_line=params_line)
-
-
