@@ -26,6 +26,16 @@ class ByteTok:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
+class BytesTok:
+    """Each id is the given bytes."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
 class PieceTok:
     """Each id is one of the given text pieces."""
 
@@ -97,6 +107,16 @@ def test_each_token_decodes_only_the_few_ids_held_back():
     ids = list(text.encode())
     assert "".join(stream(StreamDecoder(tok, stop=["\nUser:"]), ids)) == text
     assert tok.decoded_ids <= 3 * len(ids)
+    # also when the bytes are invalid for good (they decode to U+FFFD however long one waits)
+    tok = ByteTok()
+    ids = [0x80] * 1000 + list("é".encode()) + [0xE2, 0x82] * 300 + list(b"end")
+    assert "".join(stream(StreamDecoder(tok), ids)) == bytes(ids).decode("utf-8", errors="replace")
+    assert tok.decoded_ids <= 16 * len(ids)  # a bounded amount per token, not one growing with the run
+    # and a character the release would cut in two is kept whole: 3 stray bytes, "\xc3" |
+    # "\xa9\xe2" (the "é" ends, a "€" starts), "\x82", "\xe2", "\xac"
+    tok = BytesTok([b"\x80", b"\xc3", b"\xa9\xe2", b"\x82", b"\xe2", b"\xac"])
+    ids = [0, 0, 0, 1, 2, 3, 4, 3, 5]
+    assert "".join(stream(StreamDecoder(tok), ids)) == "\ufffd\ufffd\ufffdé\ufffd€"
 
 
 def test_stream_text_stops_at_a_stop_string_like_the_whole_decode():

@@ -72,9 +72,18 @@ class StreamDecoder:
         self.n_tokens += 1
         self._ids.append(token)
         chunk = self.tokenizer.decode(self._ids)
-        if chunk.endswith(REPLACEMENT):
+        if not chunk.endswith(REPLACEMENT):
+            self._ids = []
+        elif len(self._ids) <= 6:
             return ""  # an incomplete character: wait for the rest of it
-        self._ids = []
+        else:
+            # Bytes that stay invalid (a run of stray continuation bytes) would make every
+            # push decode a growing list. A character needs at most 3 more bytes, so the
+            # ids before the last 3 are final once decoding them apart changes nothing.
+            head, tail = self.tokenizer.decode(self._ids[:-3]), self.tokenizer.decode(self._ids[-3:])
+            if head + tail != chunk:
+                return ""
+            chunk, self._ids = head, self._ids[-3:]
         self._decoded.append(chunk)
         held = self._held + chunk
         # Released text never ends with the start of a stop string, so a stop can only
