@@ -80,13 +80,16 @@ def test_blocked_causal_attention_equals_sdpa_with_gradients(T, block, path):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_blocked_hand_written_backward_in_bf16_is_close_to_fp32():
+@pytest.mark.parametrize("T,block", [(300, 128), (512, 16)])
+def test_blocked_hand_written_backward_in_bf16_is_close_to_fp32(T, block):
     # the dtype training actually runs it in: bf16 q, k, v (and upstream gradient), against
     # an fp32 reference on the same bf16-rounded inputs. bf16 keeps 8 bits of mantissa, so
-    # each element may be off by about 2^-8 relative; the norm-wise error stays well under
-    # 1%, and no worse than the same blocked computation left to autograd in bf16
+    # each element may be off by about 2^-8 relative; norm-wise the output and gradients
+    # stay within 0.75%. The key and value gradients are summed over every later block in
+    # fp32: with many blocks (512 / 16 = 32) that keeps them closer to fp32 than the same
+    # blocked computation left to autograd, which sums them in bf16
     torch.manual_seed(0)
-    B, H, T, hs, block = 2, 3, 300, 16, 128  # three blocks, the last one short
+    B, H, hs = 2, 3, 16
     q, k, v = (torch.randn(B, T, H, hs).transpose(1, 2).bfloat16() for _ in range(3))
     go = torch.randn(B, H, T, hs).bfloat16()
 
@@ -100,11 +103,11 @@ def test_blocked_hand_written_backward_in_bf16_is_close_to_fp32():
     got = run(lambda a, b, c: blocked_causal_attention(a, b, c, block=block), torch.bfloat16)
     ops = run(lambda a, b, c: blocked_attention_ops(a, b, c, block=block), torch.bfloat16)
     for name, g, o, r in zip(("out", "dq", "dk", "dv"), got, ops, ref):
-        assert g.dtype == torch.float32 and g.shape == r.shape
+        assert g.shape == r.shape
         rel = ((g - r).norm() / r.norm()).item()
         rel_ops = ((o - r).norm() / r.norm()).item()
-        assert rel < 0.01, (name, rel)
-        assert rel <= 1.25 * rel_ops + 1e-3, (name, rel, rel_ops)
+        assert rel < 0.0075, (name, rel)
+        assert rel <= 1.05 * rel_ops, (name, rel, rel_ops)
         assert (g - r).abs().max() < 0.05 * r.abs().max(), name
 
 
