@@ -83,3 +83,18 @@ def test_cli_chat_with_piped_stdin(tmp_path, tok):
     r = subprocess.run([sys.executable, "-m", "llmscratch", "chat", "--model", str(tmp_path / "run")],
                        input="/exit\nHello\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == ""
+
+
+def test_reply_ends_at_the_templates_stop_strings(tok):
+    """Where the model starts writing the user's next turn itself, the reply ends (as in serve)."""
+    import dataclasses
+
+    model = tiny(128)
+    full = "".join(Chat(model, tok, TEMPLATES["alpaca"], max_new_tokens=16).send("Name a fruit."))
+    assert len(full) > 8
+    stop = full[4:7]
+    template = dataclasses.replace(TEMPLATES["alpaca"], stops=(stop,))
+    chat = Chat(model, tok, template, max_new_tokens=16)
+    reply = "".join(chat.send("Name a fruit."))
+    assert reply == full[: full.index(stop)]
+    assert chat.history[-1] == {"role": "assistant", "content": reply.strip()}
