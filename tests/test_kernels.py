@@ -293,3 +293,21 @@ def test_reuse_freed_memory_applies_on_glibc_and_can_be_turned_off():
     assert off.stdout.strip() == "False"
     if sys.platform.startswith("linux"):
         assert on.stdout.strip() == "True"
+
+
+def test_load_model_applies_kernels_only_when_asked(tmp_path):
+    from llmscratch.checkpoint import load_model, save_model
+    from llmscratch.quantize import Int8Linear
+    from llmscratch.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    save_model(GPT(GPTConfig.from_name("tiny", context_length=32)), tmp_path / "run", get_tokenizer("gpt2"))
+    plain, _ = load_model(str(tmp_path / "run"))
+    fast, _ = load_model(str(tmp_path / "run"), kernels=True)
+    assert not has_kernels(plain) and has_kernels(fast)
+    assert isinstance(fast.lm_head, FusedLMHead) and fast.lm_head.weight is fast.wte.weight
+    idx = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx), plain(idx))
+    q, _ = load_model(str(tmp_path / "run"), dtype="int8", kernels=True)
+    assert isinstance(q.lm_head, Int8Linear) and isinstance(q.h[0].attn, BlockedCausalSelfAttention)

@@ -118,7 +118,7 @@ def load_run_model(path: str | os.PathLike, device=None, dtype=None) -> GPT:
     return model.eval()
 
 
-def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0):
+def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0, kernels: bool = False):
     """A model and its tokenizer from a run folder, a Hugging Face GPT-2 folder or a preset.
 
     Args:
@@ -128,6 +128,8 @@ def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0):
         device / dtype: where to put the weights; dtype may also be `"int8"` for int8
             weight-only quantization with bf16 activations (inference only, see `quantize`).
         seed: the random init's seed for presets.
+        kernels: swap the speed kernels into the model (`kernels.apply_kernels`), as the
+            CLI, `chat` and `serve` do unless told `--no-kernels`; off, the reference model.
 
     Returns:
         `(model, tokenizer)`, the model in eval mode.
@@ -137,9 +139,14 @@ def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0):
             raise UserError(f"unknown weight precision {dtype!r}; use a torch dtype or 'int8'")
         from .quantize import quantize_int8
 
-        model, tokenizer = load_model(name_or_path, device=device, dtype=None, seed=seed)
+        model, tokenizer = load_model(name_or_path, device=device, dtype=None, seed=seed, kernels=kernels)
         return quantize_int8(model), tokenizer
-    return _load_model(name_or_path, device, dtype, seed)
+    model, tokenizer = _load_model(name_or_path, device, dtype, seed)
+    if kernels:
+        from .kernels import apply_kernels
+
+        apply_kernels(model)
+    return model, tokenizer
 
 
 def _load_model(name_or_path: str, device, dtype, seed: int):
