@@ -137,11 +137,12 @@ def chat_loop(chat: Chat, stdin: IO[str] | None = None, stdout: IO[str] | None =
     return replies
 
 
-def load_chat(model: str, device=None, template: str | None = None, **kwargs) -> Chat:
+def load_chat(model: str, device=None, template: str | None = None, kernels: bool = True, **kwargs) -> Chat:
     """A `Chat` with the model in `model` (run folder, HF folder or preset) and the template
-    recorded in its config.json unless `template` names one (`prompts.template_for`)."""
+    recorded in its config.json unless `template` names one (`prompts.template_for`); the
+    speed kernels applied unless `kernels=False` (`load_model`)."""
     from .checkpoint import load_model
 
     chosen = template_for(model, template)  # before loading: a bad name fails fast
-    m, tok = load_model(model, device=device)
+    m, tok = load_model(model, device=device, kernels=kernels)
     return Chat(m, tok, chosen, **kwargs)

@@ -267,8 +267,9 @@ class Engine:
 
 def load_engine(model: str, device=None, dtype=None, template: str | None = None,
                 model_name: str | None = None, max_concurrency: int = 4,
-                max_tokens_limit: int = 1024) -> Engine:
-    """Load `model` (run folder, Hugging Face GPT-2 folder or preset) into an `Engine`.
+                max_tokens_limit: int = 1024, kernels: bool = True) -> Engine:
+    """Load `model` (run folder, Hugging Face GPT-2 folder or preset) into an `Engine`,
+    with the speed kernels applied unless `kernels=False` (`load_model`).
 
     The chat template follows `prompts.template_for`, as `chat` does: `template` if given,
     else the run folder's recorded one, else the plain-LM transcript.
@@ -277,7 +278,7 @@ def load_engine(model: str, device=None, dtype=None, template: str | None = None
     from ..utils import pick_device
 
     device = pick_device(device)
-    net, tokenizer = load_model(model, device=device, dtype=dtype)
+    net, tokenizer = load_model(model, device=device, dtype=dtype, kernels=kernels)
     chosen = template_for(model, template).name
     name = model_name or (Path(model).name if Path(model).is_dir() else model)
     return Engine(net, tokenizer, name or "model", chosen, max_concurrency, max_tokens_limit)

@@ -60,7 +60,7 @@ class BackgroundServer:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_concurrency: int = 4,
           max_tokens_limit: int = 1024, api_key: str | None = None, template: str | None = None,
           model_name: str | None = None, device=None, dtype=None, threads: int | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", kernels: bool = True) -> None:
     """Serve `model` over HTTP until interrupted (Ctrl-C).
 
     Args:
@@ -74,11 +74,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_concurrency
         device / dtype: where and in which precision to run the model.
         threads: PyTorch CPU threads (default: the cores divided among the concurrent
             generations, at least 1).
+        kernels: apply the speed kernels (`llmscratch.kernels`); False serves the reference model.
     """
     import uvicorn
 
     api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
-    engine = load_engine(model, device, dtype, template, model_name, max_concurrency, max_tokens_limit)
+    engine = load_engine(model, device, dtype, template, model_name, max_concurrency, max_tokens_limit,
+                         kernels=kernels)
     if engine.device.type == "cpu":
         # Concurrent generations already keep the cores busy; on top of that, each one's
         # intra-op thread team would oversubscribe them, and a team waiting at a barrier for
