@@ -1,6 +1,10 @@
-"""Evaluating an instruction-tuned model's test-set responses (`responses.json`).
+"""Evaluating models: a language model's loss on text, and an instruction-tuned model's
+test-set responses (`responses.json`).
 
-Two ways, as a practitioner would:
+`evaluate_lm(model, tokenizer, data)`: loss, perplexity and bits per byte on a dataset or
+text, prepared exactly as pretraining prepares its validation tail (`llmscratch eval`).
+
+Responses, two ways, as a practitioner would:
 
 - Automatic scores: exact match and a token-overlap F1 between each response and its
   reference output (SQuAD-style: lower-cased words, punctuation and articles removed),
@@ -25,7 +29,55 @@ from pathlib import Path
 
 import torch
 
+from .data import token_ids
+from .datasets import load_text
 from .errors import UserError
+from .train import evaluate as mean_lm_loss
+from .train import metrics_from_loss
+
+
+def evaluate_lm(model, tokenizer, data, *, batch_size: int = 8, context_length: int | None = None,
+                max_batches: int | None = None, encoding_errors: str = "strict",
+                device: torch.device | None = None, progress: bool = True) -> dict:
+    """Loss (nats/token), perplexity and bits per byte of a language model on text.
+
+    The text goes through pretraining's own preparation (`load_text`, then `token_ids`:
+    tokenized once and cached, `<|endoftext|>` between documents) and pretraining's own
+    validation loss (`train.evaluate`, non-overlapping windows in order), so a model
+    evaluated on the validation text of its run gets the number its training reported.
+
+    Args:
+        model: a `GPT` (or any model mapping ids to logits with a `config.context_length`).
+        tokenizer: the model's tokenizer.
+        data: a dataset name, a text file or a folder of `.txt` files (as `load_text`
+            takes them), or a list of `Document`s or strings.
+        batch_size: windows per forward pass.
+        context_length: window length, at most the model's (default: the model's).
+        max_batches: evaluate only the first this many batches (default: all).
+        encoding_errors: undecodable bytes in local text: strict, replace or ignore.
+        device: where to run (default: where the model's weights are).
+        progress: show a progress bar while tokenizing (only the first time: it is cached).
+
+    Returns:
+        `{"loss", "ppl", "bpb", "tokens", "bytes", "windows", "context_length"}`.
+    """
+    device = device if device is not None else next(model.parameters()).device
+    T = min(context_length or model.config.context_length, model.config.context_length)
+    if isinstance(data, (str, os.PathLike)):
+        source = str(data)
+        data = load_text(source, encoding_errors=encoding_errors)
+    else:
+        source = None
+    ids, bytes_per_token = token_ids(data, tokenizer, source=source, progress=progress)
+    if len(ids) < T + 1:
+        raise UserError(f"--data {source or 'documents'}: {len(ids)} tokens, fewer than one window of {T} + 1")
+    loss = mean_lm_loss(model, ids, batch_size, T, max_batches, device)
+    m = metrics_from_loss(loss, bytes_per_token)
+    n_windows = (len(ids) - 1) // T
+    if max_batches:
+        n_windows = min(n_windows, max_batches * batch_size)
+    return {"loss": m["val_loss"], "ppl": m["val_ppl"], "bpb": m["val_bpb"], "tokens": len(ids),
+            "bytes": round(bytes_per_token * len(ids)), "windows": n_windows, "context_length": T}
 
 
 def load_responses(path: str | Path) -> list[dict]:

@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import save_model
-from ..data import BatchSampler, iter_eval_batches, load_bin, split_train_val, tokenize_to_bin
-from ..datasets import cache_root, load_text
+from ..data import BatchSampler, iter_eval_batches, split_train_val, token_ids
+from ..datasets import load_text
 from ..errors import UserError
 from ..kernels import apply_kernels, lm_head_loss
 from ..model import GPT, GPTConfig, lm_loss
@@ -106,10 +106,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, context_length: int, documents):
     Returns:
         `(train_ids, val_ids, bytes_per_token)`; the last turns nats/token into bits/byte.
     """
-    n_bytes = sum(len(d.text.encode("utf-8")) for d in documents)
-    bin_path = tokenize_to_bin(documents, tokenizer, cache_root() / "tokens", source=str(cfg.data),
-                               progress=cfg.progress)
-    ids = load_bin(bin_path)
+    ids, bytes_per_token = token_ids(documents, tokenizer, source=str(cfg.data), progress=cfg.progress)
     if len(ids) < 2 * (context_length + 1):
         raise UserError(
             f"--data {cfg.data}: the corpus has {len(ids):,} tokens, too short for --context-length "
@@ -117,7 +114,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, context_length: int, documents):
             "validation window); use more text or a shorter context"
         )
     train_ids, val_ids = split_train_val(ids, cfg.val_fraction, context_length)
-    return train_ids, val_ids, n_bytes / len(ids)
+    return train_ids, val_ids, bytes_per_token
 
 
 # ------------------------------------------------------------------------- evaluation
