@@ -250,7 +250,7 @@ class ClassifyConfig(FinetuneConfig):
     data: str = "sms-spam"
     """dataset name or .tsv/.csv/.jsonl/.json file of text + label"""
     out: str = "runs/classifier"
-    """output folder"""
+    """folder for the classifier, metrics and plots"""
     text_column: str | None = None
     """column/field holding the text (default: text; sms-spam: 1)"""
     label_column: str | None = None

@@ -7,48 +7,51 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from ..cli_args import SamplingArgs, add_command, add_config_flags, config_from_args
 from ..errors import UserError
 
 
-def _add_finetune_flags(p: argparse.ArgumentParser, cls) -> None:
-    """One flag per config field, with the field's docstring-comment as help."""
-    import ast
-    import inspect
-
-    from .common import FinetuneConfig
-
-    # Field docs are the string literal right after each field (read from the source, so
-    # the help text and the dataclass cannot drift apart).
-    docs: dict[str, str] = {}
-    for klass in (FinetuneConfig, cls):
-        try:
-            body = ast.parse(inspect.getsource(klass)).body[0].body
-        except (OSError, TypeError):  # no source shipped (e.g. a .pyc-only install): bare help
-            continue
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = str(b.value.value)
-    skip = {"max_steps", "warmup_steps", "model", "data", "out"}
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        doc = docs.get(f.name, "")
-        helptext = doc if "default" in doc else f"{doc} (default: {f.default})"
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
-            continue
-        kind = {"int": int, "float": float, "int | None": int, "str | None": str}.get(str(f.type), str)
-        p.add_argument(flag, type=kind, default=f.default, help=helptext, metavar=f.name.upper())
+# The settings of the commands without a library config of their own. Each field is a flag
+# (see cli_args.py); the fine-tunes take theirs from ClassifyConfig and InstructConfig.
 
 
-def _config(cls, args):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+@dataclass(kw_only=True)
+class ChatArgs(SamplingArgs):
+    """Settings of `llmscratch chat`."""
+
+    model: str
+    """run folder (from finetune instruct), HF folder or preset"""
+    template: Literal["alpaca", "phi3", "plain"] | None = None
+    """prompt template (default: the run folder's config.json, else plain)"""
+    system: str | None = None
+    """system message (replaces the template's preamble)"""
+    max_new_tokens: int = 256
+    """longest reply"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, mps or auto"""
+    kernels: bool = True
+    """apply the speed kernels (llmscratch.kernels); --no-kernels runs the plain reference model"""
+
+
+@dataclass(kw_only=True)
+class EvalInstructArgs:
+    """Settings of `llmscratch eval instruct` (beside `--model`, `--device`, `--batch-size`)."""
+
+    responses: str | None = None
+    """responses.json written by finetune instruct"""
+    judge_url: str | None = None
+    """OpenAI-compatible API base, e.g. http://localhost:11434/v1"""
+    judge_model: str | None = None
+    """the judge model's name at --judge-url (e.g. llama3)"""
+    template: Literal["alpaca", "phi3", "plain"] | None = None
+    """prompt template for the reference loss (default: the model's config.json, else plain)"""
+    scores_out: str | None = None
+    """also write all scores to this JSON file"""
 
 
 # ------------------------------------------------------------------------- commands
@@ -60,7 +63,7 @@ def cmd_finetune_classify(args) -> int:
     from .classify import ClassifyConfig, finetune_classify
 
     reuse_freed_memory()
-    result = finetune_classify(_config(ClassifyConfig, args))
+    result = finetune_classify(config_from_args(ClassifyConfig, args))
     m = result.metrics
     if result.interrupted:
         print(f"\ninterrupted after {m['steps']} steps; the classifier as trained so far is in {result.out}",
@@ -81,7 +84,7 @@ def cmd_finetune_instruct(args) -> int:
     from .instruct import InstructConfig, finetune_instruct
 
     reuse_freed_memory()
-    result = finetune_instruct(_config(InstructConfig, args))
+    result = finetune_instruct(config_from_args(InstructConfig, args))
     m = result.metrics
     if result.interrupted:
         print(f"\ninterrupted after {m['steps']} steps; the model as trained so far is in {result.out}",
@@ -120,49 +123,53 @@ def cmd_chat(args) -> None:
     from ..chat import chat_loop, load_chat
     from ..utils import pick_device
 
-    if args.max_new_tokens <= 0:
+    cfg = config_from_args(ChatArgs, args)
+    if cfg.max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be positive")
-    chat = load_chat(args.model, device=pick_device(args.device), template=args.template,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, seed=args.seed, system=args.system)
+    chat = load_chat(cfg.model, device=pick_device(cfg.device), template=cfg.template,
+                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                     top_p=cfg.top_p, seed=cfg.seed, system=cfg.system, kernels=cfg.kernels)
     chat_loop(chat)
 
 
-def cmd_eval_instruct(args) -> None:
-    """Score test-set responses: with a judge endpoint 0-100, else automatic scores."""
+def cmd_eval_instruct(args, common) -> None:
+    """Score test-set responses: with a judge endpoint 0-100, else automatic scores.
+
+    `common` holds the settings `eval` shares between its tasks (model, device, batch size)."""
     from ..evaluate import automatic_scores, judge_scores, load_responses, reference_loss
     from ..utils import write_json
 
-    if not args.responses:
+    cfg = config_from_args(EvalInstructArgs, args)
+    if not cfg.responses:
         raise UserError("llmscratch eval instruct needs --responses FILE (written by finetune instruct)")
-    records = load_responses(args.responses)
-    report: dict = {"responses": str(args.responses), **automatic_scores(records)}
-    print(f"responses    {args.responses}: {len(records)} records")
+    records = load_responses(cfg.responses)
+    report: dict = {"responses": str(cfg.responses), **automatic_scores(records)}
+    print(f"responses    {cfg.responses}: {len(records)} records")
     print(f"exact match  {100 * report['exact_match']:.2f}%")
     print(f"token F1     {100 * report['token_f1']:.2f}%")
-    if args.model:
+    if common.model:
         from ..checkpoint import load_model
         from ..utils import pick_device
         from ..prompts import template_for
 
-        template = template_for(args.model, args.template)
-        model, tok = load_model(args.model, device=pick_device(args.device))
-        report.update(reference_loss(model, tok, template, records, batch_size=args.batch_size))
+        template = template_for(common.model, cfg.template)
+        model, tok = load_model(common.model, device=pick_device(common.device), kernels=common.kernels)
+        report.update(reference_loss(model, tok, template, records, batch_size=common.batch_size))
         print(f"ref. loss    {report['ref_loss']:.4f} nats/token (perplexity {report['ref_ppl']:.2f}) "
               f"on {report['ref_tokens']} reference tokens")
-    if args.judge_url:
-        if not args.judge_model:
+    if cfg.judge_url:
+        if not cfg.judge_model:
             raise UserError("--judge-url needs --judge-model NAME (the model at that endpoint)")
-        judged = judge_scores(records, args.judge_url, args.judge_model)
-        report["judge"] = {"url": args.judge_url, "model": args.judge_model, **judged}
+        judged = judge_scores(records, cfg.judge_url, cfg.judge_model)
+        report["judge"] = {"url": cfg.judge_url, "model": cfg.judge_model, **judged}
         if judged["mean"] is None:
             print("judge score  none of the judge's replies held a score 0-100")
         else:
             print(f"judge score  {judged['mean']:.2f} / 100 (mean of {judged['n_scored']} of "
-                  f"{len(records)}, judge {args.judge_model})")
-    if args.scores_out:
-        write_json(args.scores_out, report)
-        print(f"wrote {args.scores_out}")
+                  f"{len(records)}, judge {cfg.judge_model})")
+    if cfg.scores_out:
+        write_json(cfg.scores_out, report)
+        print(f"wrote {cfg.scores_out}")
 
 
 # ------------------------------------------------------------------------- parsers
@@ -170,13 +177,7 @@ def cmd_eval_instruct(args) -> None:
 
 def add_eval_instruct_args(p: argparse.ArgumentParser) -> None:
     """The `eval instruct` flags, added to the existing `eval` parser."""
-    g = p.add_argument_group("eval instruct")
-    g.add_argument("--responses", help="responses.json written by finetune instruct")
-    g.add_argument("--judge-url", help="OpenAI-compatible API base, e.g. http://localhost:11434/v1")
-    g.add_argument("--judge-model", help="the judge model's name at --judge-url (e.g. llama3)")
-    g.add_argument("--template", choices=("alpaca", "phi3", "plain"), default=None,
-                   help="prompt template for the reference loss (default: the model's config.json, else plain)")
-    g.add_argument("--scores-out", help="also write all scores to this JSON file")
+    add_config_flags(p.add_argument_group("eval instruct"), EvalInstructArgs)
 
 
 def register(sub) -> None:
@@ -188,39 +189,30 @@ def register(sub) -> None:
                         description="Fine-tune a pretrained model.")
     ft_sub = ft.add_subparsers(dest="task", metavar="TASK", required=True)
 
-    p = ft_sub.add_parser("classify", help="text classification (e.g. sms-spam)",
-                          description=cmd_finetune_classify.__doc__)
-    p.add_argument("--model", required=True, help="run folder, Hugging Face GPT-2 folder or preset")
-    p.add_argument("--data", required=True, help="sms-spam, or a .tsv/.csv/.jsonl/.json file of text + label")
-    p.add_argument("--out", required=True, help="folder for the classifier, metrics and plots")
-    _add_finetune_flags(p, ClassifyConfig)
-    p.set_defaults(func=cmd_finetune_classify)
+    p = add_command(ft_sub, "classify", cmd_finetune_classify, "text classification (e.g. sms-spam)", [
+        "llmscratch finetune classify --model gpt2-124m --data sms-spam --out runs/spam",
+        "llmscratch finetune classify --model runs/pretrain --data reviews.csv --text-column review "
+        "--label-column stars --trainable lora --lora-rank 8 --out runs/reviews",
+    ])
+    add_config_flags(p, ClassifyConfig, required=("model", "data", "out"), config_file=True)
 
-    p = ft_sub.add_parser("instruct", help="instruction tuning (e.g. alpaca-1100)",
-                          description=cmd_finetune_instruct.__doc__)
-    p.add_argument("--model", required=True, help="run folder, Hugging Face GPT-2 folder or preset")
-    p.add_argument("--data", required=True,
-                   help="alpaca-1100, an Alpaca .json/.jsonl, or a chat .jsonl with messages")
-    p.add_argument("--out", required=True, help="run folder to write (usable by generate and chat)")
-    _add_finetune_flags(p, InstructConfig)
-    p.set_defaults(func=cmd_finetune_instruct)
+    p = add_command(ft_sub, "instruct", cmd_finetune_instruct, "instruction tuning (e.g. alpaca-1100)", [
+        "llmscratch finetune instruct --model gpt2-124m --data alpaca-1100 --out runs/instruct",
+        "llmscratch finetune instruct --config instruct.toml --epochs 1 --out runs/instruct-1",
+    ])
+    add_config_flags(p, InstructConfig, required=("model", "data", "out"), config_file=True)
 
-    p = sub.add_parser("classify", help="label texts with a fine-tuned classifier", description=cmd_classify.__doc__)
+    p = add_command(sub, "classify", cmd_classify, "label texts with a fine-tuned classifier", [
+        'llmscratch classify --model runs/spam "You won a prize! Call now"',
+        "llmscratch classify --model runs/spam --file messages.txt",
+    ])
     p.add_argument("--model", required=True, help="classifier folder written by finetune classify")
     p.add_argument("text", nargs="*", help="text(s) to classify")
     p.add_argument("--file", help="a file with one text per line")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_classify)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
 
-    p = sub.add_parser("chat", help="chat with an instruction-tuned model", description=cmd_chat.__doc__)
-    p.add_argument("--model", required=True, help="run folder (from finetune instruct), HF folder or preset")
-    p.add_argument("--template", choices=("alpaca", "phi3", "plain"), default=None,
-                   help="prompt template (default: the run folder's config.json, else plain)")
-    p.add_argument("--system", default=None, help="system message (replaces the template's preamble)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_chat)
+    p = add_command(sub, "chat", cmd_chat, "chat with an instruction-tuned model", [
+        "llmscratch chat --model runs/instruct",
+        'echo "Name three colors." | llmscratch chat --model runs/instruct --max-new-tokens 64',
+    ])
+    add_config_flags(p, ChatArgs)

@@ -153,7 +153,7 @@ class InstructConfig(FinetuneConfig):
     data: str = "alpaca-1100"
     """alpaca-1100, an Alpaca .json/.jsonl file, or a chat .jsonl with messages"""
     out: str = "runs/instruct"
-    """output run folder"""
+    """run folder to write (usable by generate and chat)"""
     template: str = DEFAULT_TEMPLATE
     """prompt template: alpaca or phi3"""
     mask_prompt: bool = False
@@ -263,3 +263,5 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
     if not result.interrupted:
         (out / STATE_FILE).unlink(missing_ok=True)  # done: nothing left to resume
     return InstructResult(out=out, metrics=metrics, interrupted=result.interrupted, params_line=params_line)
+
+

@@ -3,52 +3,76 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 from ..errors import UserError
 
 
-def _opt(default, help: str, **kw):
-    """A dataclass field carrying its --help text (the CLI builds its flags from these)."""
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
 class TrainConfig:
-    """Everything a pretraining run needs. Each field is also a `llmscratch pretrain` flag."""
+    """Everything a pretraining run needs. Each field is also a `llmscratch pretrain` flag: its
+    type, default and the string under it become the flag, its parsing and its help
+    (`llmscratch.cli_args`)."""
 
-    data: str = _opt("python-docs", "dataset name, text file, or folder of .txt files")
-    model: str = _opt("small", "model preset to train from scratch")
-    out: str = _opt("runs/pretrain", "run folder for config, weights, tokenizer, state, metrics, plot")
-    tokenizer: str = _opt("bpe:8192", "bpe:VOCAB (train a byte-level BPE on the data), gpt2, or a tokenizer.json")
-    max_steps: int = _opt(240, "optimizer steps to train for")
-    batch_size: int = _opt(16, "sequences per optimizer step (global, all processes together)")
-    grad_accum: int = _opt(1, "micro-batches per step; each micro-batch has batch_size sequences")
-    context_length: int | None = _opt(None, "tokens per sequence (default: the preset's)")
-    dropout: float = _opt(0.1, "dropout on embeddings, attention and residual branches")
-    lr: float = _opt(1e-3, "peak learning rate")
-    min_lr_ratio: float = _opt(0.1, "cosine decay floor, as a fraction of lr")
-    warmup_steps: int = _opt(50, "linear warmup steps")
-    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only, not biases/norms)")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.95, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
-    eval_every: int = _opt(40, "evaluate, sample and checkpoint every N steps")
-    eval_batches: int = _opt(20, "validation batches per evaluation")
-    val_fraction: float = _opt(0.1, "share of the tokens held out for validation (the tail)")
-    sample_tokens: int = _opt(60, "tokens generated at each evaluation (0 = none)")
-    seed: int = _opt(1337, "seed for init, data order and dropout")
-    device: str = _opt("auto", "cpu, cuda, cuda:N, mps or auto")
-    precision: str = _opt("auto", "fp32, bf16 (autocast, fp32 master weights) or auto",
-                          choices=("auto", "fp32", "bf16"))
-    compile: bool = _opt(False, "torch.compile the model and its loss")
-    kernels: bool = _opt(True, "swap in the speed kernels (llmscratch.kernels); --no-kernels trains "
-                               "the plain reference model")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, slower")
-    encoding_errors: str = _opt("strict", "undecodable bytes in local text: strict, replace or ignore",
-                                choices=("strict", "replace", "ignore"))
-    resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
-    progress: bool = _opt(True, "show a progress bar")
+    data: str = "python-docs"
+    """dataset name, text file, or folder of .txt files"""
+    model: str = "small"
+    """model preset to train from scratch"""
+    out: str = "runs/pretrain"
+    """run folder for config, weights, tokenizer, state, metrics, plot"""
+    tokenizer: str = "bpe:8192"
+    """bpe:VOCAB (train a byte-level BPE on the data), gpt2, or a tokenizer.json"""
+    max_steps: int = 240
+    """optimizer steps to train for"""
+    batch_size: int = 16
+    """sequences per optimizer step (global, all processes together)"""
+    grad_accum: int = 1
+    """micro-batches per step; each micro-batch has batch_size sequences"""
+    context_length: int | None = None
+    """tokens per sequence (default: the preset's)"""
+    dropout: float = 0.1
+    """dropout on embeddings, attention and residual branches"""
+    lr: float = 1e-3
+    """peak learning rate"""
+    min_lr_ratio: float = 0.1
+    """cosine decay floor, as a fraction of lr"""
+    warmup_steps: int = 50
+    """linear warmup steps"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only, not biases/norms)"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0 = off)"""
+    eval_every: int = 40
+    """evaluate, sample and checkpoint every N steps"""
+    eval_batches: int = 20
+    """validation batches per evaluation"""
+    val_fraction: float = 0.1
+    """share of the tokens held out for validation (the tail)"""
+    sample_tokens: int = 60
+    """tokens generated at each evaluation (0 = none)"""
+    seed: int = 1337
+    """seed for init, data order and dropout"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, mps or auto"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """fp32, bf16 (autocast, fp32 master weights) or auto"""
+    compile: bool = False
+    """torch.compile the model and its loss"""
+    kernels: bool = True
+    """swap in the speed kernels (llmscratch.kernels); --no-kernels trains the plain reference model"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward: less memory, slower"""
+    encoding_errors: Literal["strict", "replace", "ignore"] = "strict"
+    """undecodable bytes in local text: strict, replace or ignore"""
+    resume: bool = False
+    """continue the run in --out from its last checkpoint"""
+    progress: bool = True
+    """show a progress bar"""
 
     def validate(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches")
