@@ -118,7 +118,8 @@ def test_chat_tokens_put_the_turn_boundary_in_and_keep_user_text_plain():
 
 @pytest.mark.parametrize("template", ["alpaca", "phi3"])
 def test_chat_layout_equals_what_instruction_finetuning_trains_on(template):
-    instruct = pytest.importorskip("llmscratch.finetune.instruct")
+    """What chat/serve send a model is exactly what fine-tuning showed it before a reply: the
+    prompt ids equal the training ids of the same conversation up to the first response token."""
     conversations = [
         [{"role": "user", "content": "Name a colour."}],
         [{"role": "user", "content": "Translate.", "input": "Hallo"}],
@@ -126,8 +127,11 @@ def test_chat_layout_equals_what_instruction_finetuning_trains_on(template):
          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
     ]
     for msgs in conversations:
-        theirs, _ = instruct.encode_conversation(TOK, instruct.get_template(template), msgs, for_generation=True)
-        assert encode_chat(TOK, msgs, template) == theirs
+        trained = msgs + [{"role": "assistant", "content": "Sure, here it is."}]
+        ids, is_response = encode_conversation(TOK, get_template(template, for_training=True), trained)
+        last_reply = max(i for i, r in enumerate(is_response) if not r) + 1
+        assert any(is_response[last_reply:]) and all(is_response[last_reply:])
+        assert encode_chat(TOK, msgs, template) == ids[:last_reply]
 
 
 def test_fine_tuning_refuses_a_template_whose_replies_cannot_teach_stopping(tmp_path):
