@@ -311,3 +311,21 @@ def test_load_model_applies_kernels_only_when_asked(tmp_path):
         torch.testing.assert_close(fast(idx), plain(idx))
     q, _ = load_model(str(tmp_path / "run"), dtype="int8", kernels=True)
     assert isinstance(q.lm_head, Int8Linear) and isinstance(q.h[0].attn, BlockedCausalSelfAttention)
+
+
+@pytest.mark.parametrize("flags,expected", [([], True), (["--no-kernels"], False)])
+def test_cli_applies_kernels_by_default_and_no_kernels_gives_the_reference(flags, expected, monkeypatch, capsys):
+    import llmscratch.checkpoint as checkpoint
+    from llmscratch.cli import main
+
+    loaded = []
+    real = checkpoint.load_model
+
+    def spy(*a, **k):
+        model, tok = real(*a, **k)
+        loaded.append(has_kernels(model))
+        return model, tok
+
+    monkeypatch.setattr(checkpoint, "load_model", spy)
+    assert main(["generate", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "2", *flags]) == 0
+    assert loaded == [expected]
