@@ -19,7 +19,7 @@ import tiktoken
 from ..errors import UserError
 from ..utils import sha256_file
 from .base import EOT, AllowedSpecial, Tokenizer
-from .bpe import BYTE_DECODER, read_gpt2_files
+from .byte_alphabet import BYTE_DECODER, read_gpt2_files
 
 GPT2_EOT_ID = 50256
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
