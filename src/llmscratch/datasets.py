@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .download import ENV_DATA_DIR, download_file, extract_member
+from .download import ENV_DATA_DIR, download_file, extract_member, reject_unless
 from .errors import UserError
 from .utils import atomic_write, sha256_file
 
@@ -287,13 +287,8 @@ def dataset_path(
     download_file(url, archive, None, progress=progress)
     try:
         extract_member(archive, info.archive_member, cached)
-        got = sha256_file(cached)
-        if got != info.sha256:
-            cached.unlink()
-            raise UserError(
-                f"checksum mismatch for {info.archive_member} extracted from {url}: expected "
-                f"sha256 {info.sha256}, got {got}; the file was removed, try again or check the URL"
-            )
+        reject_unless(cached, "sha256", info.sha256, sha256_file(cached),
+                      f"{info.archive_member} extracted from {url}")
     finally:
         # The zip served its purpose (or is bad); either way do not keep it around.
         with contextlib.suppress(FileNotFoundError):

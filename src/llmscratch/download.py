@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .utils import atomic_write, sha256_file
 
-__all__ = ["ENV_DATA_DIR", "download_file", "extract_member"]
+__all__ = ["ENV_DATA_DIR", "download_file", "extract_member", "reject_unless"]
 
 # A folder already holding the dataset files: what a failed download suggests for offline use.
 ENV_DATA_DIR = "LLMSCRATCH_DATA_DIR"
@@ -84,15 +84,29 @@ def download_file(
         raise _network_error(url, dest, str(e) or type(e).__name__) from e
 
     if sha256 is not None:
-        got = sha256_file(part)
-        if got != sha256:
-            part.unlink()  # a resumed download can never repair it; start clean next time
-            raise UserError(
-                f"checksum mismatch for {dest.name} downloaded from {url}: expected sha256 "
-                f"{sha256}, got {got}; the file was removed, try again or check the URL"
-            )
+        # a resumed download can never repair a bad .part: remove it, start clean next time
+        reject_unless(part, "sha256", sha256, sha256_file(part), f"{dest.name} downloaded from {url}")
     os.replace(part, dest)
     return dest
+
+
+def reject_unless(path: Path, kind: str, expected: str, got: str, what: str) -> None:
+    """Remove `path` and raise a UserError naming both digests unless `got == expected`.
+
+    Every download checks its file this way (sha256 here and for an extracted zip member,
+    a git blob id for the Hub's small files), so a bad file never stays behind to be found
+    and trusted by the next run.
+
+    Args:
+        path: the file just written.
+        kind: the digest's name for the message ("sha256", "git sha1").
+        expected, got: the pinned and the computed digest.
+        what: the file and where it came from, e.g. "config.json downloaded from URL".
+    """
+    if got != expected:
+        path.unlink()
+        raise UserError(f"checksum mismatch for {what}: expected {kind} {expected}, got {got}; "
+                        "the file was removed, try again or check the URL")
 
 
 def _fetch_into(url: str, part: Path, *, progress: bool, desc: str) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from .checkpoint import is_run_dir, load_run_model, save_model
 from .datasets import cache_root
-from .download import download_file
+from .download import download_file, reject_unless
 from .errors import UserError
 from .tokenizer import get_tokenizer, load_tokenizer
 from .tokenizer.base import read_tokenizer_file
@@ -196,13 +196,8 @@ def _download_verified(url: str, dest: Path, *, progress: bool) -> None:
         # git id, and only then give it the final name, so `dest` is always verified.
         staging = dest.with_name(dest.name + ".unverified")
         download_file(url, staging, None, progress=progress)
-        got = _git_blob_sha1(staging)
-        if got != expected.git_sha1:
-            staging.unlink()
-            raise UserError(
-                f"checksum mismatch for {dest.name} downloaded from {url}: expected git sha1 "
-                f"{expected.git_sha1}, got {got}; the file was removed, try again or check the URL"
-            )
+        reject_unless(staging, "git sha1", expected.git_sha1, _git_blob_sha1(staging),
+                      f"{dest.name} downloaded from {url}")
         os.replace(staging, dest)
         return
     warnings.warn(
