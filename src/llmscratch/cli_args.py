@@ -43,8 +43,8 @@ from typing import Any, Literal
 
 from .errors import UserError
 
-__all__ = ["ModelArgs", "SamplingArgs", "add_command", "add_config_flags", "config_fields", "config_from_args", "field_docs",
-           "load_config_file"]
+__all__ = ["ModelArgs", "SamplingArgs", "add_command", "add_config_flags", "config_fields", "config_from_args",
+           "field_docs", "load_config_file"]
 
 _NO_DEFAULT = dataclasses.MISSING
 

@@ -57,17 +57,25 @@ class EvalInstructArgs:
 # ------------------------------------------------------------------------- commands
 
 
-def cmd_finetune_classify(args) -> int:
-    """Fine-tune a model into a text classifier (e.g. spam / not spam)."""
+def _run_finetune(run, cls, args, what: str):
+    """`run(config)` with the config from the flags, in the memory setting training wants;
+    after Ctrl-C or SIGTERM, say where `what` (as trained so far) was saved."""
     from ..kernels import reuse_freed_memory
-    from .classify import ClassifyConfig, finetune_classify
 
     reuse_freed_memory()
-    result = finetune_classify(config_from_args(ClassifyConfig, args))
-    m = result.metrics
+    result = run(config_from_args(cls, args))
     if result.interrupted:
-        print(f"\ninterrupted after {m['steps']} steps; the classifier as trained so far is in {result.out}",
+        print(f"\ninterrupted after {result.metrics['steps']} steps; {what} as trained so far is in {result.out}",
               file=sys.stderr)
+    return result
+
+
+def cmd_finetune_classify(args) -> int:
+    """Fine-tune a model into a text classifier (e.g. spam / not spam)."""
+    from .classify import ClassifyConfig, finetune_classify
+
+    result = _run_finetune(finetune_classify, ClassifyConfig, args, "the classifier")
+    m = result.metrics
     print(f"train accuracy {100 * m['train_accuracy']:.2f}%  val accuracy {100 * m['val_accuracy']:.2f}%  "
           f"test accuracy {100 * m['test_accuracy']:.2f}%")
     for label, pc in m["per_class"].items():
@@ -80,15 +88,10 @@ def cmd_finetune_classify(args) -> int:
 
 def cmd_finetune_instruct(args) -> int:
     """Instruction-tune a model; writes a run folder and the test set's responses."""
-    from ..kernels import reuse_freed_memory
     from .instruct import InstructConfig, finetune_instruct
 
-    reuse_freed_memory()
-    result = finetune_instruct(config_from_args(InstructConfig, args))
+    result = _run_finetune(finetune_instruct, InstructConfig, args, "the model")
     m = result.metrics
-    if result.interrupted:
-        print(f"\ninterrupted after {m['steps']} steps; the model as trained so far is in {result.out}",
-              file=sys.stderr)
     if m["val_loss"] is not None:
         print(f"validation loss {m['val_loss']:.4f}")
     print(f"run folder:  {result.out}  (template {m['template']}; metrics.json, loss.png)")
