@@ -94,6 +94,7 @@ def instruction_loss(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return masked_lm_loss(model, inputs, targets)
 
 
+@torch.no_grad()
 def evaluate_instruct(model, examples: list, collate, batch_size: int = 16) -> dict:
     """`{"val_loss"}`: mean next-token loss over every target that is not -100 in the
     encoded `examples` (batched with `collate`, e.g. a `collate_instruct` partial)."""
