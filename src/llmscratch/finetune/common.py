@@ -110,7 +110,10 @@ class EpochBatches:
     with `seed` (the epoch-th permutation it draws), so a batch is a pure function of the
     step and resuming needs no other state. The last batch of an epoch may be smaller
     (fine-tuning sets are small; dropping it would waste data). Under DDP, rank r of W
-    takes rows r, r + W, ... of each batch.
+    takes rows r, r + W, ... of each batch, and DDP averages the ranks' mean losses: the
+    same as one process wherever the ranks hold equally many rows and the loss is a mean
+    over rows (classification). A loss averaged over a varying number of tokens per rank
+    (instruction tuning) weighs the tokens of the two halves a little differently.
     """
 
     unit = "examples"
