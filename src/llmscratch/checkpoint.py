@@ -26,7 +26,9 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import UserError
+from .kernels import apply_kernels
 from .model import GPT, GPTConfig
+from .quantize import quantize_int8
 from .tokenizer import get_tokenizer, load_tokenizer
 from .utils import save_safetensors, write_json
 from .weights import is_hf_gpt2_dir, load_hf_gpt2
@@ -137,14 +139,10 @@ def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0, kernel
     if isinstance(dtype, str):
         if dtype != "int8":
             raise UserError(f"unknown weight precision {dtype!r}; use a torch dtype or 'int8'")
-        from .quantize import quantize_int8
-
         model, tokenizer = load_model(name_or_path, device=device, dtype=None, seed=seed, kernels=kernels)
         return quantize_int8(model), tokenizer
     model, tokenizer = _load_model(name_or_path, device, dtype, seed)
     if kernels:
-        from .kernels import apply_kernels
-
         apply_kernels(model)
     return model, tokenizer
 

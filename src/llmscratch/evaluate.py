@@ -32,6 +32,9 @@ import torch
 from .data import token_ids
 from .datasets import load_text
 from .errors import UserError
+from .finetune.common import iter_batches
+from .finetune.instruct import IGNORE_INDEX, collate_instruct, encode_conversation
+from .model import lm_loss
 from .train import evaluate as mean_lm_loss
 from .train import metrics_from_loss
 
@@ -165,10 +168,6 @@ def reference_loss(model, tokenizer, template, records: list[dict], batch_size: 
     Only response tokens (and their end-of-text) count: the prompt is context. A
     conversation longer than the window loses the start of its prompt.
     """
-    from .finetune.instruct import IGNORE_INDEX, collate_instruct, encode_conversation
-    from .finetune.common import iter_batches
-    from .model import lm_loss
-
     device = next(model.parameters()).device
     model.eval()
     keep = model.config.context_length + 1
