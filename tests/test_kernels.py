@@ -329,3 +329,20 @@ def test_cli_applies_kernels_by_default_and_no_kernels_gives_the_reference(flags
     monkeypatch.setattr(checkpoint, "load_model", spy)
     assert main(["generate", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "2", *flags]) == 0
     assert loaded == [expected]
+
+
+def test_kernels_after_lora_keep_the_lora_layers_and_outputs():
+    from llmscratch.finetune.lora import LoRALinear, apply_lora
+
+    torch.manual_seed(0)
+    model = GPT(tiny()).train()
+    apply_lora(model, rank=2, alpha=4)
+    for m in model.modules():  # a trained-looking update, so LoRA changes the outputs
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.1)
+    x = torch.randint(0, 97, (2, 16))
+    ref = model(x)
+    apply_kernels(model)
+    assert any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(type(b.attn) is BlockedCausalSelfAttention for b in model.h)
+    torch.testing.assert_close(model(x), ref)

@@ -158,8 +158,8 @@ class BlockedCausalSelfAttention(CausalSelfAttention):
     @classmethod
     def from_attention(cls, attn: CausalSelfAttention) -> "BlockedCausalSelfAttention":
         """A `cls` sharing `attn`'s sub-modules (no weights allocated or copied)."""
-        with torch.device("meta"):
-            new = cls(attn.c_proj.in_features, attn.n_head, attn.dropout, attn.c_attn.bias is not None)
+        with torch.device("meta"):  # projections of its own, replaced at once by attn's
+            new = cls(attn.n_head * attn.head_dim, attn.n_head, attn.dropout)
         new.c_attn, new.c_proj, new.resid_dropout = attn.c_attn, attn.c_proj, attn.resid_dropout
         new.train(attn.training)
         return new
