@@ -47,7 +47,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 def save_train_state(out: Path, model: torch.nn.Module, optimizer, step: int, seen: int,
                      settings: dict | None = None) -> None:
     """Write `out/train_state.safetensors`: weights, AdamW moments, RNG, step, settings."""
-    tensors = {f"model.{k}": v for k, v in model_state(model).items()}
+    weights = model_state(model) if hasattr(model, "config") else {
+        k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}  # any nn.Module
+    tensors = {f"model.{k}": v for k, v in weights.items()}
     opt_sd = optimizer.state_dict()
     for idx, st in opt_sd["state"].items():
         for key, value in st.items():
@@ -73,7 +75,7 @@ def load_train_state(out: Path, model: torch.nn.Module, optimizer) -> tuple[int,
     meta = _metadata(out)
     tensors = load_file(str(out / STATE_FILE))
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    if getattr(model.config, "tie_weights", False):
+    if getattr(getattr(model, "config", None), "tie_weights", False):
         weights["lm_head.weight"] = weights["wte.weight"]
     model.load_state_dict(weights)
     state: dict[int, dict] = {}
