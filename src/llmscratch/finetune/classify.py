@@ -269,16 +269,6 @@ class ClassifyConfig(FinetuneConfig):
     """truncate texts to this many tokens (default: the longest training text, capped at the context length)"""
     trainable: str = "last-1"
     """all, last-N (last N blocks + final LayerNorm; the head always trains) or lora"""
-    lora_rank: int = 0
-    """LoRA rank (implies --trainable lora)"""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator (update x alpha/rank)"""
-    dropout: float = 0.0
-    """dropout while fine-tuning"""
-    overwrite: bool = False
-    """replace an existing classifier in --out"""
-    lr: float = 5e-5
-    epochs: int = 5
 
 
 @dataclass

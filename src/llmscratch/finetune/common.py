@@ -59,6 +59,14 @@ class FinetuneConfig:
     """cpu, cuda, cuda:N, mps or auto"""
     precision: str = "fp32"
     """fp32, bf16 (autocast) or auto"""
+    lora_rank: int = 0
+    """LoRA rank (implies --trainable lora)"""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator (update x alpha/rank)"""
+    dropout: float = 0.0
+    """dropout while fine-tuning"""
+    overwrite: bool = False
+    """replace an existing model (or unfinished run) in --out"""
     kernels: bool = True
     """swap in the speed kernels (llmscratch.kernels); --no-kernels fine-tunes the plain reference model"""
     resume: bool = False

@@ -165,19 +165,10 @@ class InstructConfig(FinetuneConfig):
     """truncate examples to this many tokens (default and maximum: the context length)"""
     trainable: str = "all"
     """all, last-N or lora"""
-    lora_rank: int = 0
-    """LoRA rank (implies --trainable lora)"""
-    lora_alpha: float = 16.0
-    """LoRA scale numerator (update x alpha/rank)"""
-    dropout: float = 0.0
-    """dropout while fine-tuning"""
     max_new_tokens: int = 256
     """longest test-set response generated"""
     max_test: int | None = None
     """generate responses for at most this many test examples (default: all)"""
-    overwrite: bool = False
-    """replace an existing model in --out"""
-    lr: float = 5e-5
     epochs: int = 2
 
 
