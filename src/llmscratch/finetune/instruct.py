@@ -229,12 +229,10 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
                           out=out, rank=rank, world=world, stop_after=stop_after,
                           title="instruction fine-tuning loss", desc="instruct")
     merge_lora(model)
-    if not master:
-        return InstructResult(out=out, metrics={}, interrupted=result.interrupted, params_line=params_line)
 
-    test_run = test[: cfg.max_test] if cfg.max_test is not None else test
+    test_run = (test[: cfg.max_test] if cfg.max_test is not None else test) if master else []
     responses = []
-    for r in tqdm(test_run, desc="test responses", disable=not cfg.progress, dynamic_ncols=True):
+    for r in tqdm(test_run, desc="test responses", disable=not (cfg.progress and master), dynamic_ncols=True):
         msgs = r["messages"]
         entry = record_fields(msgs)
         if len([m for m in msgs if m["role"] != "system"]) > 2 or msgs[0]["role"] == "system":
@@ -242,10 +240,12 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
         entry["response"] = respond(model, tokenizer, template, msgs[:-1], cfg.max_new_tokens)
         responses.append(entry)
 
-    val_loss = next((h["val_loss"] for h in reversed(result.records) if "val_loss" in h), None)
+    val_loss = result.last_eval.get("val_loss")
     metrics = {"val_loss": val_loss, "template": template.name, "mask_prompt": cfg.mask_prompt,
                "trainable": cfg.trainable, "n_train": len(train), "n_val": len(val), "n_test": len(test),
                "interrupted": result.interrupted, "steps": result.step, "history": result.records}
+    if not master:
+        return InstructResult(out=out, metrics=metrics, interrupted=result.interrupted, params_line=params_line)
     # config.json is written last by save_model, after the weights: a folder with a
     # config always has the weights it describes.
     save_model(model, out, tokenizer, extra={"task": TASK, "template": template.name,
