@@ -19,6 +19,7 @@ needs them.
 
 from __future__ import annotations
 
+import copy
 import gc
 import statistics
 import time
@@ -191,16 +192,27 @@ def book_config(cfg: GPTConfig) -> dict:
             "n_heads": cfg.n_head, "n_layers": cfg.n_layer, "drop_rate": 0.0, "qkv_bias": cfg.qkv_bias}
 
 
-def book_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, device="cpu",
-                    fast: bool = False) -> Callable[[], None]:
-    """The same step on the book's `GPTModel` (or its sdpa `GPTModelFast`), with its loss as
-    the book computes it: full logits, then cross-entropy. Raises ImportError when the
-    `llms-from-scratch` package is not installed."""
+def book_model(cfg: GPTConfig, fast: bool = False) -> torch.nn.Module:
+    """The book's `GPTModel` (or its sdpa `GPTModelFast`) at our shape, with its output head
+    tied to the token embedding as GPT-2's (and ours) is. The book builds the head untied
+    (about 163M parameters at the 124m shape instead of 124M); tying changes no FLOP of the
+    forward or backward, only the optimizer's work and memory, so the rows compare like
+    with like."""
     from llms_from_scratch.ch04 import GPTModel, GPTModelFast
 
+    model = (GPTModelFast if fast else GPTModel)(book_config(cfg))
+    model.out_head.weight = model.tok_emb.weight
+    return model
+
+
+def book_train_step(cfg: GPTConfig, B: int, T: int, amp: torch.dtype | None, device="cpu",
+                    fast: bool = False) -> Callable[[], None]:
+    """The same step on the book's model (`book_model`), with its loss as the book computes
+    it: full logits, then cross-entropy. Raises ImportError when the `llms-from-scratch`
+    package is not installed."""
     device = torch.device(device)
     torch.manual_seed(0)
-    model = (GPTModelFast if fast else GPTModel)(book_config(cfg)).to(device).train()
+    model = book_model(cfg, fast).to(device).train()
 
     def loss_of(x):
         return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
@@ -329,19 +341,29 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
             fns["transformers generate fp32"] = run_hf
             models["transformers generate fp32"] = hf
             identical = torch.equal(fns["llmscratch KV cache fp32"](), run_hf())
+            # bf16 weights on both sides: the row to set against "llmscratch KV cache bf16"
+            hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+
+            def run_hf_bf16():
+                with torch.inference_mode():
+                    return hf_bf16.generate(idx, attention_mask=mask, max_new_tokens=new_tokens,
+                                            min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                                            pad_token_id=0)
+
+            fns["transformers generate bf16"] = run_hf_bf16
+            models["transformers generate bf16"] = hf_bf16
         if uncached:
             # The book's own decoding loop (ch04 `generate_text_simple`: the whole context
             # again for every token). Its packaged KV-cache GPT-2 (llms_from_scratch.kv_cache,
             # 1.0.19) fails on the second decoding step (its causal mask is sliced along the
             # wrong axis), so there is no cached book row.
             try:
-                from llms_from_scratch.ch04 import GPTModel as BookGPT
                 from llms_from_scratch.ch04 import generate_text_simple
             except ImportError:
-                BookGPT = None
-            if BookGPT is not None:
+                generate_text_simple = None
+            if generate_text_simple is not None:
                 torch.manual_seed(0)
-                book = BookGPT(book_config(cfg)).to(device).eval()
+                book = book_model(cfg).to(device).eval()
                 fns["book no cache fp32"] = lambda: generate_text_simple(book, idx, new_tokens,
                                                                          cfg.context_length)
                 models["book no cache fp32"] = book
@@ -381,8 +403,8 @@ def print_rows(rows: list[dict], title: str) -> None:
 
 def bench_tokenizers(text: str, vocab_size: int = 4096, peers: bool = True) -> list[dict]:
     """BPE training seconds (ours vs the Rust `tokenizers` trainer) and encoding MB/s
-    (GPT-2's via `get_tokenizer`, the raw tiktoken encoding underneath, our trained BPE).
-    Best of two runs each."""
+    (GPT-2's via `get_tokenizer`; tiktoken's own "gpt2" Encoding, built apart from ours; our
+    trained BPE). Best of two runs each."""
     from llmscratch.tokenizer import BPETokenizer, get_tokenizer
 
     def best(fn, n=2):
@@ -415,9 +437,12 @@ def bench_tokenizers(text: str, vocab_size: int = 4096, peers: bool = True) -> l
                          "seconds": best(rust_train)})
         except ImportError:
             pass
+    from bench_tokenizer import offline_tiktoken_gpt2
+
     gpt2 = get_tokenizer("gpt2")
+    raw = offline_tiktoken_gpt2()  # tiktoken's own "gpt2" Encoding, not the one ours builds
     for name, fn in (("get_tokenizer('gpt2')", lambda: gpt2.encode(text)),
-                     ("raw tiktoken gpt2", lambda: gpt2.encoding.encode_ordinary(text)),
+                     ("raw tiktoken gpt2", lambda: raw.encode_ordinary(text)),
                      (f"llmscratch BPE {vocab_size} (Python)", lambda: ours.encode(text))):
         s = best(fn)
         rows.append({"task": "encode", "impl": name, "seconds": s, "mb_per_s": mb / s})

@@ -163,15 +163,13 @@ def _harness(monkeypatch):
 
 def test_bench_runs_the_peers_on_the_same_shape(monkeypatch):
     # transformers comes with the test extras; the book's package (`pip install --no-deps
-    # llms-from-scratch`) is installed by .ci/run, which sets LLMSCRATCH_REQUIRE_BOOK
+    # llms-from-scratch`) is installed by .ci/run. Without it the book's rows go unchecked
+    # and the test ends in a skip saying so (under CI=true, a failure).
     import importlib.util
-    import os
 
     bench = _harness(monkeypatch)
 
     book = importlib.util.find_spec("llms_from_scratch") is not None
-    if os.environ.get("LLMSCRATCH_REQUIRE_BOOK"):
-        assert book, "llms-from-scratch is not installed"
     rows = bench.bench_training([bench.TrainShape("tiny", 2, 32)], rounds=1)
     impls = {r["impl"] for r in rows}
     assert {"transformers fp32 (sdpa)", "transformers bf16-autocast"} <= impls
@@ -183,7 +181,9 @@ def test_bench_runs_the_peers_on_the_same_shape(monkeypatch):
     gen, identical = bench.bench_generation("tiny", 2, prompt_len=5, new_tokens=6, rounds=1)
     assert identical is True  # our greedy tokens equal transformers' on the same weights
     gen_impls = {r["impl"] for r in gen}
-    assert "transformers generate fp32" in gen_impls
+    assert {"transformers generate fp32", "transformers generate bf16"} <= gen_impls
     if book:
         assert "book no cache fp32" in gen_impls
     _assert_rows_ran_what_they_name(gen, prompt_len=5)
+    if not book:
+        pytest.skip("llms-from-scratch is not installed: the book's rows were not checked")
