@@ -9,7 +9,7 @@ show bf16 autocast on the CPU: the blocked causal attention that training uses t
 PyTorch's fused flash kernel, each forced at every length: training takes the blocked one
 up to 1024 positions, where it stops winning.
 
-    python benchmarks/attention_scaling.py                 # writes benchmarks/attention_scaling.png
+    python benchmarks/attention_scaling.py                 # writes attention_scaling.png and results/attention_scaling.json
     python benchmarks/attention_scaling.py --lengths 256 512 1024 2048 4096
 
 Each point runs in a fresh process, so its peak RSS is its own.
@@ -28,6 +28,7 @@ import torch
 
 from llmscratch.attention import CausalSelfAttention, MultiHeadAttention
 from peak_memory import peak_rss_mb  # benchmarks/peak_memory.py, beside this script
+from results import write_result  # benchmarks/results.py
 
 IMPLS = ("fast (sdpa)", "naive formula", "bf16: blocked", "bf16: sdpa flash kernel")
 
@@ -108,6 +109,11 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"wrote {args.out}")
+    ratios = {}  # blocked over the flash kernel, both bf16, at each length
+    for blocked, flash in zip(results["bf16: blocked"], results["bf16: sdpa flash kernel"]):
+        ratios[str(blocked["T"])] = blocked["tokens_per_s"] / flash["tokens_per_s"]
+    write_result("attention_scaling", {"settings": {k: v for k, v in vars(args).items() if k != "child"},
+                                       "rows": results, "bf16_blocked_over_flash": ratios})
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ interleaved round by round (see `harness.bench_generation`).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from harness import bench_generation, print_rows  # benchmarks/harness.py
 from llmscratch.kernels import reuse_freed_memory
+from results import write_result  # benchmarks/results.py
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-uncached", action="store_true", help="skip the slow uncached loop")
     p.add_argument("--no-peers", action="store_true", help="skip the peers (transformers, the book's llms-from-scratch)")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", help="write the results here instead of benchmarks/results/bench_generate_batchN.json")
     args = p.parse_args()
     reuse_freed_memory()  # as the CLI's training commands do; LLMSCRATCH_MALLOC=system to compare
     rows, identical = bench_generation(args.model, args.batch_size, args.prompt_len, args.new_tokens,
@@ -37,9 +37,8 @@ def main() -> None:
         print(f"greedy tokens identical to transformers: {identical}")
     print_rows(rows, f"generation: {args.model}, batch {args.batch_size}, prompt {args.prompt_len}, "
                      f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, median of {args.rounds}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "identical": identical}, f, indent=2)
+    write_result(f"bench_generate_batch{args.batch_size}",
+                 {"args": vars(args), "rows": rows, "identical_to_transformers": identical}, args.json)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,14 @@
   pass over the same text.
 
 Usage:
-    python benchmarks/bench_tokenizer.py [--data-dir DIR] [--repeats 3] [--json out.json]
+    python benchmarks/bench_tokenizer.py [--data NAME|FILE] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -27,16 +25,13 @@ from typing import Callable
 
 import tiktoken
 
+from llmscratch.datasets import load_text
+from llmscratch.errors import UserError
 from llmscratch.tokenizer import BPETokenizer, get_tokenizer
 from llmscratch.tokenizer.gpt2 import gpt2_files
+from results import write_result  # benchmarks/results.py
 
 EOT = "<|endoftext|>"
-
-
-def default_data_dir() -> Path:
-    """LLMSCRATCH_DATA_DIR, else `../shared/data` next to the repository."""
-    env = os.environ.get("LLMSCRATCH_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -106,27 +101,24 @@ def hf_train_seconds(text: str, vocab_size: int, repeats: int) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data-dir", type=Path, default=default_data_dir(), help="folder holding tinyshakespeare.txt"
-    )
+    parser.add_argument("--data", default="tinyshakespeare",
+                        help="a dataset name (LLMSCRATCH_DATA_DIR, cache or download) or a text file")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size to train")
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed runs per measurement; the best is reported"
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the results here instead of benchmarks/results/bench_tokenizer.json")
     args = parser.parse_args()
 
-    path = args.data_dir / "tinyshakespeare.txt"
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found (set --data-dir or LLMSCRATCH_DATA_DIR)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        docs = load_text(args.data, progress=False)
+    except UserError as e:
+        raise SystemExit(f"error: {e}")
+    text = "".join(d.text for d in docs)
+    path = Path(docs[0].name)
     mb = len(text.encode("utf-8")) / 1e6
     results: dict = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-        },
         "corpus": {"file": path.name, "MB": round(mb, 3)},
         "train": {},
         "encode_MB_per_s": {},
@@ -205,10 +197,7 @@ def main() -> None:
         f"({len(text) / n_ours:.2f} chars/token)"
     )
 
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+    write_result("bench_tokenizer", results, args.json)
 
 
 if __name__ == "__main__":

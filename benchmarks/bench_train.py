@@ -13,12 +13,12 @@ TensorFlow, which its GPT code never imports), each in fp32 and under bf16 autoc
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from harness import TrainShape, bench_training, matmul_peak, print_rows  # benchmarks/harness.py
 from llmscratch.kernels import reuse_freed_memory
+from results import write_result  # benchmarks/results.py
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
                    help="PRESET:BATCH:SEQ (repeatable; default small:8:256 and gpt2-124m:1:1024)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-peers", action="store_true", help="skip the peers (transformers, the book's llms-from-scratch)")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", help="write the results here instead of benchmarks/results/bench_train.json")
     args = p.parse_args()
     reuse_freed_memory()  # as the CLI's training commands do; LLMSCRATCH_MALLOC=system to compare
     specs = args.shape or ["small:8:256", "gpt2-124m:1:1024"]
@@ -39,9 +39,8 @@ def main() -> None:
     print(f"matmul peak: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s, {torch.get_num_threads()} threads")
     rows = bench_training(shapes, args.rounds, peers=not args.no_peers, peak_fp32=peak32, peak_bf16=peak16)
     print_rows(rows, f"training step (forward + backward + AdamW), median of {args.rounds}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"peak_fp32_gflops": peak32, "peak_bf16_gflops": peak16, "rows": rows}, f, indent=2)
+    write_result("bench_train", {"rounds": args.rounds, "peak_fp32_gflops": peak32,
+                                 "peak_bf16_gflops": peak16, "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

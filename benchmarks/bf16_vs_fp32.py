@@ -21,6 +21,7 @@ from pathlib import Path
 
 from llmscratch.train import TrainConfig, pretrain
 from llmscratch.kernels import reuse_freed_memory
+from results import write_result  # benchmarks/results.py
 
 
 def _records(run: Path) -> list[dict]:
@@ -40,7 +41,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--context-length", type=int, default=256)
     p.add_argument("--plot", default=str(Path(__file__).with_name("bf16_vs_fp32.png")))
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", help="write the results here instead of benchmarks/results/bf16_vs_fp32.json")
     args = p.parse_args()
     reuse_freed_memory()
     root = Path(tempfile.mkdtemp(prefix="bf16-vs-fp32-"))
@@ -84,10 +85,9 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.plot)
     print(f"plot: {args.plot}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "val": val, "train_gap": raw_gap, "train_gap_smoothed": smooth_gap,
-                       "wall_seconds": walls}, f, indent=2)
+    write_result("bf16_vs_fp32", {"args": vars(args), "val": val, "train_gap": raw_gap,
+                                  "train_gap_smoothed": smooth_gap, "wall_seconds": walls,
+                                  "bf16_speedup": walls["fp32"] / walls["bf16"]}, args.json)
 
 
 if __name__ == "__main__":

@@ -451,7 +451,8 @@ def bench_tokenizers(text: str, vocab_size: int = 4096, peers: bool = True) -> l
 
 def run(args) -> None:
     """`llmscratch bench`: the machine's matmul peak and memory bandwidth, then the
-    sections in `args.what`, printed and (with `args.json`) written as JSON.
+    sections in `args.what`, printed and written as JSON (`args.json`, else, for a full
+    run, `benchmarks/results/bench_<sections>.json`, stamped by `results.write_result`).
 
     Args:
         args: the CLI's parsed flags (`what`, `rounds`, `quick`, `no_peers`, `device`,
@@ -508,8 +509,9 @@ def run(args) -> None:
         for r in rows:
             print(f"  {r['impl']:45s} {r['peak_rss_mb']:8.0f} MB   {r['tokens_per_s']:7.1f} tok/s")
         report["memory"] = rows
-    if args.json:
-        from llmscratch.utils import write_json
+    if args.json or not args.quick:
+        # a full run is the record the README quotes: benchmarks/results/bench_<sections>.json
+        from results import write_result
 
-        write_json(args.json, report)
-        print(f"\nwrote {args.json}")
+        name = "bench_" + "_".join(w for w in ("train", "generate", "tokenizer", "memory") if w in args.what)
+        write_result(name + ("" if kernels else "_no_kernels"), report, args.json)

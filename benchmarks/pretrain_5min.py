@@ -24,6 +24,7 @@ import time
 
 from llmscratch.train import TrainConfig, pretrain
 from llmscratch.kernels import reuse_freed_memory
+from results import write_result  # benchmarks/results.py
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--out", default=None, help="run folder (default: a temp folder)")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", help="write the results here instead of benchmarks/results/pretrain_5min.json")
     args = p.parse_args()
     reuse_freed_memory()  # as `llmscratch pretrain` / `finetune` do
     out = args.out or tempfile.mkdtemp(prefix="pretrain5min-")
@@ -54,9 +55,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     print(f"\n{args.data}: {res.val_bpb:.3f} bits/byte on validation after {wall / 60:.1f} min "
           f"(nanoGPT char-level baby GPT reference: about 2.3 bits/char in 5 min)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_result("pretrain_5min", {"settings": vars(args), **result}, args.json)
 
 
 if __name__ == "__main__":

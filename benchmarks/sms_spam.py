@@ -33,6 +33,7 @@ from llmscratch.finetune.data import read_labeled
 from llmscratch.train import TrainConfig, pretrain
 from llmscratch.kernels import reuse_freed_memory
 from llmscratch.utils import atomic_write, write_json
+from results import write_result  # benchmarks/results.py
 
 
 def build_corpus(path: Path, seed: int) -> dict:
@@ -93,6 +94,7 @@ def main() -> int:
         "settings": vars(args), "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     write_json(out / "summary.json", summary)
+    write_result(f"sms_spam_seed{args.seed}", summary)
     print(json.dumps({k: summary[k] for k in ("test_accuracy", "val_accuracy", "train_accuracy",
                                               "pretrain", "finetune_seconds", "total_seconds")}, indent=2))
     print(f"\nsms-spam test accuracy {100 * m['test_accuracy']:.2f}% "
