@@ -88,14 +88,6 @@ def named_dataset(tmp_path_factory):
     return resolve
 
 
-@pytest.fixture
-def data_dir() -> Path:
-    """TRANSITIONAL (being removed): the folder named by LLMSCRATCH_DATA_DIR, or a skip."""
-    if not DATA_DIR:
-        pytest.skip("LLMSCRATCH_DATA_DIR is not set")
-    return Path(DATA_DIR)
-
-
 # --------------------------------------------------------------------------- data we make
 
 
