@@ -1,4 +1,4 @@
-"""The one dataclass -> flags generator (`llmscratch.cli_args`), and the subcommands built on it."""
+"""The one dataclass -> flags generator (`llmscratch.cli.args`), and the subcommands built on it."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Literal
 import pytest
 
 from llmscratch.cli import EvalArgs, GenerateArgs, ServeArgs, build_parser
-from llmscratch.cli_args import add_config_flags, config_from_args, field_docs
+from llmscratch.cli.args import add_config_flags, config_from_args, field_docs
 from llmscratch.errors import UserError
 from llmscratch.finetune.classify import ClassifyConfig
-from llmscratch.finetune.commands import ChatArgs, EvalInstructArgs
+from llmscratch.cli.finetune import ChatArgs, EvalInstructArgs
 from llmscratch.finetune.instruct import InstructConfig
 from llmscratch.train import TrainConfig
 

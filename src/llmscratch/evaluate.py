@@ -33,8 +33,9 @@ from .data import token_ids
 from .datasets import load_text
 from .errors import UserError
 from .finetune.common import iter_batches
-from .finetune.instruct import IGNORE_INDEX, collate_instruct, encode_conversation
+from .finetune.instruct import IGNORE_INDEX, collate_instruct
 from .model import lm_loss
+from .prompts import encode_conversation
 from .train import evaluate as mean_lm_loss
 from .train import metrics_from_loss
 

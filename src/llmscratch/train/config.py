@@ -13,7 +13,7 @@ from ..errors import UserError
 class TrainConfig:
     """Everything a pretraining run needs. Each field is also a `llmscratch pretrain` flag: its
     type, default and the string under it become the flag, its parsing and its help
-    (`llmscratch.cli_args`)."""
+    (`llmscratch.cli.args`)."""
 
     data: str = "python-docs"
     """dataset name, text file, or folder of .txt files"""

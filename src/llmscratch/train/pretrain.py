@@ -148,8 +148,8 @@ def metrics_from_loss(loss: float, bytes_per_token: float) -> dict:
             "val_bpb": loss / math.log(2) / bytes_per_token}
 
 
-def evaluate_lm(model: GPT, val_ids, bytes_per_token: float, cfg: TrainConfig, device: torch.device,
-                amp: torch.dtype | None, rank: int, world: int, tokenizer=None) -> dict:
+def evaluate_pretraining(model: GPT, val_ids, bytes_per_token: float, cfg: TrainConfig, device: torch.device,
+                          amp: torch.dtype | None, rank: int, world: int, tokenizer=None) -> dict:
     """The pretraining evaluation: loss, perplexity and bits per byte on the validation
     tail, plus (rank 0, `cfg.sample_tokens` > 0) a sample continuing its first tokens."""
     loss = evaluate(model, val_ids, cfg.batch_size, model.config.context_length, cfg.eval_batches,
@@ -234,7 +234,7 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
               f"{len(val_ids):,}; {batches.seen(1):,} tokens/step on {world} x {device}"
               f"{' with bf16 autocast' if amp else ''}")
 
-    evaluate_fn = partial(evaluate_lm, val_ids=val_ids, bytes_per_token=bytes_per_token, cfg=cfg,
+    evaluate_fn = partial(evaluate_pretraining, val_ids=val_ids, bytes_per_token=bytes_per_token, cfg=cfg,
                           device=device, amp=amp, rank=rank, world=world, tokenizer=tokenizer)
     result = fit(model, Objective(lm_train_loss, batches, evaluate_fn), cfg, device=device,
                  eval_every=cfg.eval_every, out=out, resume=cfg.resume, settings=settings, rank=rank,

@@ -41,7 +41,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["ModelArgs", "SamplingArgs", "add_command", "add_config_flags", "config_fields", "config_from_args",
            "field_docs", "load_config_file"]

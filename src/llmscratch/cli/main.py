@@ -12,8 +12,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-from .cli_args import ModelArgs, SamplingArgs, add_command, add_config_flags, config_from_args
-from .errors import UserError
+from ..errors import UserError
+from .args import ModelArgs, SamplingArgs, add_command, add_config_flags, config_from_args
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
 
@@ -27,8 +27,8 @@ def _dtype(name: str | None):
 
 
 # The settings of the commands that load a model. Each dataclass field is a flag: its type,
-# default and the string under it become the flag's parsing, default and help (cli_args.py).
-# `ModelArgs` (--model, --device, --dtype) and `SamplingArgs` are shared with finetune/commands.
+# default and the string under it become the flag's parsing, default and help (cli/args.py).
+# `ModelArgs` (--model, --device, --dtype) and `SamplingArgs` are shared with cli/finetune.py.
 
 
 @dataclass(kw_only=True)
@@ -84,7 +84,7 @@ class ServeArgs(ModelArgs):
 # ---------------------------------------------------------------------------- info
 def cmd_info(args) -> None:
     """Parameter counts and memory of a preset or saved model."""
-    from .model import GPT, GPTConfig
+    from ..model import GPT, GPTConfig
 
     if args.model in GPTConfig.presets():
         import torch
@@ -92,7 +92,7 @@ def cmd_info(args) -> None:
         with torch.device("meta"):  # shapes only: no memory, no init
             model = GPT(GPTConfig.from_name(args.model))
     else:
-        from .checkpoint import load_model
+        from ..checkpoint import load_model
 
         model, _ = load_model(args.model)
     cfg = model.config
@@ -113,9 +113,9 @@ def cmd_info(args) -> None:
 def cmd_generate(args) -> None:
     """Stream a continuation of --prompt to stdout."""
     cfg = config_from_args(GenerateArgs, args)
-    from .checkpoint import load_model
-    from .generate import stream_text
-    from .utils import pick_device
+    from ..checkpoint import load_model
+    from ..generate import stream_text
+    from ..utils import pick_device
 
     if cfg.max_new_tokens < 0:
         raise UserError("--max-new-tokens must be >= 0")
@@ -135,8 +135,8 @@ def cmd_generate(args) -> None:
 # ------------------------------------------------------------------------ pretrain
 def cmd_pretrain(args) -> int:
     """Pretrain a GPT from scratch on a corpus, writing a self-contained run folder."""
-    from .train import TrainConfig, pretrain
-    from .kernels import reuse_freed_memory
+    from ..train import TrainConfig, pretrain
+    from ..kernels import reuse_freed_memory
 
     cfg = config_from_args(TrainConfig, args)
     reuse_freed_memory()
@@ -164,14 +164,14 @@ def cmd_eval(args) -> None:
     `instruct`, scores of instruction responses (automatic, or 0-100 by a judge endpoint)."""
     cfg = config_from_args(EvalArgs, args)
     if args.task == "instruct":
-        from .finetune.commands import cmd_eval_instruct
+        from .finetune import cmd_eval_instruct
 
         return cmd_eval_instruct(args, cfg)
     if not cfg.model or not cfg.data:
         raise UserError("llmscratch eval needs --model and --data (or: eval instruct --responses FILE)")
-    from .checkpoint import load_model
-    from .evaluate import evaluate_lm
-    from .utils import pick_device
+    from ..checkpoint import load_model
+    from ..evaluate import evaluate_lm
+    from ..utils import pick_device
 
     device = pick_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), kernels=cfg.kernels)
@@ -187,7 +187,7 @@ def cmd_eval(args) -> None:
 # ------------------------------------------------------------------ download / convert
 def cmd_download(args) -> None:
     """Download OpenAI's GPT-2 weights (Hugging Face format), verify and load-check them."""
-    from .hub import download_gpt2
+    from ..hub import download_gpt2
 
     folder = download_gpt2(args.name, args.out, endpoint=args.endpoint, revision=args.revision)
     print(f"GPT-2 checkpoint ready in {folder}")
@@ -196,7 +196,7 @@ def cmd_download(args) -> None:
 
 def cmd_convert(args) -> None:
     """Convert between a Hugging Face GPT-2 folder and an llmscratch run folder."""
-    from .hub import convert
+    from ..hub import convert
 
     dst = convert(args.src, args.dst, to=args.to)
     print(f"wrote {dst}")
@@ -211,7 +211,7 @@ def cmd_bench(args) -> None:
     is not part of the installed package."""
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    folder = Path(__file__).resolve().parents[3] / "benchmarks"
     if not (folder / "harness.py").is_file():
         raise UserError("llmscratch bench runs benchmarks/harness.py from a source checkout of llmscratch "
                         "(git clone, then pip install -e \".[bench]\"); this installation has no benchmarks/ folder")
@@ -228,7 +228,7 @@ def cmd_serve(args) -> None:
     cfg = config_from_args(ServeArgs, args)
     import os
 
-    from .serve import API_KEY_ENV, serve
+    from ..serve import API_KEY_ENV, serve
 
     for flag, value in (("--max-concurrency", cfg.max_concurrency), ("--max-tokens-limit", cfg.max_tokens_limit),
                         ("--threads", cfg.threads or 1)):
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     ])
     add_config_flags(p, GenerateArgs)
 
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     p = add_command(sub, "pretrain", cmd_pretrain, "pretrain a GPT from scratch", [
         "llmscratch pretrain --data python-docs --model small --max-steps 240 --out runs/pretrain",
@@ -279,12 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", nargs="?", choices=("lm", "instruct"), default="lm",
                    help="lm: language-model loss on --data (default); instruct: score --responses")
     add_config_flags(p, EvalArgs)
-    from .finetune.commands import add_eval_instruct_args, register as register_finetune
+    from .finetune import add_eval_instruct_args, register as register_finetune
 
     add_eval_instruct_args(p)
     register_finetune(sub)  # finetune classify/instruct, classify, chat
 
-    from .hub import gpt2_names
+    from ..hub import gpt2_names
 
     p = add_command(sub, "download", cmd_download, "download GPT-2 weights", [
         "llmscratch download gpt2-124m",

@@ -1,7 +1,7 @@
 """The fine-tuning subcommands of `llmscratch`: `finetune classify`, `finetune instruct`,
 `classify`, `chat` and `eval instruct`. Thin: parse flags, call the library, print.
 
-`register(sub)` adds them to the CLI's subparsers; `cli.py` calls it once.
+`register(sub)` adds them to the CLI's subparsers; `cli/main.py` calls it once.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..cli_args import SamplingArgs, add_command, add_config_flags, config_from_args
 from ..errors import UserError
+from .args import SamplingArgs, add_command, add_config_flags, config_from_args
 
 
 # The settings of the commands without a library config of their own. Each field is a flag
-# (see cli_args.py); the fine-tunes take theirs from ClassifyConfig and InstructConfig.
+# (see cli/args.py); the fine-tunes take theirs from ClassifyConfig and InstructConfig.
 
 
 @dataclass(kw_only=True)
@@ -72,7 +72,7 @@ def _run_finetune(run, cls, args, what: str):
 
 def cmd_finetune_classify(args) -> int:
     """Fine-tune a model into a text classifier (e.g. spam / not spam)."""
-    from .classify import ClassifyConfig, finetune_classify
+    from ..finetune.classify import ClassifyConfig, finetune_classify
 
     result = _run_finetune(finetune_classify, ClassifyConfig, args, "the classifier")
     m = result.metrics
@@ -88,7 +88,7 @@ def cmd_finetune_classify(args) -> int:
 
 def cmd_finetune_instruct(args) -> int:
     """Instruction-tune a model; writes a run folder and the test set's responses."""
-    from .instruct import InstructConfig, finetune_instruct
+    from ..finetune.instruct import InstructConfig, finetune_instruct
 
     result = _run_finetune(finetune_instruct, InstructConfig, args, "the model")
     m = result.metrics
@@ -104,7 +104,7 @@ def cmd_finetune_instruct(args) -> int:
 def cmd_classify(args) -> None:
     """Print the predicted label and its probability for each text."""
     from ..utils import pick_device
-    from .classify import classify_texts, load_classifier
+    from ..finetune.classify import classify_texts, load_classifier
 
     texts = list(args.text)
     if args.file:
@@ -185,8 +185,8 @@ def add_eval_instruct_args(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     """Add `finetune {classify,instruct}`, `classify` and `chat` to the CLI's subparsers."""
-    from .classify import ClassifyConfig
-    from .instruct import InstructConfig
+    from ..finetune.classify import ClassifyConfig
+    from ..finetune.instruct import InstructConfig
 
     ft = sub.add_parser("finetune", help="fine-tune a model: classifier or instruction follower",
                         description="Fine-tune a pretrained model.")

@@ -1,0 +1,13 @@
+"""The `llmscratch` command line, the top layer: it imports the library, nothing imports it.
+
+- `main.py`: the entry point `main(argv)`, the parser, and the subcommands of the base
+  pipeline (info, pretrain, eval, generate, download, convert, serve, bench).
+- `finetune.py`: the fine-tuning and assistant subcommands (finetune classify/instruct,
+  classify, chat, eval instruct).
+- `args.py`: the one generator that turns typed config dataclasses into flags, help text
+  and `--config` TOML files.
+"""
+
+from .main import EvalArgs, GenerateArgs, ServeArgs, build_parser, main
+
+__all__ = ["EvalArgs", "GenerateArgs", "ServeArgs", "build_parser", "main"]
