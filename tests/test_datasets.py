@@ -173,6 +173,18 @@ def test_connection_refused_is_user_error(tmp_path):
     assert url in str(err.value)
 
 
+def test_offline_error_names_the_file_the_data_folder_needs(tmp_path, monkeypatch):
+    """sms-spam downloads as a zip but is read as the TSV inside it: the hint names the TSV."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("LLMSCRATCH_DOWNLOAD_BASE", f"http://127.0.0.1:{port}")
+    with pytest.raises(UserError, match=r"LLMSCRATCH_DATA_DIR to a folder holding sms_spam_collection\.tsv$"):
+        dataset_path("sms-spam", tmp_path, progress=False)
+    with pytest.raises(UserError, match=r"folder holding the-verdict\.txt$"):
+        dataset_path("the-verdict", tmp_path, progress=False)
+
+
 def test_http_404_is_user_error(server, tmp_path):
     with pytest.raises(UserError, match="HTTP 404"):
         download_file(f"{server.url}/nope.txt", tmp_path / "nope.txt", PAYLOAD_SHA, progress=False)

@@ -284,7 +284,7 @@ def dataset_path(
         return download_file(url, cached, info.sha256, progress=progress)
 
     archive = folder / info.download_name
-    download_file(url, archive, None, progress=progress)
+    download_file(url, archive, None, progress=progress, offline_name=info.filename)
     try:
         extract_member(archive, info.archive_member, cached)
         reject_unless(cached, "sha256", info.sha256, sha256_file(cached),

@@ -28,10 +28,10 @@ _CHUNK = 1 << 16  # download read size: big enough to be fast, small enough for 
 _TIMEOUT_S = 60  # per socket operation; a stalled server becomes a clear error, not a hang
 
 
-def _network_error(url: str, dest: Path, reason: object) -> UserError:
+def _network_error(url: str, offline_name: str, reason: object) -> UserError:
     return UserError(
         f"could not download {url}: {reason}; to work offline, set {ENV_DATA_DIR} to a "
-        f"folder holding {dest.name}"
+        f"folder holding {offline_name}"
     )
 
 
@@ -41,6 +41,7 @@ def download_file(
     sha256: str | None,
     *,
     progress: bool = True,
+    offline_name: str | None = None,
 ) -> Path:
     """Download `url` to `dest`, resuming a broken download, and verify its sha256.
 
@@ -55,6 +56,9 @@ def download_file(
         sha256: expected hex digest, or None to skip the check (used for a zip whose
             member, not the zip, carries the pinned checksum).
         progress: show a tqdm bar.
+        offline_name: the file a user would put in the data folder instead of downloading,
+            named in the error when the network fails (default: `dest`'s name; for a zip,
+            the member the product reads).
 
     Returns:
         `dest` as a Path.
@@ -74,14 +78,14 @@ def download_file(
             # between the last byte and the rename). Verify it; if it is bad, start over.
             if sha256 is not None and sha256_file(part) != sha256:
                 part.unlink()
-                return download_file(url, dest, sha256, progress=progress)
+                return download_file(url, dest, sha256, progress=progress, offline_name=offline_name)
         else:
-            raise _network_error(url, dest, f"HTTP {e.code} {e.reason}") from e
+            raise _network_error(url, offline_name or dest.name, f"HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        raise _network_error(url, dest, e.reason) from e
+        raise _network_error(url, offline_name or dest.name, e.reason) from e
     except (OSError, http.client.HTTPException) as e:
         # Connection reset, timeout, or a body cut short (IncompleteRead) mid-transfer.
-        raise _network_error(url, dest, str(e) or type(e).__name__) from e
+        raise _network_error(url, offline_name or dest.name, str(e) or type(e).__name__) from e
 
     if sha256 is not None:
         # a resumed download can never repair a bad .part: remove it, start clean next time
