@@ -35,7 +35,7 @@ def save_run(path, template=None):
 
 @pytest.mark.parametrize("template", [None, "alpaca", "phi3"])
 def test_chat_and_serve_build_the_same_prompt_for_the_same_run_folder(tmp_path, template):
-    serve = pytest.importorskip("llmscratch.serve")
+    from llmscratch import serve
     run = str(save_run(tmp_path / "run", template))
     chat = load_chat(run, device="cpu", max_new_tokens=8)
     engine = serve.load_engine(run, device="cpu")
@@ -138,7 +138,7 @@ def test_fine_tuning_refuses_a_template_whose_replies_cannot_teach_stopping(tmp_
     assert get_template("alpaca", for_training=True) is TEMPLATES["alpaca"]
     with pytest.raises(UserError, match="'plain'.*fine-tune with: alpaca, phi3"):
         get_template("plain", for_training=True)
-    finetune = pytest.importorskip("llmscratch.finetune.instruct")
+    from llmscratch.finetune import instruct as finetune
     cfg = finetune.InstructConfig(model="tiny", data="alpaca-1100", out=str(tmp_path / "out"),
                                   template="plain")
     with pytest.raises(UserError, match="'plain'"):
