@@ -56,6 +56,9 @@ def main() -> None:
     p.add_argument("--old", type=Path, required=True, help="the other checkout (a git worktree)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--what", nargs="+", default=["train", "generate"], choices=["train", "generate"])
+    p.add_argument("--only", help="run only the cases whose label contains this, e.g. 'small 8x256 bf16'")
+    p.add_argument("--new-first", action="store_true",
+                   help="run the new version first in each round (the order can favour one side)")
     p.add_argument("--json", help="write the results here instead of benchmarks/results/compare_commits.json")
     args = p.parse_args()
     reuse_freed_memory()  # process-wide: both versions run with the same allocator
@@ -67,6 +70,8 @@ def main() -> None:
     rows = []
 
     def record(label: str, tokens: int, fns: dict) -> None:
+        if args.new_first:
+            fns = {"new": fns["new"], "old": fns["old"]}
         secs = interleave(fns, args.rounds)
         row = {"case": label, "old_tokens_per_s": tokens / secs["old"], "new_tokens_per_s": tokens / secs["new"]}
         row["new_over_old"] = row["new_tokens_per_s"] / row["old_tokens_per_s"]
@@ -78,6 +83,8 @@ def main() -> None:
         for preset, B, T in (("small", 8, 256), ("gpt2-124m", 1, 1024)):
             cfg = GPTConfig.from_name(preset)
             for amp, name in ((None, "fp32"), (torch.bfloat16, "bf16 autocast")):
+                if args.only and args.only not in f"train {preset} {B}x{T} {name}":
+                    continue
                 new_fn, _ = ours_train_step(cfg, B, T, amp)
                 record(f"train {preset} {B}x{T} {name}", B * T,
                        {"old": old_train_step(old, cfg, B, T, amp), "new": new_fn})
@@ -91,6 +98,8 @@ def main() -> None:
         for batch in (1, 8):
             idx = torch.randint(0, cfg.vocab_size, (batch, 20))
             for name in ("fp32", "bf16", "int8"):
+                if args.only and args.only not in f"generate gpt2-124m batch {batch} {name}":
+                    continue
                 new_m = apply_kernels(GPT(cfg).eval())
                 old_m = old.GPT(old.GPTConfig(**cfg.to_dict())).eval()
                 new_m.load_state_dict(ref.state_dict())
@@ -105,7 +114,8 @@ def main() -> None:
                                      "new": lambda m=new_m: generate(m, idx, 200)})
 
     write_result("compare_commits", {"old_commit": old_commit, "new_commit": new_commit,
-                                     "rounds": args.rounds, "rows": rows}, args.json)
+                                     "rounds": args.rounds, "new_first": args.new_first, "rows": rows},
+                 args.json)
 
 
 if __name__ == "__main__":
