@@ -465,6 +465,16 @@ def run(args) -> None:
     kernels = getattr(args, "kernels", True)
     device = args.device if args.device != "auto" else "cpu"
     report: dict = {"threads": torch.get_num_threads(), "device": device, "kernels": kernels}
+
+    def save(report: dict) -> None:
+        """Written after every section, so a section that fails keeps the ones before it.
+        A full run is the record the README quotes: `benchmarks/results/bench_<sections>.json`."""
+        if args.json or not args.quick:
+            from results import write_result
+
+            name = "bench_" + "_".join(w for w in ("train", "generate", "tokenizer", "memory") if w in args.what)
+            write_result(name + ("" if kernels else "_no_kernels"), report, args.json)
+
     peak32 = matmul_peak(torch.float32, device=device)
     peak16 = matmul_peak(torch.bfloat16, device=device)
     bw = memory_bandwidth(device=device)
@@ -479,6 +489,7 @@ def run(args) -> None:
                               peak_fp32=peak32, peak_bf16=peak16, kernels=kernels)
         print_rows(rows, f"training step (forward + backward + AdamW), median of {args.rounds}")
         report["train"] = rows
+        save(report)
         release_freed_memory()  # the memory rows below run children beside this process
     if "generate" in args.what:
         preset = "tiny" if args.quick else "gpt2-124m"
@@ -489,6 +500,7 @@ def run(args) -> None:
             print_rows(rows, f"generation, greedy, prompt 20, {n_new} new tokens, batch {bs}"
                        + ("" if same is None else f" (tokens identical to transformers: {same})"))
             report[f"generate_batch{bs}"] = rows
+            save(report)
             release_freed_memory()
     if "tokenizer" in args.what:
         from llmscratch.datasets import load_text
@@ -500,6 +512,7 @@ def run(args) -> None:
             speed = f"{r['mb_per_s']:6.2f} MB/s" if "mb_per_s" in r else ""
             print(f"  {r['task']:22s} {r['impl']:34s} {r['seconds']:7.3f} s  {speed}")
         report["tokenizer"] = rows
+        save(report)
     if "memory" in args.what:
         preset, B, T = ("tiny", 2, 128) if args.quick else ("gpt2-124m", 4, 1024)
         from peak_memory import bench_memory
@@ -509,9 +522,4 @@ def run(args) -> None:
         for r in rows:
             print(f"  {r['impl']:45s} {r['peak_rss_mb']:8.0f} MB   {r['tokens_per_s']:7.1f} tok/s")
         report["memory"] = rows
-    if args.json or not args.quick:
-        # a full run is the record the README quotes: benchmarks/results/bench_<sections>.json
-        from results import write_result
-
-        name = "bench_" + "_".join(w for w in ("train", "generate", "tokenizer", "memory") if w in args.what)
-        write_result(name + ("" if kernels else "_no_kernels"), report, args.json)
+    save(report)
