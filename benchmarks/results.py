@@ -87,7 +87,10 @@ def write_result(name: str, payload: dict, path: str | os.PathLike | None = None
     atomically; returns the path written."""
     out = Path(path) if path else RESULTS_DIR / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": name, **stamp(), **payload}
+    meta = stamp()
+    record = {"benchmark": name, **meta, **payload}
+    if isinstance(payload.get("machine"), dict):  # the payload's own measurements of the machine
+        record["machine"] = {**meta["machine"], **payload["machine"]}
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, out)
