@@ -332,26 +332,20 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
                 hf = GPT2LMHeadModel.from_pretrained(d).to(device).eval()
             mask = torch.ones_like(idx)
 
-            def run_hf():
-                with torch.inference_mode():
-                    return hf.generate(idx, attention_mask=mask, max_new_tokens=new_tokens,
-                                       min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                                       pad_token_id=0)
+            def hf_greedy(model):
+                """transformers' own cached greedy decoding of `idx`, as a timed closure."""
+                def run():
+                    with torch.inference_mode():
+                        return model.generate(idx, attention_mask=mask, max_new_tokens=new_tokens,
+                                              min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                                              pad_token_id=0)
+                return run
 
-            fns["transformers generate fp32"] = run_hf
-            models["transformers generate fp32"] = hf
-            identical = torch.equal(fns["llmscratch KV cache fp32"](), run_hf())
-            # bf16 weights on both sides: the row to set against "llmscratch KV cache bf16"
-            hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
-
-            def run_hf_bf16():
-                with torch.inference_mode():
-                    return hf_bf16.generate(idx, attention_mask=mask, max_new_tokens=new_tokens,
-                                            min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                                            pad_token_id=0)
-
-            fns["transformers generate bf16"] = run_hf_bf16
-            models["transformers generate bf16"] = hf_bf16
+            # fp32, and bf16 weights: the row to set against "llmscratch KV cache bf16"
+            for name, model in (("transformers generate fp32", hf),
+                                ("transformers generate bf16", copy.deepcopy(hf).to(torch.bfloat16))):
+                fns[name], models[name] = hf_greedy(model), model
+            identical = torch.equal(fns["llmscratch KV cache fp32"](), fns["transformers generate fp32"]())
         if uncached:
             # The book's own decoding loop (ch04 `generate_text_simple`: the whole context
             # again for every token). Its packaged KV-cache GPT-2 (llms_from_scratch.kv_cache,
