@@ -14,6 +14,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -192,6 +196,19 @@ def instruction_json(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("instruct") / "instructions.json"
     path.write_text(json.dumps(INSTRUCTION_RECORDS, indent=1), encoding="utf-8")
     return path
+
+
+def sigterm_after_steps(cli_args: list[str], metrics: Path, steps: int = 3, timeout: float = 120):
+    """Run `python -m llmscratch *cli_args`, SIGTERM it once `metrics` has `steps` lines, and
+    return `(returncode, stderr)`: what an interrupted run leaves is the caller's to check."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmscratch", *cli_args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
 
 
 # --------------------------------------------------------------------------- CI: no silent skips

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -32,6 +30,7 @@ from llmscratch.finetune.classify import (
 )
 from llmscratch.finetune.data import read_labeled
 from llmscratch.tokenizer import BPETokenizer
+from conftest import sigterm_after_steps
 
 SPAM = ["WIN a free prize now call", "free cash claim your prize", "urgent you won a free trip",
         "claim free ringtones now", "cash prize waiting call now", "you won free cash text WIN"]
@@ -259,15 +258,9 @@ def test_sigterm_during_finetuning_saves_and_resume_finishes(tmp_path, tiny_run,
     args = ["finetune", "classify", "--model", str(tiny_run), "--data", str(sms_tsv), "--out", str(out),
             "--text-column", "1", "--label-column", "0", "--batch-size", "8", "--lr", "1e-3",
             "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "llmscratch", *args, "--epochs", "1000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    returncode, err = sigterm_after_steps([*args, "--epochs", "1000"], metrics)
+    assert returncode == 130, err
     assert "interrupted after" in err
     state = load_file(str(out / "train_state.safetensors"))
     assert "rng.cpu" in state

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import sigterm_after_steps
 from llmscratch.errors import UserError
 from llmscratch.train import TrainConfig, get_lr, pretrain
 
@@ -193,15 +192,9 @@ def test_ddp_user_error_on_rank0_ends_every_process(tmp_path):
 def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path):
     out = tmp_path / "killed"
     args = _cli_args(out, max_steps=100000, eval_every=100000)
-    proc = subprocess.Popen([sys.executable, "-m", "llmscratch", "pretrain", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    returncode, err = sigterm_after_steps(["pretrain", *args], metrics)
+    assert returncode == 130, err
     assert "checkpoint saved" in err
     state = load_file(str(out / "train_state.safetensors"))
     assert "rng.cpu" in state
