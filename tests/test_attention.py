@@ -110,3 +110,38 @@ def test_scaling_keeps_softmax_unsaturated():
     unscaled = torch.softmax(q @ k.T, -1).max()
     scaled = torch.softmax(q @ k.T / math.sqrt(256), -1).max()
     assert scaled < unscaled
+
+
+def test_bidirectional_switch_equals_unmasked_formula():
+    """causal=False: every query sees every key, i.e. softmax(q k^T / sqrt(hs)) v, no mask."""
+    torch.manual_seed(0)
+    C, H, T = 16, 4, 6
+    attn = CausalSelfAttention(C, H, causal=False).eval()
+    x = torch.randn(2, T, C)
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(2, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1)
+    ref = attn.c_proj((weights @ v).transpose(1, 2).reshape(2, T, C))
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+    # and it differs from the causal layer with the same weights (the switch does something)
+    causal = CausalSelfAttention(C, H).eval()
+    causal.load_state_dict(attn.state_dict())
+    assert not torch.allclose(causal(x)[:, :-1], ref[:, :-1], atol=1e-3)
+    torch.testing.assert_close(causal(x)[:, -1], ref[:, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_mask_hides_padding(causal):
+    """A row padded with junk tokens, masked out, gives the unpadded row's outputs."""
+    torch.manual_seed(0)
+    C, H = 16, 4
+    attn = CausalSelfAttention(C, H, causal=causal).eval()
+    x = torch.randn(1, 5, C)
+    junk = torch.randn(1, 3, C) * 10
+    if causal:  # left padding, as ragged decoding uses
+        padded, mask, real = torch.cat([junk, x], 1), torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]), slice(3, 8)
+    else:  # right padding, as encoder batches use
+        padded, mask, real = torch.cat([x, junk], 1), torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]]), slice(0, 5)
+    out = attn(padded, key_mask=mask.bool())
+    torch.testing.assert_close(out[:, real], attn(x), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()  # padding queries see themselves: no NaN rows

@@ -126,3 +126,27 @@ def test_gradient_checkpointing_same_gradients():
     lm_loss(model(x), x).backward()
     for a, p in zip(g1, model.parameters()):
         torch.testing.assert_close(a, p.grad)
+
+
+def test_left_padded_rows_with_positions_equal_each_row_alone():
+    """A ragged batch (left padding, per-row positions, a key mask), prefilled and then
+    decoded one token at a time through the KV cache, gives each row's own logits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny", vocab_size=97)).eval()
+    rows = [torch.randint(0, 97, (n,)) for n in (7, 3, 5)]
+    width = max(len(r) for r in rows)
+    idx = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width + 2, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        idx[i, width - len(r):] = r
+        mask[i, width - len(r):] = True
+    positions = (mask[:, :width].long().cumsum(1) - 1).clamp(min=0)
+    caches = model.make_kv_caches(len(rows), width + 2)
+    with torch.no_grad():
+        logits = model(idx, caches, 0, positions, mask[:, :width])
+        nxt = torch.randint(0, 97, (len(rows), 1))
+        step = model(nxt, caches, width, positions[:, -1:] + 1, mask[:, :width + 1])
+        for i, r in enumerate(rows):
+            alone = model(torch.cat([r, nxt[i]])[None])
+            torch.testing.assert_close(logits[i, width - len(r):], alone[0, :-1], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(step[i, 0], alone[0, -1], atol=1e-5, rtol=1e-4)

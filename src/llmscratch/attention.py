@@ -12,7 +12,9 @@ Read top to bottom, this file retraces how attention is usually taught:
    heads run in one batched matmul.
 6. `CausalSelfAttention` — what `GPT` uses: the Q, K and V projections fused into one
    matrix (`c_attn`, GPT-2's name), `scaled_dot_product_attention` (flash / memory-efficient
-   kernels where the device has them), and an optional `KVCache` for generation.
+   kernels where the device has them), and an optional `KVCache` for generation. A
+   `causal=False` switch makes it bidirectional (BERT's encoder), and a key mask hides
+   padding (ragged batches, padded encoder inputs).
 
 Steps 1–5 exist to be read, plotted and tested; `tests/test_attention.py` checks that
 step 6 computes exactly the naive formula of step 5. Faster CPU paths (a blocked causal
@@ -167,26 +169,34 @@ class KVCache(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention as GPT-2 computes it.
+    """Multi-head self-attention as GPT-2 computes it, causal by default.
 
     One fused `c_attn` projection yields Q, K and V (one matmul instead of three), and
     `scaled_dot_product_attention` does mask + softmax + weighted sum in one kernel.
+    `causal=False` makes it bidirectional (every token sees every other, as in BERT's
+    encoder): the same layer, one switch, not a second copy.
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, qkv_bias: bool = True):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, qkv_bias: bool = True,
+                 causal: bool = True):
         super().__init__()
         self.n_head, self.head_dim = n_head, n_embd // n_head
+        self.causal = causal
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=qkv_bias)
         self.c_proj = nn.Linear(n_embd, n_embd)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Args:
             x: `(B, T, n_embd)` hidden states of positions `start..start+T`.
             cache: when given, this layer's keys/values are stored in it and the queries
                 attend to every cached position before them as well.
             start: position of `x`'s first token (only meaningful with a cache).
+            key_mask: optional `(B, start+T)` bool, True for real tokens and False for
+                padding, which no query attends to (left-padded ragged batches, padded
+                encoder inputs).
 
         Returns:
             `(B, T, n_embd)`.
@@ -198,26 +208,47 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, nh, start+T, hs): the cached prefix too
-        y = self.attend(q, k, v)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, key_mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hs)) v, each query seeing only the keys at or before it.
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs)) v; when causal, each query sees only the keys at or
+        before it; keys where `key_mask` is False are never seen.
 
         Args:
             q: `(B, nh, T, hs)`, the last `T` positions; k, v: `(B, nh, P+T, hs)`, a prefix
                 of `P >= 0` earlier (cached) positions followed by the queries' own.
+            key_mask: optional `(B, P+T)` bool, False at padding.
 
         Returns:
             `(B, nh, T, hs)`.
         """
         T, P = q.shape[2], k.shape[2] - q.shape[2]
         dropout_p = self.dropout if self.training else 0.0
+        if key_mask is not None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=self.attention_mask(T, P, key_mask), dropout_p=dropout_p)
+        if not self.causal or T == 1:  # bidirectional, or one new token: no mask at all
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         if P == 0:  # no prefix: the plain causal triangle
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        if T == 1:  # one new token may look at everything cached: no mask at all
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         # a chunk after a prefix: query i (absolute position P+i) sees keys 0..P+i
         mask = torch.ones(T, P + T, dtype=torch.bool, device=q.device).tril(P)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+    def attention_mask(self, T: int, P: int, key_mask: torch.Tensor) -> torch.Tensor:
+        """The `(B, 1, T, P+T)` bool mask (True = may attend) for queries at `P..P+T`.
+
+        Each query may always see itself, so a padding query has one key to attend to and
+        its (never used) output stays finite: an all-False row would give NaN, and NaN
+        times a zero weight is still NaN in the keys/values cached for later steps.
+        """
+        S = P + T
+        allowed = key_mask[:, None, None, :S].to(torch.bool)  # (B, 1, 1, S)
+        if self.causal:
+            allowed = allowed & torch.ones(T, S, dtype=torch.bool, device=key_mask.device).tril(P)
+        itself = torch.zeros(T, S, dtype=torch.bool, device=key_mask.device)
+        itself[torch.arange(T), torch.arange(P, S)] = True
+        return allowed | itself

@@ -118,8 +118,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start, key_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -160,7 +161,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None,
-                      start: int = 0) -> torch.Tensor:
+                      start: int = 0, positions: torch.Tensor | None = None,
+                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states, after `ln_f`: what the LM head turns into logits.
 
         For losses that want them rather than logits (`kernels.lm_head_loss` never builds
@@ -170,6 +172,10 @@ class GPT(nn.Module):
             idx: `(B, T)` token ids.
             caches: one `KVCache` per layer (from `make_kv_caches`) for incremental decoding.
             start: position of `idx[:, 0]` in the sequence (nonzero only with caches).
+            positions: optional `(B, T)` position of each token, for rows that do not
+                start at 0 (a left-padded ragged batch); default `start..start+T` for all.
+            key_mask: optional `(B, start+T)` bool, False at padding tokens, which no
+                query attends to.
 
         Returns:
             `(B, T, n_embd)`.
@@ -179,20 +185,23 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds the context length {self.config.context_length}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,), all rows alike
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
         for i, block in enumerate(self.h):
             cache = caches[i] if caches is not None else None
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, start, key_mask, use_reentrant=False)
             else:
-                x = block(x, cache, start)
+                x = block(x, cache, start, key_mask)
         return self.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
-        """Next-token logits `(B, T, vocab_size)` for token ids `idx` `(B, T)`; `caches` and
-        `start` as in `hidden_states`."""
-        return self.lm_head(self.hidden_states(idx, caches, start))  # (B, T, vocab)
+    def forward(self, idx: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0,
+                positions: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits `(B, T, vocab_size)` for token ids `idx` `(B, T)`; the other
+        arguments as in `hidden_states`."""
+        return self.lm_head(self.hidden_states(idx, caches, start, positions, key_mask))
 
     def make_kv_caches(self, batch_size: int, max_len: int | None = None,
                        dtype: torch.dtype | None = None) -> list[KVCache]:

@@ -150,16 +150,18 @@ class BlockedCausalSelfAttention(CausalSelfAttention):
     `blocked_causal_attention` where `use_blocked` says it pays, and the plain
     `scaled_dot_product_attention` everywhere else."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if k.shape[2] == q.shape[2] and use_blocked(q):  # no cached prefix, bf16 CPU training
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # causal, unpadded, no cached prefix, bf16 CPU training
+        if self.causal and key_mask is None and k.shape[2] == q.shape[2] and use_blocked(q):
             return blocked_causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return super().attend(q, k, v)
+        return super().attend(q, k, v, key_mask)
 
     @classmethod
     def from_attention(cls, attn: CausalSelfAttention) -> "BlockedCausalSelfAttention":
         """A `cls` sharing `attn`'s sub-modules (no weights allocated or copied)."""
         with torch.device("meta"):  # projections of its own, replaced at once by attn's
-            new = cls(attn.n_head * attn.head_dim, attn.n_head, attn.dropout)
+            new = cls(attn.n_head * attn.head_dim, attn.n_head, attn.dropout, causal=attn.causal)
         new.c_attn, new.c_proj, new.resid_dropout = attn.c_attn, attn.c_proj, attn.resid_dropout
         new.train(attn.training)
         return new
