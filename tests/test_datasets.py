@@ -298,6 +298,31 @@ def test_python_docs_is_embedded(tmp_path, monkeypatch):
     assert path.read_text(encoding="utf-8") == docs[0].text
 
 
+def test_python_stdlib_is_embedded_deterministic_and_holds_out_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMSCRATCH_DOWNLOAD_BASE", "http://127.0.0.1:9")  # no network needed
+    docs = load_text("python-stdlib")
+    names = [d.name for d in docs]
+    assert len(names) == len(set(names)) > 200
+    assert sum(len(d.text) for d in docs) > 3_000_000  # large enough to train minutes on
+    assert "argparse.py" in names and "json/decoder.py" in names
+    # no tests, installed packages or generated files
+    assert not [n for n in names if "test" in n.split("/")[:-1] or "site-packages" in n]
+    assert "token.py" not in names and "encodings/cp1252.py" not in names
+    assert "pydoc_data/topics.py" not in names  # generated, and it is python-docs
+    # training files sorted, then the held-out files sorted, chosen by path hash only
+    held = [datasets._held_out(n) for n in names]
+    first_held = held.index(True)
+    assert not any(held[:first_held]) and all(held[first_held:])
+    train, val = names[:first_held], names[first_held:]
+    assert train == sorted(train) and val == sorted(val)
+    val_share = sum(len(d.text) for d in docs[first_held:]) / sum(len(d.text) for d in docs)
+    assert 0.10 <= val_share < 0.2  # a 10% validation tail lies inside held-out files
+    assert [d.name for d in load_text("python-stdlib")] == names  # same order every time
+    path = dataset_path("python-stdlib", tmp_path)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith(f"# file: {names[0]}\n") and f"# file: {names[-1]}\n" in text
+
+
 # --------------------------------------------------------------------------- local text
 
 
