@@ -20,10 +20,12 @@ from .base import Tokenizer
 from .bpe import BPETokenizer
 from .gpt2 import GPT2Tokenizer
 from .word import WordTokenizer
+from .wordpiece import WordPieceTokenizer
 
 __all__ = [
     "Tokenizer",
     "WordTokenizer",
+    "WordPieceTokenizer",
     "BPETokenizer",
     "GPT2Tokenizer",
     "get_tokenizer",
