@@ -1,0 +1,392 @@
+"""Ragged batches: prompts of different lengths decoded together, rows joining and leaving.
+
+`generate.generate_stream` decodes a rectangular batch: every row starts together and has
+the same length. Real traffic is ragged: prompts differ in length, replies end at different
+times, and new requests arrive while others are half done. `BatchDecoder` decodes such a
+batch one token boundary at a time: `add` prefills newcomers, `step` samples one token for
+every row, retires the rows that finished and runs one joint forward pass for the others.
+`generate_batch` runs a list of prompts through it (a `batch_size` bound turns it into
+continuous batching: a finished row's place goes to the next prompt at once); the server's
+scheduler (`serve.engine`) feeds it requests as they arrive.
+
+Each row's output equals decoding its prompt alone (greedy: the same tokens; sampled with a
+seed: the same tokens as `generate` with that seed), because
+
+- rows are left-aligned to a shared cursor: all rows' newest tokens sit in the same KV-cache
+  column, so one decode step writes one column for everyone; a row's own tokens occupy the
+  columns `[start, cursor)` and a key mask (False before `start`) hides the rest — other
+  requests' stale keys, padding — from its queries;
+- each token's position is its place in its own row (`cursor - start`), not the column, so
+  learned and rotary position embeddings see what they would see alone;
+- every row samples with its own settings and its own seeded generator.
+
+The KV cache is slot-based: one pre-allocated cache of `max_rows` rows x the full context,
+made once and reused. Live rows are kept packed at the front (a row that finishes is
+replaced by the last live row, one row's copy), so a step's forward pass uses a view of the
+first `n` rows, never a gather. When the cursor reaches the end of the cache, the columns
+before the oldest live row's start are dropped (one shift of the live rows); a row that
+alone fills the whole context slides its window as `generate` does (each further token
+recomputes its last `context_length` tokens, outside the joint pass). Why slots and not
+pages: on a CPU with a few dozen rows, a contiguous per-row cache is what
+`scaled_dot_product_attention` reads fastest and needs no gather or block table; its cost
+is memory reserved for the longest possible row (`kv_bytes_per_row`), which paging would
+share between short rows — worth it on a GPU with hundreds of rows, not here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .attention import KVCache
+from .generate import sample
+from .streaming import StreamDecoder
+
+
+@dataclass(eq=False)
+class DecodeRow:
+    """One sequence to continue, with its own settings, and what decoding it produced.
+
+    Args:
+        prompt: token ids (1 to `context_length` of them).
+        max_new_tokens: the most tokens to add.
+        temperature / top_k / top_p: sampling settings (`generate.sample`); 0 is greedy.
+        seed: seeds this row's own generator (the same tokens as `generate` with this seed).
+        eos_id: ends the row when produced (an id or several); the id is kept in `tokens`.
+        decoder: a `StreamDecoder` the tokens are pushed to: its stop strings and eos end
+            the row, and `step` reports the text pieces it releases.
+        tag: anything the caller wants to find the row by (the server's request).
+
+    Filled in by decoding: `tokens` (the new ids) and `finish_reason` — "stop" (eos or a
+    stop string), "length" (`max_new_tokens` reached) or "cancelled".
+    """
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    eos_id: int | Sequence[int] | None = None
+    decoder: StreamDecoder | None = None
+    tag: Any = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def __post_init__(self):
+        self.prompt = [int(t) for t in self.prompt]
+        eos = self.eos_id
+        self._eos = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
+        self._generator: torch.Generator | None = None
+        self._logits: torch.Tensor | None = None  # (1, V): the next token's, once prefilled
+        self._ids: list[int] = list(self.prompt)  # prompt + new tokens (for a sliding window)
+        self._pieces: list[str] = []
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        """The reply's text so far (with a `decoder`): the pieces released, which end before
+        a stop string."""
+        return "".join(self._pieces)
+
+    def _push(self, token: int) -> str:
+        """Record a sampled token; return the text it released; finish the row if it ends it."""
+        self.tokens.append(token)
+        self._ids.append(token)
+        piece = ""
+        if self.decoder is not None:
+            piece = self.decoder.push(token)
+            if self.decoder.stopped:
+                self.finish_reason = "stop"
+        if token in self._eos:
+            self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.tokens) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None and self.decoder is not None:
+            piece += self.decoder.flush()
+        if piece:
+            self._pieces.append(piece)
+        return piece
+
+
+class _RowsView:
+    """Rows `lo:hi` of one layer's `KVCache`: the same storage, written in place by the
+    layer's own `KVCache.update` rule."""
+
+    update = KVCache.update
+
+    def __init__(self, cache: KVCache, lo: int, hi: int):
+        self.k, self.v = cache.k[lo:hi], cache.v[lo:hi]
+
+
+def kv_bytes_per_row(model, dtype: torch.dtype | None = None) -> int:
+    """Bytes of KV cache one row (one slot) reserves: every layer's keys and values for the
+    whole context, from the model's shape (72 MiB for GPT-2 124M in fp32: 12 layers x 2 x
+    1024 positions x 768 x 4 bytes)."""
+    caches = model.make_kv_caches(1, dtype=dtype)  # uninitialized: no memory is touched
+    return sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in caches)
+
+
+class BatchDecoder:
+    """Decode up to `max_rows` rows as one batch; rows join (`add`) and leave between steps.
+
+    Args:
+        model: a `GPT` (or any model with `make_kv_caches`, `hidden_states`, `lm_head` and
+            `config.context_length`), in eval mode.
+        max_rows: the slots: rows decoded at once (the cache is allocated for this many).
+
+    Not thread-safe: one thread drives it (the server's scheduler thread).
+    """
+
+    def __init__(self, model, max_rows: int):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.model = model
+        self.max_rows = max_rows
+        self.ctx = model.config.context_length
+        self.device = next(model.parameters()).device
+        with torch.inference_mode():
+            self.caches = model.make_kv_caches(max_rows, self.ctx)
+        self.rows: list[DecodeRow] = []  # packed: rows[i] lives in cache row i
+        self.windowed: list[DecodeRow] = []  # rows that fill the context: recomputed each step
+        self.starts = [0] * max_rows  # first cache column of each packed row
+        self.pos = 0  # the shared cursor: the next column every packed row writes
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def active(self) -> int:
+        """Rows being decoded (slots in use)."""
+        return len(self.rows) + len(self.windowed)
+
+    @property
+    def free(self) -> int:
+        return self.max_rows - self.active
+
+    def _move(self, dst: int, src: int) -> None:
+        """Copy packed row `src`'s cache into row `dst`."""
+        for c in self.caches:
+            c.k[dst, :, : self.pos] = c.k[src, :, : self.pos]
+            c.v[dst, :, : self.pos] = c.v[src, :, : self.pos]
+        self.starts[dst] = self.starts[src]
+        self.rows[dst] = self.rows[src]
+
+    def _remove(self, i: int) -> DecodeRow:
+        """Take packed row `i` out, filling its place with the last packed row."""
+        row, last = self.rows[i], len(self.rows) - 1
+        if i != last:
+            self._move(i, last)
+        self.rows.pop()
+        if not self.rows:
+            self.pos = 0
+        return row
+
+    def _shift(self, d: int) -> None:
+        """Move every packed row's columns by `d` (right if positive, left if negative)."""
+        n, pos = len(self.rows), self.pos
+        lo = max(0, -d)  # columns before `lo` are dropped when shifting left
+        for c in self.caches:
+            for buf in (c.k, c.v):
+                buf[:n, :, lo + d: pos + d] = buf[:n, :, lo:pos].clone()
+        for i in range(n):
+            self.starts[i] += d
+        self.pos += d
+
+    def _make_room(self) -> None:
+        """The cursor is at the end of the cache: rows that fill the whole context slide
+        their window from now on; the others shift left to the oldest live start."""
+        for i in reversed(range(len(self.rows))):
+            if self.starts[i] == 0:
+                self.windowed.append(self._remove(i))
+        if self.rows:
+            self._shift(-min(self.starts[: len(self.rows)]))
+
+    # ------------------------------------------------------------------ decoding
+    @torch.inference_mode()
+    def add(self, new: Sequence[DecodeRow]) -> None:
+        """Prefill `new` rows (one forward pass, left-padded) so that the next `step`
+        samples their first tokens. Rows with `max_new_tokens <= 0` finish at once."""
+        new = [r for r in new if not self._finish_empty(r)]
+        if not new:
+            return
+        if len(new) > self.free:
+            raise ValueError(f"{len(new)} new rows but only {self.free} free slots")
+        for r in new:
+            if not 1 <= len(r.prompt) <= self.ctx:
+                raise ValueError(f"a prompt must have 1 to {self.ctx} tokens, got {len(r.prompt)}")
+        if not self.rows:
+            self.pos = 0
+        width = max(len(r.prompt) for r in new)
+        if width > self.pos:
+            self._shift(width - self.pos)
+        n, k, pos = len(self.rows), len(new), self.pos
+        idx = torch.zeros(k, width, dtype=torch.long)
+        for i, r in enumerate(new):
+            idx[i, width - len(r.prompt):] = torch.tensor(r.prompt)
+            self.starts[n + i] = pos - len(r.prompt)
+        starts = torch.tensor(self.starts[n: n + k])
+        positions = key_mask = None
+        if pos != width or any(len(r.prompt) != width for r in new):
+            key_mask = torch.arange(pos)[None, :] >= starts[:, None]  # (k, pos)
+            positions = (torch.arange(pos - width, pos)[None, :] - starts[:, None]).clamp(min=0)
+            key_mask, positions = key_mask.to(self.device), positions.to(self.device)
+        views = [_RowsView(c, n, n + k) for c in self.caches]
+        hidden = self.model.hidden_states(idx.to(self.device), views, pos - width, positions, key_mask)
+        logits = self.model.lm_head(hidden[:, -1])  # (k, V)
+        for i, r in enumerate(new):
+            r._logits = logits[i: i + 1]
+            if r.seed is not None:
+                r._generator = torch.Generator(device=self.device).manual_seed(r.seed)
+            self.rows.append(r)
+
+    @staticmethod
+    def _finish_empty(r: DecodeRow) -> bool:
+        if r.max_new_tokens <= 0 and r.finish_reason is None:
+            r.finish_reason = "length"
+        return r.done
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[DecodeRow, int, str]]:
+        """Sample one token for every row, retire the rows that finished, and run the
+        forward pass that gives the others their next logits.
+
+        Returns:
+            `(row, token, text piece)` for every row, in no particular order; `row.done`
+            tells which ones finished with this token (they are no longer in the batch).
+        """
+        events = []
+        for r in self.rows + self.windowed:
+            tok = int(sample(r._logits, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                             generator=r._generator)[0])
+            r._logits = None
+            events.append((r, tok, r._push(tok)))
+        for i in reversed(range(len(self.rows))):
+            if self.rows[i].done:
+                self._remove(i)
+        self.windowed = [r for r in self.windowed if not r.done]
+        self._forward()
+        return events
+
+    def cancel(self, row: DecodeRow) -> None:
+        """Take `row` out of the batch now (its slot is free for the next `add`)."""
+        if row in self.rows:
+            with torch.inference_mode():
+                self._remove(self.rows.index(row))
+        elif row in self.windowed:
+            self.windowed.remove(row)
+        if row.finish_reason is None:
+            row.finish_reason = "cancelled"
+
+    def _forward(self) -> None:
+        """Next-token logits of every live row: one joint step for the packed rows (their
+        newest token written at the cursor), a window recompute for each windowed one."""
+        if self.rows and self.pos == self.ctx:
+            self._make_room()
+        n = len(self.rows)
+        if n:
+            pos = self.pos
+            idx = torch.tensor([[r._ids[-1]] for r in self.rows], device=self.device)
+            starts = self.starts[:n]
+            positions = key_mask = None
+            if any(starts):  # rows of one length from column 0 need neither
+                st = torch.tensor(starts, device=self.device)
+                positions = (pos - st)[:, None]
+                key_mask = torch.arange(pos + 1, device=self.device)[None, :] >= st[:, None]
+            views = [_RowsView(c, 0, n) for c in self.caches]
+            hidden = self.model.hidden_states(idx, views, pos, positions, key_mask)
+            logits = self.model.lm_head(hidden[:, -1])
+            self.pos += 1
+            for i, r in enumerate(self.rows):
+                r._logits = logits[i: i + 1]
+        for r in self.windowed:
+            window = torch.tensor([r._ids[-self.ctx:]], device=self.device)
+            r._logits = self.model.lm_head(self.model.hidden_states(window)[:, -1])
+
+
+def decode_rows(model, rows: Sequence[DecodeRow], batch_size: int | None = None
+                ) -> Iterator[tuple[DecodeRow, int, str]]:
+    """Decode `rows` with at most `batch_size` at once (default: all), yielding `step`'s
+    `(row, token, piece)` events; a finished row's slot goes to the next waiting row."""
+    waiting = list(rows)
+    dec = BatchDecoder(model, max(1, min(batch_size or len(waiting), len(waiting))))
+    while waiting or dec.active:
+        take = min(dec.free, len(waiting))
+        if take:
+            dec.add(waiting[:take])
+            waiting = waiting[take:]
+        if dec.active:
+            yield from dec.step()
+
+
+def _per_row(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: {len(value)} values for {n} prompts")
+        return list(value)
+    return [value] * n
+
+
+def generate_batch(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    temperature: float | Sequence[float] = 0.0,
+    top_k: int | None | Sequence[int | None] = None,
+    top_p: float | None | Sequence[float | None] = None,
+    eos_id: int | Sequence[int] | None = None,
+    seed: int | None | Sequence[int | None] = None,
+    stop: Sequence[str] = (),
+    tokenizer=None,
+    batch_size: int | None = None,
+) -> list[DecodeRow]:
+    """Continue prompts of different lengths as one ragged batch.
+
+    Each row's tokens equal `generate` on that prompt alone with the same settings (greedy,
+    or sampled with the same seed): see the module docstring for why.
+
+    Args:
+        model: a `GPT` (switched to eval mode for the call).
+        prompts: token-id lists, of any lengths; one longer than the context window is
+            left-truncated with a warning (as `generate` does).
+        max_new_tokens, temperature, top_k, top_p, seed: one value for every row, or a list
+            with one per prompt.
+        eos_id: ends a row when produced (kept as its last token).
+        stop: stop strings ending a row (needs `tokenizer`); `row.text` is then the reply.
+        tokenizer: decodes each row's text as it is generated (`DecodeRow.text`).
+        batch_size: rows decoded at once (default: all); more prompts wait for a free slot.
+
+    Returns:
+        One finished `DecodeRow` per prompt, in order: `.tokens`, `.finish_reason`, `.text`.
+    """
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the text")
+    n = len(prompts)
+    ctx = model.config.context_length
+    settings = [_per_row(v, n, name) for v, name in ((max_new_tokens, "max_new_tokens"),
+                                                      (temperature, "temperature"), (top_k, "top_k"),
+                                                      (top_p, "top_p"), (seed, "seed"))]
+    rows = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError("generate needs a prompt of at least one token")
+        if len(p) > ctx:
+            warnings.warn(f"prompt of {len(p)} tokens is longer than the context length {ctx}; "
+                          f"keeping its last {ctx} tokens", stacklevel=2)
+            p = p[-ctx:]
+        decoder = StreamDecoder(tokenizer, stop, None) if tokenizer is not None else None
+        m, t, k, tp, s = (col[i] for col in settings)
+        rows.append(DecodeRow(p, m, t, k, tp, s, eos_id, decoder))
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in decode_rows(model, rows, batch_size):
+            pass
+    finally:
+        model.train(was_training)
+    return rows
