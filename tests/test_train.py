@@ -82,12 +82,15 @@ def test_same_seed_same_run(tmp_path):
         assert torch.equal(v, weights(b)[k])
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    """20 steps straight == 10 steps, stop, resume to 20 (dropout on: the RNG is restored too)."""
-    full = pretrain(cfg(tmp_path, "full", max_steps=20, dropout=0.1, grad_accum=2)).out
-    first = pretrain(cfg(tmp_path, "split", max_steps=20, dropout=0.1, grad_accum=2), stop_after=10)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_equals_uninterrupted_run(tmp_path, optimizer):
+    """20 steps straight == 10 steps, stop, resume to 20 (dropout on: the RNG is restored too;
+    with Muon, its momentum buffers too)."""
+    kw = dict(max_steps=20, dropout=0.1, grad_accum=2, optimizer=optimizer)
+    full = pretrain(cfg(tmp_path, "full", **kw)).out
+    first = pretrain(cfg(tmp_path, "split", **kw), stop_after=10)
     assert first.interrupted and first.step == 10
-    second = pretrain(cfg(tmp_path, "split", max_steps=20, dropout=0.1, grad_accum=2, resume=True))
+    second = pretrain(cfg(tmp_path, "split", **kw, resume=True))
     assert second.step == 20 and not second.interrupted
     assert losses(first.out) == pytest.approx(losses(full), abs=1e-6)
     wf, ws = weights(full), weights(first.out)

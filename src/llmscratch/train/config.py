@@ -39,6 +39,8 @@ class TrainConfig:
     """cosine decay floor, as a fraction of lr"""
     warmup_steps: int = 50
     """linear warmup steps"""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw, or muon: orthogonalised momentum for the blocks' weight matrices, AdamW for the rest"""
     weight_decay: float = 0.1
     """AdamW weight decay (matrices only, not biases/norms)"""
     beta1: float = 0.9
@@ -93,6 +95,47 @@ class TrainConfig:
     # Changing these between a run and its resume would silently train something else.
     RESUME_FIXED = ("data", "model", "tokenizer", "batch_size", "grad_accum", "context_length",
                     "dropout", "seed", "val_fraction")
+
+    # What `resume_config` lets a resume change: how long to train (the cosine schedule is
+    # a function of max_steps, so it stretches from the step the run stopped at), how
+    # often to evaluate, and where and how fast to compute. Every other setting keeps the
+    # value the run was started with.
+    RESUME_SAFE = ("out", "resume", "max_steps", "eval_every", "eval_batches", "sample_tokens", "device",
+                   "precision", "compile", "kernels", "gradient_checkpointing", "progress")
+
+
+def resume_config(out, given: dict) -> tuple[TrainConfig, int]:
+    """The settings to continue the run in `out`: the ones it was started with (saved in its
+    checkpoint), with the settings in `given` applied where `TrainConfig.RESUME_SAFE` allows.
+
+    Returns:
+        `(config, step)`: the config (with `resume=True`) and the step the run stopped at.
+
+    Raises:
+        UserError: no checkpoint in `out`; `given` changes a setting that is not safe to
+            change mid-run (each named, with its saved value); or the run already reached
+            `max_steps`.
+    """
+    import dataclasses
+
+    from .state import saved_run
+
+    saved, step = saved_run(out)
+    # a setting the run's checkpoint predates had its default value
+    values = dataclasses.asdict(TrainConfig())
+    values.update({k: v for k, v in saved.items() if k in values})
+    refused = [f"--{k.replace('_', '-')} ({values[k]!r} -> {v!r})" for k, v in sorted(given.items())
+               if k not in TrainConfig.RESUME_SAFE and values.get(k) != v]
+    if refused:
+        raise UserError(f"--resume continues {out} with the settings it was started with; these cannot change "
+                        f"mid-run: {', '.join(refused)} (start a new run with another --out to change them)")
+    values.update(given)
+    values.update(out=str(out), resume=True)
+    cfg = TrainConfig(**values)
+    if step >= cfg.max_steps:
+        raise UserError(f"--resume: the run in {out} already finished its {cfg.max_steps} steps (at step {step}); "
+                        f"pass --max-steps N (more than {step}) to train it further")
+    return cfg, step
 
 
 def get_lr(step: int, cfg) -> float:

@@ -87,7 +87,12 @@ class FitResult:
 def configure_optimizer(model: torch.nn.Module, cfg, device: torch.device):
     """AdamW over the parameters that require grad, weight decay on matrices only: decaying
     biases and LayerNorm gains toward zero only hurts. The fused kernel is used where the
-    device has one. Reads `cfg.lr`, `weight_decay`, `beta1`, `beta2`."""
+    device has one. Reads `cfg.lr`, `weight_decay`, `beta1`, `beta2`, and `cfg.optimizer`
+    where the config has one: "muon" gives the blocks' weight matrices Muon (`muon.py`)."""
+    if getattr(cfg, "optimizer", "adamw") == "muon":
+        from .muon import Muon, muon_param_groups
+
+        return Muon(muon_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -240,6 +245,7 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
         step, seen = load_train_state(out, model, optimizer)
         if master:
             records = read_metrics(metrics_path, step)
+            print(f"resuming from step {step} of {cfg.max_steps}", flush=True)
     elif master and out is not None:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
