@@ -16,6 +16,9 @@ Read top to bottom, this file retraces how attention is usually taught:
    `causal=False` switch makes it bidirectional (BERT's encoder), and a key mask hides
    padding (ragged batches, padded encoder inputs).
 
+Beside it: `RMSNorm` and rotary position embeddings (`rope_frequencies`, `apply_rope`), the
+pieces of the Llama/Qwen-style decoders, and grouped-query attention as an option of step 6.
+
 Steps 1–5 exist to be read, plotted and tested; `tests/test_attention.py` checks that
 step 6 computes exactly the naive formula of step 5. Faster CPU paths (a blocked causal
 attention for bf16 training) live apart in `llmscratch.kernels` and are swapped in by
@@ -168,6 +171,94 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama, Qwen): `x / sqrt(mean(x^2) + eps) * weight`.
+
+    LayerNorm without the mean subtraction and without a bias: one statistic per vector
+    instead of two, and no learned shift. Computed in fp32 and cast back, so bf16 inputs
+    lose no precision in the sum of squares.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# --------------------------------------------------------------------------- rotary positions
+
+ROPE_TYPES = ("default", "llama3")
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: dict | None = None,
+                     device=None) -> torch.Tensor:
+    """The `(head_dim // 2,)` angular frequencies of rotary position embeddings (fp32).
+
+    Pair `i` of a head's dimensions turns by `position * theta^(-2i/head_dim)` radians: the
+    first pairs spin fast (fine position), the last ones slowly (coarse position).
+
+    `scaling` (Llama 3's `rope_scaling`, `rope_type` "llama3") stretches the context: pairs
+    whose wavelength is longer than `original_max_position_embeddings / low_freq_factor`
+    turn `factor` times slower, those shorter than `.../high_freq_factor` keep their
+    speed, and the ones between are interpolated smoothly.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
+                                / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)  # long waves: slower
+    smooth = (old_len / wavelen - low) / (high - low)  # 0 at the long end, 1 at the short end
+    between = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, `(..., T, head_dim)` for `(..., T)` positions.
+
+    The angles are repeated for both halves of a head (the half-split layout Llama's and
+    Hugging Face's weights use: dimension `j` pairs with `j + head_dim/2`).
+    """
+    angles = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, hd)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """`(a, b) -> (-b, a)` over the two halves of the last dimension: a 90-degree turn of
+    every (j, j + hd/2) pair."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair of `x`'s dimensions by its position's angle.
+
+    Args:
+        x: `(B, nh, T, hs)` queries or keys.
+        cos, sin: `(T, hs)` (every row at the same positions) or `(B, T, hs)` (a position
+            per row) from `rope_cos_sin`.
+
+    Since a rotation by `a` then the inverse rotation by `b` is one by `a - b`, the dot
+    product of a query rotated at position m and a key rotated at n depends only on
+    `m - n`: attention sees relative positions, with nothing learned.
+    """
+    cos, sin = cos.unsqueeze(-3).to(x.dtype), sin.unsqueeze(-3).to(x.dtype)  # broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention as GPT-2 computes it, causal by default.
 
@@ -175,20 +266,42 @@ class CausalSelfAttention(nn.Module):
     `scaled_dot_product_attention` does mask + softmax + weighted sum in one kernel.
     `causal=False` makes it bidirectional (every token sees every other, as in BERT's
     encoder): the same layer, one switch, not a second copy.
+
+    The modern decoders' options (Llama, Qwen3, Mistral) are arguments of the same layer:
+    `n_kv_head < n_head` is grouped-query attention (each key/value head serves a group of
+    query heads, so the KV cache holds `n_kv_head` heads; 1 is multi-query attention),
+    `head_dim` a per-head width other than `n_embd / n_head`, `qk_norm` an RMSNorm on each
+    query and key head, `bias` the output projection's bias, and the `rope` argument of
+    `forward` rotates queries and keys by their positions. `c_attn` then yields
+    `[q (nh*hs) | k (nkv*hs) | v (nkv*hs)]`.
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, qkv_bias: bool = True,
-                 causal: bool = True):
+                 causal: bool = True, *, n_kv_head: int | None = None, head_dim: int | None = None,
+                 qk_norm: bool = False, bias: bool = True, norm_eps: float = 1e-6):
         super().__init__()
-        self.n_head, self.head_dim = n_head, n_embd // n_head
+        self.n_head = n_head
+        self.n_kv_head = n_kv_head or n_head  # fewer key/value heads: grouped-query attention
+        self.head_dim = head_dim or n_embd // n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         self.causal = causal
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=qkv_bias)
-        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.qk_norm = qk_norm
+        self.init_args = dict(n_embd=n_embd, n_head=n_head, dropout=dropout, qkv_bias=qkv_bias, causal=causal,
+                              n_kv_head=n_kv_head, head_dim=head_dim, qk_norm=qk_norm, bias=bias,
+                              norm_eps=norm_eps)
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(n_embd, q_dim + 2 * kv_dim, bias=qkv_bias)  # [q | k | v]
+        self.c_proj = nn.Linear(q_dim, n_embd, bias=bias)
+        if qk_norm:  # Qwen3: each head's query and key RMS-normalised before the rotation
+            self.q_norm = RMSNorm(self.head_dim, norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, norm_eps)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Args:
             x: `(B, T, n_embd)` hidden states of positions `start..start+T`.
             cache: when given, this layer's keys/values are stored in it and the queries
@@ -197,20 +310,36 @@ class CausalSelfAttention(nn.Module):
             key_mask: optional `(B, start+T)` bool, True for real tokens and False for
                 padding, which no query attends to (left-padded ragged batches, padded
                 encoder inputs).
+            rope: `(cos, sin)` of the queries' positions (`rope_cos_sin`), to rotate the
+                queries and keys by; None for a model with learned positions.
 
         Returns:
             `(B, T, n_embd)`.
         """
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        q = q.view(B, T, nh, hs)
+        k = k.view(B, T, nkv, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # (B, nh, T, hs)
+        k = k.transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(start, k, v)  # (B, nh, start+T, hs): the cached prefix too
+            k, v = cache.update(start, k, v)  # (B, nkv, start+T, hs): the cached prefix too
+        k, v = self.expand_kv(k), self.expand_kv(v)  # (B, nh, start+T, hs)
         y = self.attend(q, k, v, key_mask)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh*hs): heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+    def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """`(B, nkv, S, hs)` -> `(B, nh, S, hs)`: each key/value head repeated for the
+        `nh / nkv` query heads of its group (a no-op without grouping)."""
+        groups = self.n_head // self.n_kv_head
+        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,9 @@ pre-allocated KV cache, so a new token costs one position's work instead of the 
 sequence's. Once the sequence fills the context window, the model with learned absolute
 positions has to see the last `context_length` tokens at new positions, so from then on
 each step recomputes that window (exactly what the uncached loop does) — the cached and
-uncached paths give the same tokens.
+uncached paths give the same tokens. A rotary-position (RoPE) model is recomputed the same
+way: its window is re-encoded at positions 0..ctx-1, which is what the uncached loop sees,
+and since RoPE attention depends only on distances, it is also what the window means.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ def generate_stream(
         eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=idx.device)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
 
-    caches = model.make_kv_caches(idx.shape[0], ctx) if use_cache else None
+    # sized for this call, not the whole context: a 128k-token model would otherwise
+    # allocate gigabytes for a short reply (the window slides only once ctx is reached)
+    caches = model.make_kv_caches(idx.shape[0], min(ctx, idx.shape[1] + max_new_tokens)) if use_cache else None
     seq = idx
     logits = _last_logits(model, seq, caches, 0)  # prefill: (B, V)
     for _ in range(max_new_tokens):

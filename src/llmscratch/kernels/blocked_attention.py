@@ -161,7 +161,8 @@ class BlockedCausalSelfAttention(CausalSelfAttention):
     def from_attention(cls, attn: CausalSelfAttention) -> "BlockedCausalSelfAttention":
         """A `cls` sharing `attn`'s sub-modules (no weights allocated or copied)."""
         with torch.device("meta"):  # projections of its own, replaced at once by attn's
-            new = cls(attn.n_head * attn.head_dim, attn.n_head, attn.dropout, causal=attn.causal)
-        new.c_attn, new.c_proj, new.resid_dropout = attn.c_attn, attn.c_proj, attn.resid_dropout
+            new = cls(**attn.init_args)
+        for name, child in attn.named_children():  # c_attn, c_proj, q_norm/k_norm, dropout
+            setattr(new, name, child)
         new.train(attn.training)
         return new
