@@ -189,7 +189,12 @@ def register(sub) -> None:
     from ..finetune.instruct import InstructConfig
 
     ft = sub.add_parser("finetune", help="fine-tune a model: classifier or instruction follower",
-                        description="Fine-tune a pretrained model.")
+                        description="Fine-tune a pretrained model. `llmscratch finetune TASK --help` shows "
+                                    "a task's options and examples.",
+                        epilog="examples:\n"
+                               "  llmscratch finetune classify --model gpt2-124m --data sms-spam --out runs/spam\n"
+                               "  llmscratch finetune instruct --model gpt2-124m --data alpaca-1100 --out runs/instruct",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ft_sub = ft.add_subparsers(dest="task", metavar="TASK", required=True)
 
     p = add_command(ft_sub, "classify", cmd_finetune_classify, "text classification (e.g. sms-spam)", [
@@ -204,6 +209,9 @@ def register(sub) -> None:
         "llmscratch finetune instruct --config instruct.toml --epochs 1 --out runs/instruct-1",
     ])
     add_config_flags(p, InstructConfig, required=("model", "data", "out"), config_file=True)
+    from .dpo import register_dpo
+
+    register_dpo(ft_sub)  # finetune dpo
 
     p = add_command(sub, "classify", cmd_classify, "label texts with a fine-tuned classifier", [
         'llmscratch classify --model runs/spam "You won a prize! Call now"',
