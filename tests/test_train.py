@@ -236,3 +236,33 @@ def test_cli_config_file_and_flags(tmp_path, corpus_file):
     r = _cli("eval", "--model", str(out), "--data", str(corpus_file), "--max-batches", "2")
     assert r.returncode == 0, r.stderr
     assert "bits/byte" in r.stdout and "perplexity" in r.stdout
+
+
+def test_time_budget_fixes_the_step_count_and_max_steps_repeats_the_run(tmp_path):
+    """A --time-budget run times its first warmup steps, fixes max_steps from them, saves it in
+    config.json; a run with --max-steps N (no budget) is then the same run, step for step."""
+    budget = pretrain(cfg(tmp_path, "budget", time_budget="4s", warmup_steps=5, max_steps=3))
+    saved = json.loads((budget.out / "config.json").read_text())["train"]
+    n = saved["max_steps"]
+    assert n == budget.step and n > 5  # fixed from the timing (not the 3 passed in)
+    assert len(losses(budget.out)) == n
+    again = pretrain(cfg(tmp_path, "again", warmup_steps=5, max_steps=n))
+    assert losses(again.out) == losses(budget.out)
+    wb, wa = weights(budget.out), weights(again.out)
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
+
+
+def test_time_budget_settings_are_checked():
+    from llmscratch.train.config import parse_duration, steps_for_budget
+
+    assert parse_duration("4m") == 240 and parse_duration("90s") == 90 and parse_duration("1.5h") == 5400
+    assert parse_duration("30") == 30
+    for bad in ("soon", "-1m", "0s", "nan", ""):
+        with pytest.raises(UserError, match="expected a positive duration"):
+            parse_duration(bad)
+    with pytest.raises(UserError, match="raise --warmup-steps from 2 to at least 5"):
+        TrainConfig(time_budget="1m", warmup_steps=2).validate()
+    # 100 s left, 1 s/step, an evaluation of 5 s every 10 steps and at the end: 63 more steps
+    assert steps_for_budget(100.0, 1.0, 5, 10, 5.0) == 5 + 63
+    assert steps_for_budget(0.5, 1.0, 5, 10, 5.0) == 6  # never fewer than one more step

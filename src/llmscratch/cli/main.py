@@ -146,15 +146,18 @@ def cmd_pretrain(args) -> int:
         print(f"\ninterrupted at step {result.step}: checkpoint saved in {out}; "
               f"continue with --resume --out {out}", file=sys.stderr)
         return 130
+    score = (f"{result.val_bpb:.3f} bits/byte" if result.val_bpb is not None  # an encoder: accuracy
+             else f"masked-token accuracy {result.val_mlm_acc:.3f}")
     print(f"\ndone: {result.step} steps, {result.tokens_seen:,} tokens; "
-          f"validation loss {result.val_loss:.3f} ({result.val_bpb:.3f} bits/byte)")
+          f"validation loss {result.val_loss:.3f} ({score})")
     if result.sample:
         print(f"\nsample (temperature 0.8, top-k 40):\n{result.sample}\n")
     print(f"run folder:  {out}")
     print(f"checkpoint:  {out / 'model.safetensors'} (+ train_state.safetensors for --resume)")
     print(f"loss plot:   {out / 'loss.png'}")
     print(f"metrics:     {out / 'metrics.jsonl'}")
-    print(f"try:         llmscratch generate --model {out} --prompt \"...\"")
+    print(f"try:         llmscratch {'generate' if result.val_bpb is not None else 'fill-mask'} --model {out} "
+          f"{'--prompt ' if result.val_bpb is not None else ''}\"...\"")
     return 0
 
 

@@ -18,13 +18,21 @@ class TrainConfig:
     data: str = "python-docs"
     """dataset name, text file, or folder of .txt files"""
     model: str = "small"
-    """model preset to train from scratch"""
+    """model preset to train from scratch (a GPT: tiny, small, ...; an encoder: bert-tiny, bert-mini, ...)"""
+    objective: Literal["auto", "lm", "mlm"] = "auto"
+    """lm (next token, a GPT), mlm (masked LM, an encoder), or auto: from --model"""
+    whole_word_masking: bool = False
+    """mlm: mask all WordPiece pieces of a word together"""
     out: str = "runs/pretrain"
     """run folder for config, weights, tokenizer, state, metrics, plot"""
     tokenizer: str = "bpe:8192"
     """bpe:VOCAB (train a byte-level BPE on the data), gpt2, or a tokenizer.json"""
     max_steps: int = 240
     """optimizer steps to train for"""
+    time_budget: str | None = None
+    """train for about this long instead (e.g. 4m, 90s, 1h, counted from the command's start):
+    the step count is fixed from the speed of the first warmup steps, printed, and saved as
+    max_steps in config.json, so --max-steps N repeats the run exactly"""
     batch_size: int = 16
     """sequences per optimizer step (global, all processes together)"""
     grad_accum: int = 1
@@ -89,6 +97,13 @@ class TrainConfig:
             raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.warmup_steps < 0:
             raise UserError("--warmup-steps must be >= 0")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+            if self.warmup_steps < BUDGET_CALIBRATION_STEPS:
+                raise UserError(f"--time-budget measures the speed of the first {BUDGET_CALIBRATION_STEPS} "
+                                f"steps, which must be warmup steps (whose learning rate does not depend on "
+                                f"the step count); raise --warmup-steps from {self.warmup_steps} to at least "
+                                f"{BUDGET_CALIBRATION_STEPS}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -136,6 +151,35 @@ def resume_config(out, given: dict) -> tuple[TrainConfig, int]:
         raise UserError(f"--resume: the run in {out} already finished its {cfg.max_steps} steps (at step {step}); "
                         f"pass --max-steps N (more than {step}) to train it further")
     return cfg, step
+
+
+# Steps timed to fix a time budget's step count: the first is left out (allocation,
+# first-touch), the others give the seconds per step.
+BUDGET_CALIBRATION_STEPS = 5
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like `90s`, `4m`, `1.5h` or `240` (seconds)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    raw = str(text).strip().lower()
+    number, unit = (raw[:-1], units[raw[-1]]) if raw and raw[-1] in units else (raw, 1.0)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"--time-budget {text!r}: expected a positive duration such as 4m, 90s or 1h")
+    return seconds
+
+
+def steps_for_budget(seconds_left: float, step_seconds: float, steps_done: int, eval_every: int,
+                     eval_seconds: float) -> int:
+    """The total step count that fits in `seconds_left` more seconds after `steps_done`
+    steps, each taking `step_seconds`, with an evaluation (`eval_seconds`) every
+    `eval_every` steps and at the end. At least `steps_done + 1`."""
+    per_step = step_seconds + eval_seconds / eval_every
+    more = int((seconds_left - eval_seconds) / per_step)
+    return max(steps_done + 1, steps_done + more)
 
 
 def get_lr(step: int, cfg) -> float:

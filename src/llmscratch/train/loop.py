@@ -20,6 +20,7 @@ Ctrl-C/SIGTERM that finish the step and checkpoint, `metrics.jsonl` and a loss p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..utils import atomic_write, pick_device
-from .config import get_lr
+from .config import BUDGET_CALIBRATION_STEPS, get_lr, steps_for_budget
 from .state import METRICS_FILE, append_metrics, load_train_state, read_metrics, save_train_state
 
 
@@ -100,6 +101,21 @@ def configure_optimizer(model: torch.nn.Module, cfg, device: torch.device):
               {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu")  # PyTorch has fused AdamW for both
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def _budget_steps(cfg, step: int, seconds: float, seconds_left: float, eval_every: int, world: int,
+                  device: torch.device) -> int:
+    """The step count that fits the time left, from `step - 1` steps timed over `seconds`
+    (rank 0's figure, broadcast, so every process stops at the same step)."""
+    step_seconds = seconds / (step - 1)
+    # an evaluation is forward passes only, about a third of a training step's work per batch
+    eval_seconds = step_seconds * getattr(cfg, "eval_batches", 0) / cfg.grad_accum / 3
+    total = steps_for_budget(0.97 * seconds_left, step_seconds, step, eval_every, eval_seconds)
+    if world > 1:
+        flag = torch.tensor([total], dtype=torch.long, device=device)
+        dist.broadcast(flag, src=0)
+        total = int(flag.item())
+    return total
 
 
 def cpu_has_native_bf16() -> bool:
@@ -210,7 +226,8 @@ class _LossModule(torch.nn.Module):
 def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.device, eval_every: int,
         out: Path | None = None, resume: bool = False, settings: dict | None = None, rank: int = 0,
         world: int = 1, stop_after: int | None = None, on_checkpoint: Callable[[int], None] | None = None,
-        plot_title: str = "", desc: str = "train") -> FitResult:
+        plot_title: str = "", desc: str = "train", deadline: float | None = None,
+        on_max_steps: Callable[[int], None] | None = None) -> FitResult:
     """Train the parameters of `model` that require grad on `objective` for `cfg.max_steps`.
 
     Args:
@@ -230,6 +247,10 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
         on_checkpoint: called on rank 0 after each checkpoint with the step (e.g. to
             write the inference weights beside it).
         plot_title, desc: the loss plot's title and the progress bar's label.
+        deadline: a `time.perf_counter()` time to finish by: after the first
+            `BUDGET_CALIBRATION_STEPS` steps (warmup steps, whose learning rate does not
+            depend on `max_steps`) the step count is fixed from their speed, replacing
+            `cfg.max_steps`, and passed to `on_max_steps`.
 
     Returns:
         A `FitResult`; the model holds the weights of the last finished step.
@@ -274,6 +295,10 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
                 on_checkpoint(step)
             plot_losses(records, out / "loss.png", plot_title, x=batches.unit)
 
+    budget_open = deadline is not None and not resume
+    if budget_open:  # train "forever" until the first steps have been timed
+        cfg = dataclasses.replace(cfg, max_steps=10**9)
+    t_calibration = None
     last_eval: dict = {}
     interrupted = False
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and master),
@@ -314,6 +339,16 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
             t_last, seen_last = now, seen
             rec = {"step": step, batches.unit: seen, "train_loss": train_loss, "lr": lr,
                    f"{batches.unit}_per_s": rate}
+            if budget_open and step == 1:
+                t_calibration = now
+            elif budget_open and step == BUDGET_CALIBRATION_STEPS:
+                cfg = dataclasses.replace(cfg, max_steps=_budget_steps(cfg, step, now - t_calibration,
+                                                                       deadline - now, eval_every, world,
+                                                                       device))
+                budget_open = False
+                bar.total = cfg.max_steps
+                if on_max_steps is not None:
+                    on_max_steps(cfg.max_steps)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", **{f"{batches.unit[:3]}_s": f"{rate:,.0f}"})
 

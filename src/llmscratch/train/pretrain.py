@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from ..checkpoint import save_model
 from ..data import BatchSampler, iter_eval_batches, split_train_val, token_ids
@@ -44,7 +46,7 @@ from ..errors import UserError
 from ..kernels import apply_kernels, lm_head_loss
 from ..model import GPT, GPTConfig, lm_loss
 from ..utils import seed_everything
-from .config import TrainConfig
+from .config import BUDGET_CALIBRATION_STEPS, TrainConfig, parse_duration
 from .loop import Objective, autocast_dtype, distributed_setup, fit, rank0_first
 from .state import STATE_FILE, check_resume
 
@@ -183,6 +185,7 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
         stop_after: behave as if interrupted once this step is done (checkpoint, then
             return with `interrupted=True`); the schedule still follows `cfg.max_steps`.
     """
+    started = time.perf_counter()
     cfg.validate()
     rank, world, device = distributed_setup(cfg.device)
     master = rank == 0
@@ -240,10 +243,27 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
                  eval_every=cfg.eval_every, out=out, resume=cfg.resume, settings=settings, rank=rank,
                  world=world, stop_after=stop_after,
                  on_checkpoint=lambda step: save_model(model, out, tokenizer, extra=run_info),
-                 plot_title=f"{cfg.model} on {cfg.data}", desc="pretrain")
+                 plot_title=f"{cfg.model} on {cfg.data}", desc="pretrain", **_time_budget(cfg, started, settings, master))
     ev = result.last_eval
     return TrainResult(out, result.step, result.seen, ev.get("val_loss"), ev.get("val_bpb"),
                        result.interrupted, ev.get("sample", ""))
+
+
+def _time_budget(cfg: TrainConfig, started: float, settings: dict, master: bool) -> dict:
+    """`fit`'s deadline arguments for `--time-budget` (none on a resume: the run's step
+    count was fixed when it started). The step count it fixes goes into `settings`, which
+    the checkpoints and `config.json` store, so `--max-steps N` repeats the run."""
+    if cfg.time_budget is None or cfg.resume:
+        return {}
+
+    def fixed(n: int) -> None:
+        settings["max_steps"] = n
+        if master:
+            tqdm.write(f"--time-budget {cfg.time_budget}: {n} steps fit (timed over the first "
+                       f"{BUDGET_CALIBRATION_STEPS} steps); saved as max_steps in config.json, so "
+                       f"--max-steps {n} repeats this run")
+
+    return {"deadline": started + parse_duration(cfg.time_budget), "on_max_steps": fixed}
 
 
 def _sample(model: GPT, tokenizer, val_ids, n_tokens: int, device, seed: int) -> str:

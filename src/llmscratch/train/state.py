@@ -77,6 +77,8 @@ def load_train_state(out: Path, model: torch.nn.Module, optimizer) -> tuple[int,
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     if getattr(getattr(model, "config", None), "tie_weights", False):
         weights["lm_head.weight"] = weights["wte.weight"]
+    for key, source in getattr(model, "tied_weights", {}).items():  # an encoder's tied decoder
+        weights[key] = weights[source]
     model.load_state_dict(weights)
     state: dict[int, dict] = {}
     for k, v in tensors.items():
