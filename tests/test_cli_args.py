@@ -188,8 +188,8 @@ def test_the_flags_users_know_are_all_still_there():
 
 def test_defaults_come_from_the_dataclasses():
     parser = build_parser()
-    gen = config_from_args(GenerateArgs, parser.parse_args(["generate", "--prompt", "hi"]))
-    assert (gen.model, gen.max_new_tokens, gen.temperature, gen.top_k, gen.ignore_eos) == ("tiny", 100, 0.0, None, False)
+    gen = config_from_args(GenerateArgs, parser.parse_args(["generate", "--model", "tiny", "--prompt", "hi"]))
+    assert (gen.model, gen.max_new_tokens, gen.temperature, gen.top_k, gen.ignore_eos) == ("tiny", 100, 0.8, 40, False)
     chat = config_from_args(ChatArgs, parser.parse_args(["chat", "--model", "m"]))
     assert (chat.max_new_tokens, chat.template, chat.device) == (256, None, "auto")
     srv = config_from_args(ServeArgs, parser.parse_args(["serve", "--model", "m"]))

@@ -92,7 +92,7 @@ def test_reads_alpaca_json_and_chat_jsonl(instruction_json, tmp_path):
     ('[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": "c", "output": }]', "d.json",
      r"d.json:2: malformed JSON"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n', "d.jsonl", r"d.jsonl:2: malformed JSON"),
-    ('[{"instruction": "a", "input": "", "output": "  "}]', "d.json", "record 0: empty output"),
+    ('[{"instruction": "a", "input": "", "output": "  "}]', "d.json", "record 1: empty output"),
     ('[{"prompt": "a"}]', "d.json", "no 'instruction' field"),
     ('{"messages": [{"role": "user", "content": "a"}]}\n', "d.jsonl", "d.jsonl:1: the last message"),
     ('{"messages": [{"role": "bot", "content": "a"}]}\n', "d.jsonl", "role 'bot'"),

@@ -14,15 +14,43 @@ forgets the history, `/exit` (or end of input) quits. It works with piped stdin 
 
 from __future__ import annotations
 
+import itertools
+import re
 import sys
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 from .errors import UserError
-from .generate import stream_decode
-from .prompts import Template, encode_conversation, get_template, template_for
+from .generate import check_sampling, stream_decode
+from .prompts import Template, encode_conversation, get_template, read_template, template_for
 from .streaming import StreamDecoder
 
 HELP = "commands: /reset forgets the conversation, /exit quits"
+_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n){2,}")  # more than one blank line
+
+
+def model_kind(model: str) -> str:
+    """What `model` (a preset name or a folder) is, for chat and serve: `"random"` (a
+    preset: random weights), `"instruct"` (a run folder from `finetune instruct`, which
+    records its template) or `"base"` (a pretrained language model: it continues text)."""
+    import os
+
+    from .model import GPTConfig
+
+    if model in GPTConfig.presets() and not os.path.isdir(model):
+        return "random"
+    return "instruct" if read_template(model) else "base"
+
+
+def model_note(model: str, template: str) -> str | None:
+    """The one-line warning chat and serve give, once, when `model` was never taught to chat
+    (None for an instruction-tuned model)."""
+    kind = model_kind(model)
+    if kind == "instruct":
+        return None
+    what = ("a preset with random weights (never trained): its replies are gibberish" if kind == "random" else
+            "a base language model, not instruction-tuned: it continues text and was never taught to answer")
+    return (f"{model} is {what}. Messages are laid out with the {template} template; for a chat model, "
+            "fine-tune it with `llmscratch finetune instruct`.")
 
 
 class Chat:
@@ -34,11 +62,17 @@ class Chat:
         max_new_tokens: longest reply.
         temperature / top_k / top_p / seed: sampling (temperature 0 = greedy).
         system: a system message replacing the template's default preamble.
+        note: a line for the user before the first message (e.g. `model_note`'s warning
+            that the model was never instruction-tuned); `chat_loop` prints it once.
+
+    Raises:
+        SamplingError: a sampling setting out of range (`generate.check_sampling`).
     """
 
     def __init__(self, model, tokenizer, template: Template | str, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, system: str | None = None):
+                 seed: int | None = None, system: str | None = None, note: str | None = None):
+        check_sampling(temperature, top_k, top_p)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = get_template(template)
@@ -46,6 +80,7 @@ class Chat:
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.seed = seed
         self.system = system
+        self.note = note
         self.history: list[dict] = []  # user/assistant messages, oldest first
         self.dropped = 0  # exchanges trimmed away for the last prompt
 
@@ -99,6 +134,8 @@ def chat_loop(chat: Chat, stdin: IO[str] | None = None, stdout: IO[str] | None =
     """
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     interactive = stdin.isatty() and stdout.isatty()
+    if chat.note:
+        print(f"note: {chat.note}", file=stderr)
     if interactive:
         print(f"chatting with the model; {HELP}", file=stderr)
     replies = 0
@@ -126,23 +163,43 @@ def chat_loop(chat: Chat, stdin: IO[str] | None = None, stdout: IO[str] | None =
         if chat.dropped:
             print(f"(history trimmed: dropped the {chat.dropped} oldest exchange(s) to fit the context)",
                   file=stderr)
-        stdout.write(first.lstrip())
-        stdout.flush()
-        for piece in pieces:
-            stdout.write(piece)
-            stdout.flush()
+        if not _write_trimmed(itertools.chain([first], pieces), stdout):
+            print("(no reply: the model wrote only whitespace" +
+                  (", as a model never taught to chat often does)" if chat.note else ")"), file=stderr)
         stdout.write("\n")
         stdout.flush()
         replies += 1
     return replies
 
 
+def _write_trimmed(pieces: Iterable[str], out: IO[str]) -> bool:
+    """Stream the reply's pieces to `out` without its leading and trailing whitespace, and
+    with runs of blank lines cut to one (a small model can write hundreds of newlines).
+    Whitespace is held back until text follows it. Returns whether any text was written."""
+    wrote, pending = False, ""
+    for piece in pieces:
+        if not wrote:
+            piece = piece.lstrip()
+        text = pending + piece
+        body = text.rstrip()
+        pending = text[len(body):]
+        if body:
+            body = _BLANK_LINES.sub("\n\n", body)
+            out.write(body)
+            out.flush()
+            wrote = True
+    return wrote
+
+
 def load_chat(model: str, device=None, template: str | None = None, kernels: bool = True, **kwargs) -> Chat:
     """A `Chat` with the model in `model` (run folder, HF folder or preset) and the template
     recorded in its config.json unless `template` names one (`prompts.template_for`); the
-    speed kernels applied unless `kernels=False` (`load_model`)."""
+    speed kernels applied unless `kernels=False` (`load_model`). A model that was never
+    instruction-tuned gets `model_note`'s warning as the chat's `note`."""
     from .checkpoint import load_model
 
     chosen = template_for(model, template)  # before loading: a bad name fails fast
+    check_sampling(kwargs.get("temperature", 0.0), kwargs.get("top_k"), kwargs.get("top_p"))
     m, tok = load_model(model, device=device, kernels=kernels)
+    kwargs.setdefault("note", model_note(model, chosen.name))
     return Chat(m, tok, chosen, **kwargs)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .data import token_ids
+from .data import split_train_val, token_ids
 from .datasets import load_text
 from .errors import UserError
 from .finetune.common import iter_batches
@@ -40,9 +40,34 @@ from .train import evaluate as mean_lm_loss
 from .train import metrics_from_loss
 
 
+def pretraining_data_of(model: str | os.PathLike) -> dict | None:
+    """`{"data", "val_fraction"}` of the pretraining run in the folder `model` (from its
+    config.json), or None for anything else (a preset, a GPT-2 folder, a fine-tuned run)."""
+    from .checkpoint import read_run_config
+
+    if not Path(model).is_dir():
+        return None
+    try:
+        train = read_run_config(model).get("train")
+    except UserError:
+        return None
+    if not isinstance(train, dict) or not isinstance(train.get("data"), str):
+        return None
+    return {"data": train["data"], "val_fraction": float(train.get("val_fraction", 0.1))}
+
+
+def same_data(a: str, b: str) -> bool:
+    """Whether two `--data` values name the same text: equal names, or paths to the same file."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def evaluate_lm(model, tokenizer, data, *, batch_size: int = 8, context_length: int | None = None,
                 max_batches: int | None = None, encoding_errors: str = "strict",
-                device: torch.device | None = None, progress: bool = True) -> dict:
+                device: torch.device | None = None, progress: bool = True,
+                val_fraction: float | None = None) -> dict:
     """Loss (nats/token), perplexity and bits per byte of a language model on text.
 
     The text goes through pretraining's own preparation (`load_text`, then `token_ids`:
@@ -60,7 +85,10 @@ def evaluate_lm(model, tokenizer, data, *, batch_size: int = 8, context_length: 
         max_batches: evaluate only the first this many batches (default: all).
         encoding_errors: undecodable bytes in local text: strict, replace or ignore.
         device: where to run (default: where the model's weights are).
-        progress: show a progress bar while tokenizing (only the first time: it is cached).
+        progress: show progress bars (tokenizing, only the first time: it is cached; and
+            evaluating).
+        val_fraction: evaluate only the validation tail pretraining holds out with this
+            share (`data.split_train_val`), as its validation loss was measured; None: all.
 
     Returns:
         `{"loss", "ppl", "bpb", "tokens", "bytes", "windows", "context_length"}`.
@@ -73,9 +101,11 @@ def evaluate_lm(model, tokenizer, data, *, batch_size: int = 8, context_length: 
     else:
         source = None
     ids, bytes_per_token = token_ids(data, tokenizer, source=source, progress=progress)
+    if val_fraction is not None:
+        ids = split_train_val(ids, val_fraction)[1]
     if len(ids) < T + 1:
         raise UserError(f"--data {source or 'documents'}: {len(ids)} tokens, fewer than one window of {T} + 1")
-    loss = mean_lm_loss(model, ids, batch_size, T, max_batches, device)
+    loss = mean_lm_loss(model, ids, batch_size, T, max_batches, device, progress=progress)
     m = metrics_from_loss(loss, bytes_per_token)
     n_windows = (len(ids) - 1) // T
     if max_batches:
@@ -105,12 +135,12 @@ def load_responses(path: str | Path) -> list[dict]:
         raise UserError(f"{path}: expected a non-empty JSON array of response records")
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
-            raise UserError(f"{path}: record {i} is not an object")
+            raise UserError(f"{path}: record {i + 1} is not an object")
         for key in ("instruction", "output", "response"):
             if not isinstance(rec.get(key), str):
-                raise UserError(f"{path}: record {i} has no string field {key!r}")
+                raise UserError(f"{path}: record {i + 1} has no string field {key!r}")
         if not isinstance(rec.get("input", ""), str):
-            raise UserError(f"{path}: record {i}: input must be a string")
+            raise UserError(f"{path}: record {i + 1}: input must be a string")
     return data
 
 

@@ -17,13 +17,44 @@ and since RoPE attention depends only on distances, it is also what the window m
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterator, Sequence
 
 import torch
 
+from .errors import UserError
 from .model import GPT
 from .streaming import StreamDecoder
+
+
+class SamplingError(UserError):
+    """A sampling setting out of range; `param` names it (`temperature`, `top_k`, `top_p`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_sampling(temperature: float | None = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """The one check of sampling settings, shared by `sample` (so `generate`, `chat` and the
+    CLI) and the server's requests (and so the chat page).
+
+    Valid: `temperature` a finite number >= 0 (0 = greedy) or None; `top_k` an integer >= 0
+    (0 or None = off); `top_p` a number in (0, 1] (1 or None = off).
+
+    Raises:
+        SamplingError: one line naming the setting and the value given.
+    """
+    def is_number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if temperature is not None and not (is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise SamplingError("temperature", f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+        raise SamplingError("top_k", f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
+        raise SamplingError("top_p", f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
 
 
 def sample(
@@ -38,7 +69,11 @@ def sample(
     temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature,
     restricted to the `top_k` most likely tokens and/or the smallest set whose probability
     reaches `top_p`, and one token is drawn.
+
+    Raises:
+        SamplingError: a setting out of range (`check_sampling`).
     """
+    check_sampling(temperature, top_k, top_p)
     if temperature is None or temperature <= 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

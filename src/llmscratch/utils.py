@@ -81,9 +81,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def pick_device(device: str | None = None) -> torch.device:
     """`device` if given ("cpu", "cuda", "cuda:1", "mps"), else the best one available."""
     if device and device != "auto":
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+            raise UserError(f"--device {device}: not a device; use cpu, cuda, cuda:N, mps or auto")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {device}: CUDA is not available on this machine")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if dev.type == "mps" and not torch.backends.mps.is_available():
             raise UserError(f"--device {device}: Apple MPS is not available on this machine")
         return dev

@@ -43,8 +43,8 @@ from typing import Any, Literal
 
 from ..errors import UserError
 
-__all__ = ["ModelArgs", "SamplingArgs", "add_command", "add_config_flags", "config_fields", "config_from_args",
-           "field_docs", "load_config_file"]
+__all__ = ["ModelArgs", "Parser", "SamplingArgs", "add_command", "add_config_flags", "config_fields", "config_from_args",
+           "field_docs", "given_settings", "load_config_file"]
 
 _NO_DEFAULT = dataclasses.MISSING
 
@@ -102,6 +102,14 @@ def _parse_spec(tp: Any) -> tuple[type, tuple | None]:
     return str, None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a wrong flag or value gives two lines, not the whole usage:
+    the error, and where the full help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n({self.prog} --help lists every option, with examples)\n")
+
+
 def add_command(sub, name: str, func, help: str, examples: list[str]) -> argparse.ArgumentParser:
     """A subcommand whose description is `func`'s docstring, whose help ends with worked
     examples, and which runs `func(args)`."""
@@ -112,8 +120,10 @@ def add_command(sub, name: str, func, help: str, examples: list[str]) -> argpars
     return p
 
 
-def _help(doc: str, default: Any) -> str:
+def _help(doc: str, default: Any, choices: tuple | None = None) -> str:
     text = doc or ""
+    if choices and not all(str(c) in text for c in choices):
+        text += f" (one of: {', '.join(map(str, choices))})"
     if default not in (_NO_DEFAULT, None, "") and "default" not in text:
         text += f" (default: {default})"
     return text.strip().replace("%", "%%")  # argparse formats help with %
@@ -146,7 +156,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, required: tu
             continue
         default = _default(f)
         is_required = f.name in must or default is _NO_DEFAULT
-        helptext = _help(docs.get(f.name, ""), default if f.name not in must else _NO_DEFAULT)
+        choices = _parse_spec(hints[f.name])[1] if hints[f.name] is not bool else None
+        helptext = _help(docs.get(f.name, ""), default if f.name not in must else _NO_DEFAULT, choices)
         kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helptext}
         if is_required and not config_file:
             kw["required"] = True
@@ -209,12 +220,19 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """An instance of `cls`: its defaults, then the `--config` file (if the command has one
-    and it was given), then the flags given on the command line."""
+def given_settings(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of `cls` the user gave: the `--config` file's (if the command has one and
+    it was given), then the flags on the command line; defaults not included."""
     values = load_config_file(args.config, cls) if getattr(args, "config", None) else {}
     given = vars(args)
     values.update({f.name: given[f.name] for f in config_fields(cls) if f.name in given})
+    return values
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """An instance of `cls`: its defaults, then the `--config` file (if the command has one
+    and it was given), then the flags given on the command line."""
+    values = given_settings(cls, args)
     missing = [f.name for f in config_fields(cls)
                if f.name not in values and (_default(f) is _NO_DEFAULT or f.name in getattr(args, "_required", ()))]
     if missing:
@@ -247,11 +265,14 @@ class SamplingArgs:
 
     max_new_tokens: int = 100
     """tokens to generate"""
-    temperature: float = 0.0
-    """0 = greedy"""
-    top_k: int | None = None
-    """sample from the k likeliest tokens"""
+    temperature: float = 0.8
+    """divide the logits by this before sampling; 0 = greedy (argmax). The defaults (0.8, top-k
+    40) read best from a small model: greedy repeats itself and often writes only blank lines
+    (benchmarks/sampling_defaults.py)"""
+    top_k: int | None = 40
+    """sample from the k likeliest tokens (0 = all)"""
     top_p: float | None = None
-    """sample from the nucleus of mass p"""
+    """sample from the smallest set of tokens whose probabilities add up to p, in (0, 1] (default: off)"""
     seed: int | None = None
-    """seed for sampling (and a preset's random init)"""
+    """seed for sampling, for the same text every run (default: a new draw each run; also seeds a
+    preset's random init)"""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import UserError
-from .args import ModelArgs, SamplingArgs, add_command, add_config_flags, config_from_args
+from .args import ModelArgs, Parser, SamplingArgs, add_command, add_config_flags, config_from_args, given_settings
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
 
@@ -35,7 +35,6 @@ def _dtype(name: str | None):
 class GenerateArgs(SamplingArgs, ModelArgs):
     """Settings of `llmscratch generate`."""
 
-    model: str = "tiny"
     prompt: str
     """text to continue"""
     ignore_eos: bool = False
@@ -47,14 +46,22 @@ class EvalArgs(ModelArgs):
     """Settings of `llmscratch eval` (both tasks)."""
 
     model: str = ""
+    """run folder, Hugging Face GPT-2 folder, or preset name (required for eval lm; for eval
+    instruct it adds the reference loss)"""
     data: str | None = None
-    """dataset name, text file or folder of .txt files (eval lm)"""
+    """dataset name, text file or folder of .txt files (default: the data the --model run was
+    pretrained on, see --split)"""
+    split: Literal["auto", "val", "all"] = "auto"
+    """which part of --data: val (the tail the run held out from training, as its validation
+    loss was measured), all, or auto (val when --data is the run's own training data, else all)"""
     batch_size: int = 8
     """windows (eval lm) or examples (eval instruct) per forward pass"""
     context_length: int | None = None
     """window length (default: the model's)"""
     max_batches: int | None = None
     """evaluate only this many batches (default: all)"""
+    progress: bool = True
+    """show a progress bar"""
     encoding_errors: Literal["strict", "replace", "ignore"] = "strict"
     """undecodable bytes in local text: strict, replace or ignore"""
 
@@ -83,43 +90,88 @@ class ServeArgs(ModelArgs):
 
 # ---------------------------------------------------------------------------- info
 def cmd_info(args) -> None:
-    """Parameter counts and memory of a preset or saved model."""
+    """Parameter counts and memory of a preset, a saved model or a classifier folder."""
+    from pathlib import Path
+
+    from ..checkpoint import read_run_config
     from ..model import GPT, GPTConfig
 
+    run = read_run_config(args.model) if Path(args.model).is_dir() else {}
     if args.model in GPTConfig.presets():
         import torch
 
         with torch.device("meta"):  # shapes only: no memory, no init
             model = GPT(GPTConfig.from_name(args.model))
+    elif run.get("task") == "classify":
+        from ..finetune.classify import load_classifier
+
+        model, _, labels, max_length = load_classifier(args.model, device="meta")
     else:
         from ..checkpoint import load_model
 
         model, _ = load_model(args.model)
     cfg = model.config
     n = model.num_params()
-    n_head = model.num_params(count_tied_head=True)
     print(f"model        {args.model}")
+    if run.get("task") == "classify":
+        print(f"kind         classifier: {len(labels)} labels {labels}, texts cut to {max_length} tokens; "
+              f"a head of {model.lm_head.weight.numel() + model.lm_head.bias.numel():,} parameters "
+              "on the last token's hidden state")
+    else:
+        print(f"kind         {model_kind(args.model)}")
     for field, value in cfg.to_dict().items():
         print(f"  {field:14s} {value}")
-    print(f"parameters   {n:,}" + (" (LM head tied to the token embedding)" if cfg.tie_weights else ""))
-    if cfg.tie_weights:
-        print(f"  counting the head separately: {n_head:,}")
+    tied = cfg.tie_weights and model.lm_head.weight is model.wte.weight
+    print(f"parameters   {n:,}" + (" (LM head tied to the token embedding)" if tied else ""))
+    if tied:
+        print(f"  counting the head separately: {model.num_params(count_tied_head=True):,}")
     print(f"  without embeddings: {model.num_params(include_embeddings=False):,}")
     print(f"memory       fp32 {n * 4 / 2**20:,.1f} MB   bf16 {n * 2 / 2**20:,.1f} MB")
     print(f"training     {model.flops_per_token() / 1e9:.2f} GFLOP per token at context {cfg.context_length}")
 
 
+def model_kind(model: str) -> str:
+    """One line on what `model` is: random weights (a preset), a base language model, or
+    instruction-tuned with its template."""
+    import os
+
+    from ..model import GPTConfig
+    from ..prompts import read_template
+
+    if model in GPTConfig.presets() and not os.path.isdir(model):
+        return "a preset: random weights, never trained (its text is gibberish)"
+    template = read_template(model)
+    if template:
+        return f"instruction-tuned (chat template {template})"
+    return "a base language model: it continues text; it was never taught to follow instructions"
+
+
+def warn_if_untrained(model: str) -> None:
+    """Say loudly, once, that a preset name means random weights."""
+    import os
+
+    from ..model import GPTConfig
+
+    if model in GPTConfig.presets() and not os.path.isdir(model):
+        print(f"warning: --model {model} is a preset with RANDOM weights (never trained): expect gibberish. "
+              "Pass a run folder (llmscratch pretrain) or a GPT-2 (llmscratch download gpt2-124m).",
+              file=sys.stderr)
+
+
 # ------------------------------------------------------------------------ generate
 def cmd_generate(args) -> None:
-    """Stream a continuation of --prompt to stdout."""
+    """Stream a continuation of --prompt to stdout. Sampling settings default to what reads
+    best from a small model (see SamplingArgs); --temperature 0 is greedy."""
     cfg = config_from_args(GenerateArgs, args)
     from ..checkpoint import load_model
-    from ..generate import stream_text
+    from ..generate import check_sampling, stream_text
     from ..utils import pick_device
 
     if cfg.max_new_tokens < 0:
         raise UserError("--max-new-tokens must be >= 0")
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     device = pick_device(cfg.device)
+    warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), seed=cfg.seed or 0,
                                   kernels=cfg.kernels)
     sys.stdout.write(cfg.prompt)
@@ -138,7 +190,11 @@ def cmd_pretrain(args) -> int:
     from ..train import TrainConfig, pretrain
     from ..kernels import reuse_freed_memory
 
-    cfg = config_from_args(TrainConfig, args)
+    given = given_settings(TrainConfig, args)
+    if given.get("resume"):  # the run's own settings, and the safe changes given now
+        cfg = resume_settings(given)
+    else:
+        cfg = config_from_args(TrainConfig, args)
     reuse_freed_memory()
     result = pretrain(cfg)
     out = result.out
@@ -161,6 +217,23 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def resume_settings(given: dict):
+    """The config to resume the run in `given["out"]` (`train.resume_config`), saying how a
+    changed --max-steps reshapes the learning-rate schedule."""
+    from ..train.config import TrainConfig, get_lr, resume_config
+    from ..train.state import saved_run
+
+    out = given.get("out", TrainConfig().out)
+    saved, step = saved_run(out)
+    cfg, step = resume_config(out, given)
+    before = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    if cfg.max_steps != before.max_steps:
+        print(f"--max-steps {cfg.max_steps} (the run was started for {before.max_steps}): the cosine schedule "
+              f"now decays to step {cfg.max_steps}, so the learning rate at step {step} goes from "
+              f"{get_lr(step, before):.3g} to {get_lr(step, cfg):.3g}")
+    return cfg
+
+
 # ---------------------------------------------------------------------------- eval
 def cmd_eval(args) -> None:
     """Loss, perplexity and bits per byte of a model on a dataset or text; or, with the task
@@ -170,21 +243,49 @@ def cmd_eval(args) -> None:
         from .finetune import cmd_eval_instruct
 
         return cmd_eval_instruct(args, cfg)
-    if not cfg.model or not cfg.data:
-        raise UserError("llmscratch eval needs --model and --data (or: eval instruct --responses FILE)")
+    if not cfg.model:
+        raise UserError("llmscratch eval needs --model (or: eval instruct --responses FILE)")
     from ..checkpoint import load_model
-    from ..evaluate import evaluate_lm
+    from ..evaluate import evaluate_lm, pretraining_data_of
     from ..utils import pick_device
 
+    data, val_fraction, what = _eval_data(cfg, pretraining_data_of(cfg.model))
     device = pick_device(cfg.device)
+    warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), kernels=cfg.kernels)
-    r = evaluate_lm(model, tokenizer, cfg.data, batch_size=cfg.batch_size, context_length=cfg.context_length,
-                    max_batches=cfg.max_batches, encoding_errors=cfg.encoding_errors, device=device)
-    print(f"data         {cfg.data}: {r['tokens']:,} tokens ({r['bytes']:,} bytes), "
+    r = evaluate_lm(model, tokenizer, data, batch_size=cfg.batch_size, context_length=cfg.context_length,
+                    max_batches=cfg.max_batches, encoding_errors=cfg.encoding_errors, device=device,
+                    val_fraction=val_fraction, progress=cfg.progress)
+    print(f"data         {data}, {what}: {r['tokens']:,} tokens ({r['bytes']:,} bytes), "
           f"{r['windows']} windows of {r['context_length']}")
     print(f"loss         {r['loss']:.4f} nats/token")
     print(f"perplexity   {r['ppl']:.2f}")
     print(f"bits/byte    {r['bpb']:.4f}")
+
+
+def _eval_data(cfg: EvalArgs, own: dict | None) -> tuple[str, float | None, str]:
+    """`(data, val_fraction or None for all of it, a description of what is evaluated)`
+    for `eval lm`, from --data/--split and the data the model was pretrained on (`own`)."""
+    from ..evaluate import same_data
+
+    data = cfg.data or (own or {}).get("data")
+    if not data:
+        raise UserError(f"--data is needed: {cfg.model} records no pretraining data of its own "
+                        "(give a dataset name, a text file or a folder of .txt files)")
+    is_own = own is not None and same_data(data, own["data"])
+    split = cfg.split if cfg.split != "auto" else ("val" if is_own else "all")
+    if split == "val":
+        if not is_own:
+            raise UserError(f"--split val: the held-out split is defined for the data {cfg.model} was pretrained "
+                            f"on ({own['data'] if own else 'not recorded'}), not {data}; use --split all")
+        share = own["val_fraction"]
+        return data, share, (f"the validation split (the last {share:.0%} of the tokens, held out from "
+                             "training; --split all for the whole text)")
+    if is_own:
+        return data, None, "all of it, the training part included (--split val for the held-out part only)"
+    if own is None:
+        return data, None, "all of it (the model records no training data to hold a split out of)"
+    return data, None, "all of it (not the data the run was pretrained on)"
 
 
 # ------------------------------------------------------------------ download / convert
@@ -247,18 +348,27 @@ def cmd_serve(args) -> None:
 
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="llmscratch",
         description="A GPT-style language model built from scratch: pretrain, load GPT-2, "
-                    "fine-tune, generate, chat and serve.",
+                    "fine-tune, generate, chat and serve. `llmscratch COMMAND --help` shows a "
+                    "command's options and examples.",
+        epilog="examples:\n"
+               "  llmscratch pretrain --out runs/pretrain\n"
+               "  llmscratch generate --model runs/pretrain --prompt \"The with statement\"\n"
+               "  llmscratch finetune instruct --model gpt2-124m --data alpaca-1100 --out runs/instruct\n"
+               "  llmscratch chat --model runs/instruct",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = add_command(sub, "info", cmd_info, "parameter counts and memory of a model", [
         "llmscratch info --model gpt2-124m",
         "llmscratch info --model runs/pretrain",
+        "llmscratch info --model runs/spam        # a classifier: its labels and head",
     ])
-    p.add_argument("--model", default="gpt2-124m", help="preset name or model folder (default: gpt2-124m)")
+    p.add_argument("--model", default="gpt2-124m",
+                   help="preset name, run folder, Hugging Face GPT-2 folder or classifier folder (default: gpt2-124m)")
 
     p = add_command(sub, "generate", cmd_generate, "continue a prompt", [
         'llmscratch generate --model gpt2-124m --prompt "Hello, I\'m a language model,"',
@@ -276,9 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, TrainConfig, config_file=True)
 
     p = add_command(sub, "eval", cmd_eval, "loss, perplexity and bits/byte on a dataset; or score instruct responses", [
-        "llmscratch eval --model runs/pretrain --data python-docs",
+        "llmscratch eval --model runs/pretrain                 # the run's own held-out validation text",
+        "llmscratch eval --model runs/pretrain --data notes.txt",
         "llmscratch eval instruct --responses runs/instruct/responses.json --model runs/instruct",
     ])
+    p.usage = ("llmscratch eval [lm] --model MODEL [--data DATA] [--split {auto,val,all}] [options]\n"
+               "       llmscratch eval instruct --responses FILE [--model MODEL] [options]")
     p.add_argument("task", nargs="?", choices=("lm", "instruct"), default="lm",
                    help="lm: language-model loss on --data (default); instruct: score --responses")
     add_config_flags(p, EvalArgs)
@@ -293,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         "llmscratch download gpt2-124m",
         "llmscratch download gpt2-355m --out checkpoints/gpt2-medium",
     ])
-    p.add_argument("name", choices=gpt2_names(), help="which GPT-2")
+    p.add_argument("name", choices=gpt2_names(), help="which GPT-2: " + ", ".join(gpt2_names()))
     p.add_argument("--out", default=None, help="folder (default: the llmscratch cache)")
     p.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or huggingface.co)")
     p.add_argument("--revision", default="main", help="Hub branch, tag or commit (default: main)")
@@ -304,18 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
     ])
     p.add_argument("src", help="a Hugging Face GPT-2 folder or an llmscratch run folder")
     p.add_argument("dst", help="new folder to write")
-    p.add_argument("--to", choices=("hf", "run"), default=None, help="target format (default: the other one)")
+    p.add_argument("--to", choices=("hf", "run"), default=None, help="target format: hf or run (default: the other one)")
 
     p = add_command(sub, "bench", cmd_bench, "speed: machine peak, training MFU, generation", [
         "llmscratch bench --what train generate --rounds 3",
         "llmscratch bench --quick --no-peers --json bench.json",
     ])
     p.add_argument("--what", nargs="+", choices=("train", "generate", "tokenizer", "memory"),
-                   default=["train", "generate", "tokenizer", "memory"])
-    p.add_argument("--rounds", type=int, default=3)
+                   default=["train", "generate", "tokenizer", "memory"],
+                   help="what to measure, one or more of train, generate, tokenizer, memory (default: all)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed rounds per measurement; the median is reported (default: 3)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
     p.add_argument("--no-peers", action="store_true", help="skip the peers (transformers, the book's llms-from-scratch)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--no-kernels", dest="kernels", action="store_false",
                    help="measure the plain reference model (llmscratch.kernels not applied)")

@@ -216,7 +216,7 @@ def _read_json_rows(path: Path, fmt: str) -> list[tuple[str, dict]]:
         raise UserError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
     rows = []
     for i, obj in enumerate(data):
-        where = f"{path}: record {i}"
+        where = f"{path}: record {i + 1}"
         if not isinstance(obj, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         rows.append((where, obj))
@@ -269,12 +269,12 @@ def _check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
     out = []
-    for j, m in enumerate(messages):
+    for j, m in enumerate(messages, start=1):  # numbered from 1, as lines and records are
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"{where}: message {j} needs a role and a content")
         if m["role"] not in ("system", "user", "assistant"):
             raise UserError(f"{where}: message {j} has role {m['role']!r}; use system, user or assistant")
-        if m["role"] == "system" and j != 0:
+        if m["role"] == "system" and j != 1:
             raise UserError(f"{where}: message {j}: a system message may only come first")
         out.append({"role": m["role"], "content": _field(m["content"], where, f"message {j} content")})
     if out[-1]["role"] != "assistant":

@@ -125,14 +125,20 @@ def prepare_data(cfg: TrainConfig, tokenizer, context_length: int, documents):
 @torch.no_grad()
 def evaluate(model: GPT, val_ids, batch_size: int, context_length: int, max_batches: int | None,
              device: torch.device, amp: torch.dtype | None = None, rank: int = 0,
-             world_size: int = 1) -> float:
-    """Mean next-token loss (nats/token) over the first `max_batches` validation batches."""
+             world_size: int = 1, progress: bool = False) -> float:
+    """Mean next-token loss (nats/token) over the first `max_batches` validation batches
+    (with a progress bar if `progress`)."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
     ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
-    for x, y in iter_eval_batches(val_ids, batch_size, context_length, max_batches,
-                                  rank=rank, world_size=world_size):
+    batches = iter_eval_batches(val_ids, batch_size, context_length, max_batches, rank=rank, world_size=world_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        n = -(-((len(val_ids) - 1) // context_length) // batch_size)
+        batches = tqdm(batches, total=min(n, max_batches or n), desc="eval", unit="batch", dynamic_ncols=True)
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         with ctx:
             logits = model(x)

@@ -91,21 +91,33 @@ def load_train_state(out: Path, model: torch.nn.Module, optimizer) -> tuple[int,
     return int(meta["step"]), int(meta.get("seen", meta.get("tokens_seen", 0)))
 
 
-def check_resume(out: Path, settings: dict, fixed: tuple[str, ...]) -> None:
-    """Refuse to resume the run in `out` if any setting in `fixed` changed since it started.
+def saved_run(out: Path) -> tuple[dict, int]:
+    """`(settings, step)` of the checkpoint in `out`: the settings the run was started with
+    and the last step it finished.
 
     Raises:
-        UserError: no checkpoint in `out`, or the list of changed settings.
+        UserError: no checkpoint in `out`.
     """
-    if not (out / STATE_FILE).is_file():
+    if not (Path(out) / STATE_FILE).is_file():
         raise UserError(f"--resume: {out} holds no checkpoint ({STATE_FILE})")
-    saved_json = _metadata(out).get("settings")
+    meta = _metadata(Path(out))
+    saved_json = meta.get("settings")
     if saved_json is not None:
         saved = json.loads(saved_json)
     else:  # an older pretraining checkpoint: the settings are in config.json
         from ..checkpoint import read_run_config
 
         saved = read_run_config(out).get("train", {})
+    return saved, int(meta.get("step", 0))
+
+
+def check_resume(out: Path, settings: dict, fixed: tuple[str, ...]) -> None:
+    """Refuse to resume the run in `out` if any setting in `fixed` changed since it started.
+
+    Raises:
+        UserError: no checkpoint in `out`, or the list of changed settings.
+    """
+    saved, _ = saved_run(out)
     diff = [f"{k} ({saved.get(k)!r} -> {settings[k]!r})" for k in fixed
             if k in saved and k in settings and saved[k] != settings[k]]
     if diff:
