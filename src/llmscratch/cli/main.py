@@ -243,6 +243,10 @@ def cmd_eval(args) -> None:
         from .finetune import cmd_eval_instruct
 
         return cmd_eval_instruct(args, cfg)
+    if args.task == "tasks":
+        from .tasks import cmd_eval_tasks
+
+        return cmd_eval_tasks(args, cfg)
     if not cfg.model:
         raise UserError("llmscratch eval needs --model (or: eval instruct --responses FILE)")
     from ..checkpoint import load_model
@@ -389,15 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
         "llmscratch eval --model runs/pretrain                 # the run's own held-out validation text",
         "llmscratch eval --model runs/pretrain --data notes.txt",
         "llmscratch eval instruct --responses runs/instruct/responses.json --model runs/instruct",
+        "llmscratch eval tasks --model runs/pretrain --tasks pattern arithmetic hellaswag.jsonl --shots 0 3",
     ])
     p.usage = ("llmscratch eval [lm] --model MODEL [--data DATA] [--split {auto,val,all}] [options]\n"
                "       llmscratch eval instruct --responses FILE [--model MODEL] [options]")
-    p.add_argument("task", nargs="?", choices=("lm", "instruct"), default="lm",
-                   help="lm: language-model loss on --data (default); instruct: score --responses")
+    p.add_argument("task", nargs="?", choices=("lm", "instruct", "tasks"), default="lm",
+                   help="lm: language-model loss on --data (default); instruct: score --responses; "
+                        "tasks: zero-/few-shot scores on --tasks")
     add_config_flags(p, EvalArgs)
     from .finetune import add_eval_instruct_args, register as register_finetune
 
     add_eval_instruct_args(p)
+    from .tasks import add_eval_tasks_args
+
+    add_eval_tasks_args(p)
     register_finetune(sub)  # finetune classify/instruct, classify, chat
 
     from ..hub import gpt2_names
