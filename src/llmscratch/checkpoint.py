@@ -32,6 +32,8 @@ from .quantize import quantize_int8
 from .tokenizer import get_tokenizer, load_tokenizer
 from .utils import save_safetensors, write_json
 from .weights import is_hf_gpt2_dir, load_hf_gpt2
+from .bert import is_encoder_config
+from .weights_bert import is_hf_bert_dir, load_encoder_run, load_hf_bert, load_hf_tokenizer
 
 __all__ = ["FORMAT", "is_run_dir", "load_model", "load_run_model", "model_state", "read_run_config",
            "save_model", "save_safetensors"]
@@ -42,8 +44,10 @@ FORMAT = "llmscratch"
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
     """The weights to save: contiguous CPU tensors, a tied head left out (it *is* wte)."""
     sd = model.state_dict()
-    if model.config.tie_weights:
+    if getattr(model.config, "tie_weights", False):
         sd.pop("lm_head.weight", None)
+    for key in getattr(model, "tied_weights", ()):  # an encoder's decoder is its token embedding
+        sd.pop(key, None)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
@@ -91,6 +95,8 @@ def load_run_model(path: str | os.PathLike, device=None, dtype=None) -> GPT:
     if cfg.get("task") == "classify":
         raise UserError(f"{path} holds a text classifier, not a language model; "
                         f"use `llmscratch classify --model {path} TEXT`")
+    if is_encoder_config(cfg.get("model")):  # the config says which model family
+        return load_encoder_run(path, cfg, device, dtype)
     try:
         config = GPTConfig.from_dict(cfg["model"])
     except (KeyError, TypeError) as e:
@@ -157,6 +163,8 @@ def _load_model(name_or_path: str, device, dtype, seed: int):
             return model, tokenizer
         if is_hf_gpt2_dir(path):
             return load_hf_gpt2(path, dtype=dtype, device=device).eval(), get_tokenizer("gpt2")
+        if is_hf_bert_dir(path):
+            return load_hf_bert(path, dtype=dtype, device=device)[0], load_hf_tokenizer(path)
         raise UserError(f"{path}: neither an llmscratch run folder nor a Hugging Face GPT-2 folder")
     if name_or_path in GPTConfig.presets():
         torch.manual_seed(seed)

@@ -15,11 +15,13 @@ Ids equal `transformers`' `BertTokenizerFast` on the same `vocab.txt`
 (`tests/test_wordpiece.py`). `encode_input` adds `[CLS] ... [SEP] (... [SEP])` and the
 token-type ids of a single text or a pair.
 
-Training a vocabulary (`train`) uses the `tokenizers` library's WordPiece trainer. Google
-never published the algorithm that built BERT's vocabulary; `tokenizers`' trainer is the
-de-facto one (it learns BPE merges and writes their pieces with `##` continuation marks),
-it is the library made for that job, and what matters here — how a vocabulary is *used* —
-is the from-scratch code above, which reads any `vocab.txt` it writes.
+Training a vocabulary (`train_vocab`) is from scratch too. Google never published the
+algorithm that built BERT's vocabulary; like `tokenizers`' WordPiece trainer, this one
+merges the most frequent adjacent pieces (BPE on words, pieces after the first written
+with `##`). It is written here rather than taken from `tokenizers` because that trainer
+breaks ties between equally frequent pairs in hash order, so the same corpus gave a
+different vocabulary on each run, and a pretraining run must be reproducible from its
+seed.
 """
 
 from __future__ import annotations
@@ -287,8 +289,8 @@ class WordPieceTokenizer(Tokenizer):
     # ---------------------------------------------------------------- training
 
     def train(self, text: str, vocab_size: int, verbose: bool = False) -> WordPieceTokenizer:
-        """Learn a new vocabulary of `vocab_size` entries from `text` with the `tokenizers`
-        WordPiece trainer (see the module docstring), keeping this tokenizer's casing."""
+        """Learn a new vocabulary of `vocab_size` entries from `text` (`train_vocab`),
+        keeping this tokenizer's casing."""
         self.__init__(train_vocab([text], vocab_size, self.lowercase, verbose), self.lowercase)
         return self
 
@@ -343,18 +345,74 @@ class WordPieceTokenizer(Tokenizer):
 
 def train_vocab(texts: Iterable[str], vocab_size: int, lowercase: bool = True,
                 verbose: bool = False) -> list[str]:
-    """A WordPiece vocabulary (specials first, then single characters and learned pieces)
-    trained on `texts` by `tokenizers`' WordPiece trainer."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, normalizers, pre_tokenizers, trainers
+    """A WordPiece vocabulary learned from `texts`: the five specials, the characters
+    (word-initial `c` and continuation `##c`), then pieces made by merging, again and again,
+    the adjacent pair of pieces that is most frequent in the corpus' words (ties broken by
+    the pieces' text, so the same corpus always gives the same vocabulary). Stops at
+    `vocab_size` entries or when no pair occurs twice.
+
+    Pair counts are kept up to date incrementally (only the words holding the merged pair
+    are recounted) and the best pair comes from a heap with lazy deletion, so a vocabulary
+    of thousands trains in seconds on a few MB.
+    """
+    import heapq
+    from collections import Counter, defaultdict
 
     if vocab_size < len(SPECIALS) + 1:
         raise UserError(f"a WordPiece vocabulary needs more than {len(SPECIALS)} entries, got {vocab_size}")
-    tok = HFTokenizer(models.WordPiece(unk_token=UNK))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
-                                        show_progress=verbose)
-    tok.train_from_iterator(texts, trainer)
-    vocab = tok.get_vocab()
-    return sorted(vocab, key=vocab.__getitem__)
+    counts = Counter(w for t in texts for w in basic_tokenize(t, lowercase) if len(w) <= MAX_WORD_CHARS)
+    words = [[w[0], *("##" + c for c in w[1:])] for w in counts]
+    freqs = list(counts.values())
+    symbol_freq: Counter = Counter()
+    for syms, f in zip(words, freqs):
+        for s_ in syms:
+            symbol_freq[s_] += f
+    alphabet = sorted(symbol_freq, key=lambda s_: (-symbol_freq[s_], s_))[:vocab_size - len(SPECIALS)]
+    vocab = [*SPECIALS, *sorted(alphabet)]
+    known = set(vocab)
+    pair_count: dict[tuple[str, str], int] = defaultdict(int)
+    holders: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, (syms, f) in enumerate(zip(words, freqs)):
+        for pair in zip(syms, syms[1:]):
+            pair_count[pair] += f
+            holders[pair].add(i)
+    heap = [(-c, a, b) for (a, b), c in pair_count.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        negc, a, b = heapq.heappop(heap)
+        if pair_count.get((a, b), 0) != -negc:
+            continue  # stale entry: the count changed since it was pushed
+        if -negc < 2:
+            break
+        merged = a + b[2:]  # b is always a "##" continuation
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+        changed = set()
+        for i in holders.pop((a, b)):
+            syms, f = words[i], freqs[i]
+            for pair in zip(syms, syms[1:]):
+                pair_count[pair] -= f
+                changed.add(pair)
+            out, j = [], 0
+            while j < len(syms):
+                if j + 1 < len(syms) and syms[j] == a and syms[j + 1] == b:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(syms[j])
+                    j += 1
+            words[i] = out
+            for pair in zip(out, out[1:]):
+                pair_count[pair] += f
+                holders[pair].add(i)
+                changed.add(pair)
+        for pair in changed:
+            c = pair_count[pair]
+            if c > 0:
+                heapq.heappush(heap, (-c, *pair))
+            else:
+                del pair_count[pair]
+        if verbose and len(vocab) % 1000 == 0:
+            print(f"wordpiece vocabulary: {len(vocab)} / {vocab_size}")
+    return vocab

@@ -48,6 +48,7 @@ from ..model import GPT, GPTConfig, lm_loss
 from ..utils import seed_everything
 from .config import BUDGET_CALIBRATION_STEPS, TrainConfig, parse_duration
 from .loop import Objective, autocast_dtype, distributed_setup, fit, rank0_first
+from .mlm import objective_of, pretrain_mlm
 from .state import STATE_FILE, check_resume
 
 # ------------------------------------------------------------------------ the objective
@@ -181,6 +182,7 @@ class TrainResult:
     val_bpb: float | None
     interrupted: bool
     sample: str = ""
+    val_mlm_acc: float | None = None  # an encoder's masked-token accuracy
 
 
 def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
@@ -191,6 +193,11 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
         stop_after: behave as if interrupted once this step is done (checkpoint, then
             return with `interrupted=True`); the schedule still follows `cfg.max_steps`.
     """
+    if objective_of(cfg) == "mlm":  # an encoder: masked-LM pretraining (train/mlm.py)
+        out, fitted = pretrain_mlm(cfg, stop_after=stop_after)
+        ev = fitted.last_eval
+        return TrainResult(out, fitted.step, fitted.seen, ev.get("val_loss"), None, fitted.interrupted,
+                           val_mlm_acc=ev.get("val_mlm_acc"))
     started = time.perf_counter()
     cfg.validate()
     rank, world, device = distributed_setup(cfg.device)
