@@ -153,6 +153,12 @@ class BatchDecoder:
         self.device = next(model.parameters()).device
         with torch.inference_mode():
             self.caches = model.make_kv_caches(max_rows, self.ctx)
+            for c in self.caches:
+                # Masked-off columns are still multiplied by a zero weight, and uninitialized
+                # memory may hold NaN (NaN * 0 = NaN): start from zeros. Later stale columns
+                # (other rows' old keys, padding) are finite.
+                c.k.zero_()
+                c.v.zero_()
         self.rows: list[DecodeRow] = []  # packed: rows[i] lives in cache row i
         self.windowed: list[DecodeRow] = []  # rows that fill the context: recomputed each step
         self.starts = [0] * max_rows  # first cache column of each packed row

@@ -3,7 +3,7 @@
 `llmscratch serve --model DIR` (or `serve(...)` / `create_app(...)` from Python) exposes
 
     GET  /                      a small chat page (static HTML/JS, streams the reply)
-    GET  /health                {"status": "ok", "active": ..., "queued": ...}
+    GET  /health                {"status": "ok", "active": ..., "queued": ...} (no API key needed)
     GET  /v1/models             the one model served
     POST /v1/completions        continue a prompt
     POST /v1/chat/completions   answer a conversation (the model's prompt template applied)
@@ -11,12 +11,16 @@
 in the OpenAI wire format, so the `openai` client libraries, `curl` and the page all work.
 Request parameters: `max_tokens`, `temperature`, `top_p`, `top_k` (an extension), `stop`
 (a string or up to 4), `seed`, `stream` (server-sent events ending in `data: [DONE]`) and
-`stream_options.include_usage`. Non-streamed replies carry `usage` token counts.
+`stream_options.include_usage` and `n` (choices, as rows of the batch). Non-streamed replies
+carry `usage` token counts.
 
 The parts
-    `engine`   the model, the generation slots and the fair queue (`Engine`, `FairLimiter`):
-               each admitted request decodes in a worker thread, off the event loop; a
-               client that disconnects, queued or mid-stream, cancels its generation.
+    `engine`   the model, the generation slots and the fair queue (`Engine`, `FairLimiter`),
+               off the event loop: continuous batching (`Scheduler`: requests join and
+               leave one running batch at token boundaries, `--max-batch-size`), or one
+               worker thread per request with `--max-batch-size 1`; a full queue answers
+               429 with Retry-After; a client that disconnects, queued or mid-stream,
+               cancels its generation.
     `schemas`  the OpenAI wire format: request models and the error body (`APIError`).
     `app`      the routes (`create_app`).
     `server`   process start-up: `serve()` (uvicorn, `llmscratch serve`) and
@@ -43,9 +47,9 @@ Errors
 
 Security
     The default bind address is 127.0.0.1. With an API key (`--api-key` or the environment
-    variable `LLMSCRATCH_API_KEY`) every API endpoint and `/health` require
-    `Authorization: Bearer KEY`. The chat page itself (`GET /`) is static code holding no
-    data, and a browser cannot attach that header to a page load, so it is served without
+    variable `LLMSCRATCH_API_KEY`) every API endpoint requires `Authorization: Bearer KEY`;
+    `/health` does not (health checks carry no credentials) and then omits the model's name.
+    The chat page itself (`GET /`) is static code holding no data, and a browser cannot attach that header to a page load, so it is served without
     the key; it asks for the key and sends it with every API call.
 """
 

@@ -1,7 +1,7 @@
 """The HTTP routes: `create_app(engine)` wires the endpoints to an `Engine`.
 
     GET  /                      the chat page (static HTML/JS, streams the reply)
-    GET  /health                {"status": "ok", "active": ..., "queued": ...}
+    GET  /health                {"status": "ok", "active": ..., "queued": ...} (no API key needed)
     GET  /v1/models             the one model served
     POST /v1/completions        continue a prompt
     POST /v1/chat/completions   answer a conversation (the model's prompt template applied)
@@ -24,14 +24,16 @@ from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
+from ..generate import SamplingError, check_sampling
 from ..prompts import encode_chat, template_stops
 from .engine import ClientGone, Engine, SamplingParams
 from .schemas import APIError, ChatRequest, CompletionRequest, validation_error
+from .embeddings import add_embeddings_route, refuse_encoder_completions
 
 log = logging.getLogger("llmscratch.serve")
 
@@ -74,22 +76,29 @@ async def parse_request(request: Request, schema, engine: Engine):
 
 def sampling_params(req, engine: Engine, default_max: int, extra_stop: list[str]) -> SamplingParams:
     """The request's sampling settings, checked against the server's limits."""
+    refuse_encoder_completions(engine)  # an encoder serves /v1/embeddings only
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if max_tokens is None:
         max_tokens = min(default_max, engine.max_tokens_limit)
     if max_tokens > engine.max_tokens_limit:
         raise APIError(400, f"max_tokens is {max_tokens}, above this server's limit of "
                             f"{engine.max_tokens_limit}", param="max_tokens", code="invalid_value")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    try:  # the library's one check (generate.check_sampling), as generate and chat use it
+        check_sampling(temperature, req.top_k, req.top_p)
+    except SamplingError as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_value") from None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4:
         raise APIError(400, "stop: at most 4 sequences", param="stop", code="invalid_value")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
+        temperature=temperature,
         top_p=req.top_p,
         top_k=req.top_k or None,
         seed=req.seed,
         stop=stop + extra_stop,
+        n=req.n or 1,
     )
 
 
@@ -98,7 +107,9 @@ def sse(obj) -> str:
 
 
 async def respond(request: Request, engine: Engine, req, ids: list[int], p: SamplingParams, chat: bool):
-    """Run the generation and answer as one JSON body or as a server-sent event stream."""
+    """Run the generation and answer as one JSON body or as a server-sent event stream
+    (with `n > 1`, one choice per row of the batch, told apart by `index`)."""
+    engine.check_queue()  # 429 now: a stream cannot change its status once started
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     obj = "chat.completion" if chat else "text_completion"
     base = {"id": rid, "object": obj, "created": int(time.time()), "model": engine.model_id}
@@ -106,60 +117,66 @@ async def respond(request: Request, engine: Engine, req, ids: list[int], p: Samp
     def usage(n: int) -> dict:
         return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
 
-    def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
+    def choice(text: str | None, finish: str | None, first: bool = False, index: int = 0) -> dict:
         if not chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
         if req.stream:
             delta = {} if text is None else {"content": text}
             if first:
                 delta = {"role": "assistant", "content": ""}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text},
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text},
                 "logprobs": None, "finish_reason": finish}
 
     # A chat reply starts after "Assistant:" or a newline: drop the leading whitespace
     # the model writes there, even when it arrives as pieces of its own.
-    started = not chat
+    started = [not chat] * p.n  # per choice
 
-    def tidy(piece: str) -> str:
-        nonlocal started
-        if not started:
+    def tidy(piece: str, index: int = 0) -> str:
+        if not started[index]:
             piece = piece.lstrip()
-            started = bool(piece)
+            started[index] = bool(piece)
         return piece
 
     if not req.stream:
-        parts: list[str] = []
+        parts: list[list[str]] = [[] for _ in range(p.n)]
+        finish: list[str | None] = [None] * p.n
+        n = 0
         try:
             async for ev in engine.run(ids, p, request.is_disconnected):
                 if ev.kind == "text":
-                    parts.append(tidy(ev.text))
+                    parts[ev.index].append(tidy(ev.text, ev.index))
                 elif ev.kind == "error":
                     raise APIError(500, ev.text, "server_error")
                 else:
-                    finish, n = ev.finish_reason, ev.completion_tokens
+                    finish[ev.index] = ev.finish_reason
+                    n += ev.completion_tokens
         except ClientGone:
             return JSONResponse({}, status_code=499)  # nobody is listening any more
-        return JSONResponse(dict(base, choices=[choice("".join(parts), finish)], usage=usage(n)))
+        choices = [choice("".join(parts[i]), finish[i], index=i) for i in range(p.n)]
+        return JSONResponse(dict(base, choices=choices, usage=usage(n)))
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     chunk = dict(base, object="chat.completion.chunk" if chat else "text_completion")
 
     async def events() -> AsyncIterator[str]:
         if chat:
-            yield sse(dict(chunk, choices=[choice(None, None, first=True)]))
+            for i in range(p.n):
+                yield sse(dict(chunk, choices=[choice(None, None, first=True, index=i)]))
+        n, ended = 0, 0
         try:
             async for ev in engine.run(ids, p, request.is_disconnected):
                 if ev.kind == "text":
-                    piece = tidy(ev.text)
+                    piece = tidy(ev.text, ev.index)
                     if piece:
-                        yield sse(dict(chunk, choices=[choice(piece, None)]))
+                        yield sse(dict(chunk, choices=[choice(piece, None, index=ev.index)]))
                 elif ev.kind == "error":
                     yield sse(APIError(500, ev.text, "server_error").body())
                 else:
-                    yield sse(dict(chunk, choices=[choice(None if chat else "", ev.finish_reason)]))
-                    if include_usage:
-                        yield sse(dict(chunk, choices=[], usage=usage(ev.completion_tokens)))
+                    yield sse(dict(chunk, choices=[choice(None if chat else "", ev.finish_reason, index=ev.index)]))
+                    n, ended = n + ev.completion_tokens, ended + 1
+                    if include_usage and ended == p.n:  # after the last choice ends
+                        yield sse(dict(chunk, choices=[], usage=usage(n)))
         except ClientGone:
             return
         yield "data: [DONE]\n\n"
@@ -172,7 +189,10 @@ def model_card(engine: Engine) -> dict:
     return {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "llmscratch",
             # extensions the chat page shows
             "context_length": engine.context_length, "template": engine.template,
-            "max_tokens_limit": engine.max_tokens_limit}
+            "max_tokens_limit": engine.max_tokens_limit,
+            # "instruct", "base" (never taught to chat) or "random" (a preset), and the warning
+            # `serve` printed at start-up for the latter two (chat.model_note)
+            "kind": getattr(engine, "kind", None), "note": getattr(engine, "note", None)}
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -180,7 +200,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -229,17 +249,27 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="llmscratch", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
     authed = [Depends(require_key)]
+    add_embeddings_route(app, engine, authed, parse_request)  # POST /v1/embeddings (encoders)
 
     @app.get("/", include_in_schema=False)
     async def page():
         return HTMLResponse(chat_page_html())
 
-    @app.get("/health", dependencies=authed)
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # browsers ask for it; the page declares none
+        return Response(status_code=204)
+
+    # No key needed: load balancers and orchestrators probe it without credentials. With a
+    # key set it tells only that the server is up and how busy it is (not the model's name).
+    @app.get("/health")
     async def health():
         lim = engine.limiter
-        return {"status": "ok", "model": engine.model_id,
-                "active": lim.active if lim else 0, "queued": lim.queued if lim else 0,
-                "max_concurrency": engine.max_concurrency}
+        status = {"status": "ok", "model": engine.model_id,
+                  "active": lim.active if lim else 0, "queued": lim.queued if lim else 0,
+                  "max_concurrency": engine.max_concurrency}
+        if api_key is not None:
+            del status["model"]
+        return status
 
     @app.get("/v1/models", dependencies=authed)
     async def models():

@@ -1,15 +1,26 @@
-"""The serving engine: one model, a bounded pool of generation slots, a fair queue.
+"""The serving engine: one model, generation slots, a fair queue, continuous batching.
 
-Generation is blocking PyTorch work, so it never runs on the event loop: each admitted
-request gets a worker thread that runs `generate.stream_decode` and hands text pieces back
-to the loop through an `asyncio.Queue`. At most `max_concurrency` generations run at once;
-the others wait in a first-come-first-served queue (`FairLimiter`). A client that
-disconnects, while queued or mid-stream, cancels its generation, and the slot is freed
-when the worker has really stopped, so the bound always reflects actual work.
+Generation is blocking PyTorch work, so it never runs on the event loop. Requests first
+take a slot from `FairLimiter` (first come, first served; at most `max_queue` may wait, a
+request beyond that is answered 429 with `Retry-After`), then decode in one of two ways:
 
-Requests are not batched together: the model has learned absolute positions and no
-padding mask, so rows of different lengths cannot share one forward pass without changing
-their results; concurrency comes from the bounded pool of workers instead.
+- Batched (`max_batch_size > 1`, the default): one scheduler thread (`Scheduler`) decodes
+  every admitted request together, as rows of one `batching.BatchDecoder`. At each token
+  boundary it admits the requests that arrived (one prefill pass for the newcomers),
+  samples one token for every row, streams each row's text to its request, retires the rows
+  that finished (their slots go to the next requests) and runs one joint decode step for
+  the rest. Each request's tokens are the ones it would get alone (left-aligned rows with
+  their own positions and a key mask; its own sampling settings and seeded generator).
+  The KV cache is slot-based: `max_batch_size` rows of the full context, allocated once
+  and reused (see `batching` for why slots rather than pages, and `kv_bytes_per_row` for
+  the memory). `n > 1` choices are `n` rows of the same prompt.
+- Unbatched (`max_batch_size == 1`): each admitted request gets a worker thread that runs
+  `generate.stream_decode` at batch size 1, `max_concurrency` of them at once (the engine
+  before batching).
+
+Either way a client that disconnects, while queued or mid-stream, cancels its generation
+at the next token boundary, and its slot is released once the decoding has really let go
+of it, so the counts always reflect actual work.
 """
 
 from __future__ import annotations
@@ -17,13 +28,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator, Callable, Literal
 
+from ..batching import BatchDecoder, DecodeRow
 from ..errors import UserError
 from ..generate import stream_decode
 from ..prompts import normalize_template, template_for
@@ -93,16 +106,169 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    n: int = 1  # choices: rows of the same prompt (choice i samples with seed + i)
 
 
 @dataclass
 class Event:
-    """One message from a worker thread: a text piece, the end, or a failure."""
+    """One message from the decoding thread: a text piece, the end of a choice, or a failure
+    (which ends every choice of the request)."""
 
     kind: Literal["text", "done", "error"]
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
+    index: int = 0  # the choice (0 unless n > 1)
+
+
+@dataclass(eq=False)
+class Job:
+    """One admitted request, as the scheduler thread sees it."""
+
+    ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    cancelled: threading.Event
+    on_retired: Callable[[], None]  # called once, when no row of it is decoding any more
+    rows: list[DecodeRow] = field(default_factory=list)
+
+
+class Scheduler:
+    """Continuous batching: the one thread that decodes every admitted request together.
+
+    Requests arrive in `inbox` (first in, first out; one waits until there are free rows
+    for all its `n` choices, and nobody overtakes it). Between two tokens the thread drops
+    the rows of cancelled requests, prefills the newcomers, takes one `BatchDecoder.step`
+    and hands every row's text piece to its request. A failing forward pass fails the
+    requests whose rows were in it (a 500 each) and the thread keeps serving.
+    """
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.decoder = BatchDecoder(engine.model, engine.max_batch_size)
+        self.inbox: collections.deque[Job] = collections.deque()
+        self.jobs: list[Job] = []  # admitted into the batch
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="llmscratch-batch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.stopping:
+                raise RuntimeError("the scheduler has stopped")
+            self.inbox.append(job)
+            self.cond.notify()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.inbox and not self.jobs and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                new = self._take()
+            try:
+                self._drop_cancelled()
+                if new:
+                    self._admit(new)
+                if self.decoder.active:
+                    self._deliver(self.decoder.step())
+            except Exception as e:  # every request in the pass fails; the server keeps serving
+                log.exception("generation failed")
+                self._fail(list(self.jobs), e)
+        for job in self.jobs + list(self.inbox):  # shutting down: end every stream
+            self._end(job, "cancelled")
+
+    def _take(self) -> list[Job]:
+        """The jobs at the head of the inbox that fit into the free rows (FIFO)."""
+        new, free = [], self.decoder.free
+        while self.inbox:
+            job = self.inbox[0]
+            if job.cancelled.is_set():
+                self.inbox.popleft()
+                self._retire(job)
+                continue
+            if job.params.n > free:
+                break
+            free -= job.params.n
+            new.append(self.inbox.popleft())
+        return new
+
+    def _admit(self, new: list[Job]) -> None:
+        eng = self.engine
+        for job in new:
+            p = job.params
+            job.rows = [DecodeRow(job.ids, p.max_tokens, p.temperature, p.top_k, p.top_p,
+                                  None if p.seed is None else p.seed + i, None,
+                                  StreamDecoder(eng.tokenizer, p.stop, eng.eos_id), tag=(job, i))
+                        for i in range(p.n)]
+        try:
+            self.decoder.add([r for job in new for r in job.rows])
+        except Exception as e:
+            log.exception("prefill failed")
+            self._fail(new, e)
+            return
+        self.jobs.extend(new)
+
+    def _deliver(self, events) -> None:
+        finished = []
+        for row, _, piece in events:
+            job, i = row.tag
+            if piece:
+                job.emit(Event("text", piece, index=i))
+            if row.done:
+                job.emit(Event("done", finish_reason=row.finish_reason,
+                               completion_tokens=row.decoder.n_tokens, index=i))
+                if all(r.done for r in job.rows) and job not in finished:
+                    finished.append(job)
+        for job in finished:
+            self.jobs.remove(job)
+            self._retire(job)
+
+    def _drop_cancelled(self) -> None:
+        gone = self.engine._cancel_all.is_set()
+        for job in [j for j in self.jobs if gone or j.cancelled.is_set()]:
+            self._end(job, "cancelled")
+
+    def _end(self, job: Job, reason: str) -> None:
+        """Take a job's rows out of the batch and tell its client it ended (`reason`)."""
+        for i, row in enumerate(job.rows):
+            if not row.done:
+                self.decoder.cancel(row)
+                job.emit(Event("done", finish_reason=reason, completion_tokens=row.decoder.n_tokens, index=i))
+        if not job.rows:
+            job.emit(Event("done", finish_reason=reason))
+        if job in self.jobs:
+            self.jobs.remove(job)
+        self._retire(job)
+
+    def _fail(self, jobs: list[Job], e: Exception) -> None:
+        for job in jobs:
+            for row in job.rows:
+                if row.finish_reason is None:
+                    row.finish_reason = "error"
+                self.decoder.cancel(row)
+            job.emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
+            if job in self.jobs:
+                self.jobs.remove(job)
+            self._retire(job)
+
+    @staticmethod
+    def _retire(job: Job) -> None:
+        try:
+            job.on_retired()
+        except RuntimeError:  # the event loop is closed: the server is going down
+            pass
 
 
 class Engine:
@@ -112,22 +278,34 @@ class Engine:
         model / tokenizer: what `load_model` returns.
         model_id: the name clients use in `"model"`.
         template: chat template (`"alpaca"`, `"phi3"`, `"plain"`/None).
-        max_concurrency: generations running at once; further requests queue fairly.
+        max_concurrency: without batching (`max_batch_size=1`), generations running at
+            once, each in its own thread; further requests queue fairly.
         max_tokens_limit: the largest `max_tokens` a request may ask for.
+        max_batch_size: rows decoded together by the batching scheduler (the slots; `n`
+            choices take `n`); 1 turns batching off.
+        max_queue: requests that may wait for a slot; one more is answered 429.
     """
 
     def __init__(self, model, tokenizer, model_id: str, template: str | None = None,
-                 max_concurrency: int = 4, max_tokens_limit: int = 1024):
+                 max_concurrency: int = 4, max_tokens_limit: int = 1024, max_batch_size: int = 16,
+                 max_queue: int = 256):
         if max_tokens_limit < 1:
             raise UserError(f"max tokens limit must be at least 1, got {max_tokens_limit}")
         if max_concurrency < 1:
             raise UserError(f"max concurrency must be at least 1, got {max_concurrency}")
+        if max_batch_size < 1:
+            raise UserError(f"max batch size must be at least 1, got {max_batch_size}")
+        if max_queue < 0:
+            raise UserError(f"max queue must be at least 0, got {max_queue}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.template = normalize_template(template)
         self.max_concurrency = max_concurrency
         self.max_tokens_limit = max_tokens_limit
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.batched = max_batch_size > 1
         self.context_length = model.config.context_length
         self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
@@ -139,19 +317,59 @@ class Engine:
         # made by startup(), on the serving loop: an asyncio object belongs to one loop
         self.limiter: FairLimiter | None = None
         self.executor: ThreadPoolExecutor | None = None
+        self.scheduler: Scheduler | None = None
         self._cancel_all = threading.Event()
+        self._durations: collections.deque[float] = collections.deque(maxlen=64)  # for Retry-After
+
+    @property
+    def slots(self) -> int:
+        """Requests generating at once: the batch rows, or the unbatched worker threads."""
+        return self.max_batch_size if self.batched else self.max_concurrency
+
+    @property
+    def rows_in_use(self) -> int:
+        """Rows of the batch being decoded (the KV-cache slots in use); 0 when idle."""
+        if self.scheduler is not None:
+            return self.scheduler.decoder.active
+        return self.limiter.active if self.limiter else 0
 
     def startup(self) -> None:
         """Called on the serving event loop before the first request."""
-        self.limiter = FairLimiter(self.max_concurrency)
-        # one worker per slot: an admitted request never waits for a thread
-        self.executor = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="llmscratch-gen")
+        self.limiter = FairLimiter(self.slots)
         self._cancel_all.clear()
+        if self.batched:
+            self.scheduler = Scheduler(self)
+            self.scheduler.start()
+        else:
+            # one worker per slot: an admitted request never waits for a thread
+            self.executor = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="llmscratch-gen")
 
     def shutdown(self) -> None:
         """Stop every running generation (they check between tokens) and the workers."""
         self._cancel_all.set()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def check_queue(self) -> None:
+        """Answer 429 (with `Retry-After`) when `max_queue` requests already wait for a slot.
+
+        Called before a response starts (a stream cannot change its status later)."""
+        lim = self.limiter
+        if lim is None or (lim.active < lim.limit and not lim.queued) or lim.queued < self.max_queue:
+            return
+        raise APIError(429, f"The server is busy ({lim.queued} requests waiting); retry after a moment.",
+                       type="requests", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(self.retry_after())})
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely moved on: the median recent request time
+        times the waves of slots the queue holds, 1 to 60."""
+        recent = sorted(self._durations)
+        typical = recent[len(recent) // 2] if recent else 1.0
+        waves = 1 + (self.limiter.queued if self.limiter else 0) / self.slots
+        return int(min(60, max(1, math.ceil(typical * waves))))
 
     # -------------------------------------------------------------- one generation
     def _generate(self, ids: list[int], p: SamplingParams, emit, cancelled: threading.Event) -> None:
@@ -186,12 +404,23 @@ class Engine:
         Leaving the iteration early (the client went away, or the task was cancelled)
         cancels the generation; its slot frees once the worker has stopped.
         """
-        if self.limiter is None or self.executor is None:
+        if self.limiter is None or (self.executor is None and self.scheduler is None):
             raise RuntimeError("Engine.startup() was not called (create_app's lifespan calls it)")
+        if p.n > 1 and not self.batched:
+            raise APIError(400, "n > 1 needs the batching engine (this server runs with --max-batch-size 1)",
+                           param="n", code="unsupported_parameter")
+        if p.n > self.max_batch_size:
+            raise APIError(400, f"n is {p.n}, above this server's batch size of {self.max_batch_size}",
+                           param="n", code="invalid_value")
         loop = asyncio.get_running_loop()
         await self._acquire(is_disconnected)
         queue: asyncio.Queue[Event] = asyncio.Queue()
         cancelled = threading.Event()
+        t0 = time.monotonic()
+
+        def release(_=None) -> None:
+            self._durations.append(time.monotonic() - t0)
+            self.limiter.release()
 
         def emit(ev: Event) -> None:
             try:
@@ -200,11 +429,15 @@ class Engine:
                 cancelled.set()
 
         try:
-            fut = loop.run_in_executor(self.executor, self._generate, ids, p, emit, cancelled)
-        except RuntimeError:  # the executor was shut down
+            if self.scheduler is not None:
+                self.scheduler.submit(Job(ids, p, emit, cancelled, lambda: loop.call_soon_threadsafe(release)))
+            else:
+                fut = loop.run_in_executor(self.executor, self._generate, ids, p, emit, cancelled)
+                fut.add_done_callback(release)
+        except RuntimeError:  # the executor or scheduler was shut down
             self.limiter.release()
             raise APIError(503, "the server is shutting down", "server_error") from None
-        fut.add_done_callback(lambda _: self.limiter.release())
+        pending = p.n  # choices not finished yet
         try:
             while True:
                 try:
@@ -214,7 +447,8 @@ class Engine:
                         raise ClientGone() from None
                     continue
                 yield ev
-                if ev.kind != "text":
+                pending -= ev.kind == "done"
+                if ev.kind == "error" or not pending:
                     return
         finally:
             cancelled.set()  # no-op if the worker already finished
@@ -267,7 +501,8 @@ class Engine:
 
 def load_engine(model: str, device=None, dtype=None, template: str | None = None,
                 model_name: str | None = None, max_concurrency: int = 4,
-                max_tokens_limit: int = 1024, kernels: bool = True) -> Engine:
+                max_tokens_limit: int = 1024, kernels: bool = True, max_batch_size: int = 16,
+                max_queue: int = 256) -> Engine:
     """Load `model` (run folder, Hugging Face GPT-2 folder or preset) into an `Engine`,
     with the speed kernels applied unless `kernels=False` (`load_model`).
 
@@ -279,6 +514,16 @@ def load_engine(model: str, device=None, dtype=None, template: str | None = None
 
     device = pick_device(device)
     net, tokenizer = load_model(model, device=device, dtype=dtype, kernels=kernels)
+    if getattr(net, "is_encoder", False):  # an encoder serves /v1/embeddings (serve/embeddings.py)
+        from .embeddings import EncoderEngine
+
+        return EncoderEngine(net, tokenizer, model_name or (Path(model).name if Path(model).is_dir() else model))
     chosen = template_for(model, template).name
     name = model_name or (Path(model).name if Path(model).is_dir() else model)
-    return Engine(net, tokenizer, name or "model", chosen, max_concurrency, max_tokens_limit)
+    engine = Engine(net, tokenizer, name or "model", chosen, max_concurrency, max_tokens_limit,
+                    max_batch_size, max_queue)
+    from ..chat import model_kind, model_note
+
+    # shown by /v1/models and the chat page: "base" and "random" models were never taught to chat
+    engine.kind, engine.note = model_kind(model), model_note(model, chosen)
+    return engine

@@ -17,12 +17,17 @@ class APIError(Exception):
     """An error answered to the client in OpenAI's format."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # e.g. Retry-After on a 429
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+MAX_N = 16
+"""Most choices (`n`) one request may ask for; the server's batch size may allow fewer."""
 
 
 class _Strict(BaseModel):
@@ -45,7 +50,7 @@ class Common(_Strict):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(1, ge=1, le=1, description="only one choice per request")
+    n: int | None = Field(1, ge=1, le=MAX_N, description="choices: rows of one batch (batching engine only)")
 
 
 class CompletionRequest(Common):
@@ -100,7 +105,7 @@ def validation_error(exc: ValidationError) -> APIError:
         param = str(err["loc"][0])
         msg = f"invalid value for {param!r}: expected one of {', '.join(dict.fromkeys(alternatives))}"
     elif param == "n":
-        msg = "only n=1 is supported (one choice per request)"
+        msg = f"n must be an integer from 1 to {MAX_N}"
     else:
         msg = f"invalid value for {param!r}: {err.get('msg')}" if param else err.get("msg", "invalid request")
     code = "invalid_type" if kind.endswith("_type") or alternatives else "invalid_value"

@@ -60,28 +60,32 @@ class BackgroundServer:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_concurrency: int = 4,
           max_tokens_limit: int = 1024, api_key: str | None = None, template: str | None = None,
           model_name: str | None = None, device=None, dtype=None, threads: int | None = None,
-          log_level: str = "info", kernels: bool = True) -> None:
+          log_level: str = "info", kernels: bool = True, max_batch_size: int = 16,
+          max_queue: int = 256) -> None:
     """Serve `model` over HTTP until interrupted (Ctrl-C).
 
     Args:
         model: run folder, Hugging Face GPT-2 folder or preset name.
         host / port: where to listen (127.0.0.1 by default: only this machine).
-        max_concurrency: generations at once; more requests wait in a fair queue.
+        max_concurrency: with `max_batch_size=1`, generations at once (one thread each);
+            more requests wait in a fair queue.
         max_tokens_limit: largest `max_tokens` a request may ask for.
         api_key: require `Authorization: Bearer <api_key>` (default: $LLMSCRATCH_API_KEY).
         template: chat template override (`alpaca`, `phi3`, `plain`).
         model_name: the id clients use (default: the folder's name).
         device / dtype: where and in which precision to run the model.
-        threads: PyTorch CPU threads (default: the cores divided among the concurrent
-            generations, at least 1).
+        threads: PyTorch CPU threads (default: every core for the one batching thread;
+            unbatched, the cores divided among the concurrent generations, at least 1).
         kernels: apply the speed kernels (`llmscratch.kernels`); False serves the reference model.
+        max_batch_size: requests decoded together by continuous batching (1: off).
+        max_queue: requests that may wait for a slot; one more is answered 429.
     """
     import uvicorn
 
     api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     engine = load_engine(model, device, dtype, template, model_name, max_concurrency, max_tokens_limit,
-                         kernels=kernels)
-    if engine.device.type == "cpu":
+                         kernels=kernels, max_batch_size=max_batch_size, max_queue=max_queue)
+    if engine.device.type == "cpu" and not engine.batched:
         # Concurrent generations already keep the cores busy; on top of that, each one's
         # intra-op thread team would oversubscribe them, and a team waiting at a barrier for
         # a descheduled thread is slow: batch-1 decoding of a tiny model measured 3 ms/token
@@ -89,6 +93,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_concurrency
         torch.set_num_threads(threads or max(1, torch.get_num_threads() // max_concurrency))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use the model", host)
+    if engine.device.type == "cpu" and engine.batched and threads:
+        torch.set_num_threads(threads)  # batching: one decoding thread, every core by default
+    if getattr(engine, "note", None):
+        print(f"note: {engine.note}", flush=True)
     print(f"serving {engine.model_id} ({engine.template} chat template) on http://{host}:{port}/ "
           f"- chat page at /, OpenAI API at /v1" + (" (API key required)" if api_key else ""), flush=True)
     # timeout_graceful_shutdown: on Ctrl-C, give open streams a moment, then cut them
