@@ -306,8 +306,9 @@ def test_api_key_guards_every_endpoint(tmp_path):
             with pytest.raises(openai.AuthenticationError) as e:
                 client(s, key=bad or "x").models.list()
             assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
-        for path in ("/health", "/v1/models"):
-            assert httpx.get(s.url + path).status_code == 401
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        health = httpx.get(s.url + "/health")  # health checks carry no key; it names no model then
+        assert health.status_code == 200 and health.json()["status"] == "ok" and "model" not in health.json()
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(s.url + "/").status_code == 200  # the static page; it asks for the key
@@ -341,7 +342,8 @@ def test_cli_serve_reads_the_key_from_the_environment(tmp_path):
                 assert time.monotonic() < deadline, "server did not come up"
                 time.sleep(0.2)
         assert r.status_code == 200
-        assert httpx.get(url + "/health").status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # no key needed for health checks
+        assert httpx.get(url + "/v1/models").status_code == 401
     finally:
         proc.terminate()
         proc.wait(timeout=20)

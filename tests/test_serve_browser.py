@@ -85,7 +85,7 @@ def test_chat_page_streams_a_reply_and_keeps_the_conversation(browser, page_url)
     assert page.locator(".msg.user").first.inner_text() == "Write a short poem about the sea."
     first = bodies[0]
     assert first["stream"] is True and first["max_tokens"] == 40 and first["seed"] == 3
-    assert first["temperature"] == 0.7 and first["top_p"] == 0.95 and "top_k" not in first
+    assert first["temperature"] == 0.8 and first["top_p"] == 1 and "top_k" not in first
 
     # a second message sends the whole conversation back
     page.fill("#prompt", "Another one.")
