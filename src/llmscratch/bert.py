@@ -256,3 +256,11 @@ def embed(model: Bert, idx: torch.Tensor, key_mask: torch.Tensor | None = None,
     else:
         raise UserError(f"unknown pooling {pooling!r}; use 'mean' or 'cls'")
     return F.normalize(v, dim=-1) if normalize else v
+
+
+def refuse_encoder(model, command: str) -> None:
+    """A one-line UserError if `model` is an encoder given to a decoder's `command`
+    (generate, chat, a completions server)."""
+    if getattr(model, "is_encoder", False):
+        raise UserError(f"{command} needs a decoder (GPT); this model is an encoder (BERT), which fills "
+                        "in [MASK]s rather than continuing text: use `llmscratch fill-mask` or `llmscratch embed`")

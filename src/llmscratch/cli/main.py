@@ -164,6 +164,7 @@ def cmd_generate(args) -> None:
     best from a small model (see SamplingArgs); --temperature 0 is greedy."""
     cfg = config_from_args(GenerateArgs, args)
     from ..checkpoint import load_model
+    from ..bert import refuse_encoder
     from ..generate import check_sampling, stream_text
     from ..utils import pick_device
 
@@ -174,6 +175,7 @@ def cmd_generate(args) -> None:
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), seed=cfg.seed or 0,
                                   kernels=cfg.kernels)
+    refuse_encoder(model, "generate")
     sys.stdout.write(cfg.prompt)
     sys.stdout.flush()
     for piece in stream_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens,
@@ -408,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_tasks_args(p)
     register_finetune(sub)  # finetune classify/instruct, classify, chat
+    from .encoder import register as register_encoder
+
+    register_encoder(sub)  # fill-mask, embed
 
     from ..hub import gpt2_names
 
