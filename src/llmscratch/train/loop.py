@@ -394,7 +394,10 @@ def plot_losses(records: list[dict], path: str | Path, title: str = "", x: str =
     fig = Figure(figsize=(7, 4.5), dpi=110)
     ax = fig.subplots()
     if train:
-        ax.plot(*zip(*train), label="train", alpha=0.8, linewidth=1)
+        # a short run has few points (one, for a one-step epoch): mark them, a lone point
+        # drawn as a line is invisible
+        ax.plot(*zip(*train), marker="o" if len(train) <= 30 else None, markersize=4, label="train",
+                alpha=0.8, linewidth=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=2)
     ax.set_xlabel(f"{x} seen")
