@@ -10,7 +10,8 @@ plus, for a training run, `train_state.safetensors` (everything `--resume` needs
 `metrics.jsonl` and `loss.png` (see `train.py`). Every file is written atomically, and
 weights are never pickled.
 
-`load_model` accepts a run folder, a Hugging Face GPT-2 folder or a preset name, so every
+`load_model` accepts a run folder, a Hugging Face folder (GPT-2, Llama, Qwen3, Mistral: the
+model's own `tokenizer.json` with it) or a preset name, so every
 command that takes `--model` takes any of the three. Imports go one way: this module uses
 `weights` (Hugging Face folders) and `tokenizer`; neither of them imports this one (the atomic
 safetensors writer both need lives in `utils`).
@@ -31,7 +32,8 @@ from .model import GPT, GPTConfig
 from .quantize import quantize_int8
 from .tokenizer import get_tokenizer, load_tokenizer
 from .utils import save_safetensors, write_json
-from .weights import is_hf_gpt2_dir, load_hf_gpt2
+from .tokenizer.hf import HFTokenizer
+from .weights import hf_model_type, is_hf_dir, load_hf
 from .bert import is_encoder_config
 from .weights_bert import is_hf_bert_dir, load_encoder_run, load_hf_bert, load_hf_tokenizer
 
@@ -161,8 +163,10 @@ def _load_model(name_or_path: str, device, dtype, seed: int):
             tok_file = path / "tokenizer.json"
             tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else get_tokenizer("gpt2")
             return model, tokenizer
-        if is_hf_gpt2_dir(path):
-            return load_hf_gpt2(path, dtype=dtype, device=device).eval(), get_tokenizer("gpt2")
+        if is_hf_dir(path):  # GPT-2, Llama, Qwen3, Mistral
+            model = load_hf(path, dtype=dtype, device=device).eval()
+            gpt2 = hf_model_type(path) == "gpt2"
+            return model, get_tokenizer("gpt2") if gpt2 else HFTokenizer.from_folder(path)
         if is_hf_bert_dir(path):
             return load_hf_bert(path, dtype=dtype, device=device)[0], load_hf_tokenizer(path)
         raise UserError(f"{path}: neither an llmscratch run folder nor a Hugging Face GPT-2 folder")

@@ -47,9 +47,11 @@ from .download import download_file, reject_unless
 from .errors import UserError
 from .tokenizer import get_tokenizer, load_tokenizer
 from .tokenizer.base import read_tokenizer_file
-from .weights import CONFIG_FILE, SAFETENSORS_FILE, is_hf_gpt2_dir, load_hf_gpt2, save_hf_gpt2
+from .tokenizer.hf import HF_TOKENIZER_FILE, HFTokenizer
+from .weights import CONFIG_FILE, SAFETENSORS_FILE, hf_model_type, is_hf_dir, load_hf, save_hf
 
-__all__ = ["GPT2_REPOS", "convert", "download_gpt2", "gpt2_names"]
+__all__ = ["GPT2_REPOS", "MODEL_REPOS", "convert", "download_gpt2", "download_model", "gpt2_names",
+           "model_names"]
 
 GPT2_REPOS: dict[str, str] = {
     "gpt2-124m": "openai-community/gpt2",
@@ -59,10 +61,22 @@ GPT2_REPOS: dict[str, str] = {
 }
 """Our name for each GPT-2 size -> its Hugging Face repository."""
 
-# The Hub's own names are accepted too ("gpt2-medium", "openai-community/gpt2-medium").
+MODEL_REPOS: dict[str, str] = {
+    **GPT2_REPOS,
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",  # gated: accept Meta's licence on the Hub first
+    "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+"""Every checkpoint `download_model` knows: GPT-2's sizes and the modern decoders whose
+shapes are presets (`GPTConfig.from_name`)."""
+
+# The Hub's own names are accepted too ("gpt2-medium", "openai-community/gpt2-medium",
+# "Qwen/Qwen3-0.6B"), in any case.
 _ALIASES: dict[str, str] = {
-    alias: name
-    for name, repo in GPT2_REPOS.items()
+    alias.lower(): name
+    for name, repo in MODEL_REPOS.items()
     for alias in (repo, repo.split("/", 1)[1])
 }
 
@@ -72,6 +86,8 @@ ENV_OFFLINE = "HF_HUB_OFFLINE"
 # The files of a checkpoint, in download order: the small config first, so a wrong
 # endpoint or revision fails in a second instead of after a gigabyte.
 HUB_FILES = (CONFIG_FILE, SAFETENSORS_FILE)
+# A modern decoder also needs its own tokenizer and chat template (GPT-2's is built in).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # A run folder's tokenizer, copied into an exported Hugging Face folder under this name
 # (a `tokenizer.json` there would be taken for a `tokenizers` file by transformers).
 TOKENIZER_COPY = "llmscratch_tokenizer.json"
@@ -87,13 +103,18 @@ def gpt2_names() -> list[str]:
     return list(GPT2_REPOS)
 
 
-def _canonical_name(name: str) -> str:
+def model_names() -> list[str]:
+    """Every name `download_model` accepts (besides the Hub's own repository names)."""
+    return list(MODEL_REPOS)
+
+
+def _canonical_name(name: str, known: dict[str, str] = MODEL_REPOS) -> str:
     key = str(name).strip().lower()
-    if key in GPT2_REPOS:
+    key = key if key in known else _ALIASES.get(key, key)
+    if key in known:
         return key
-    if key in _ALIASES:
-        return _ALIASES[key]
-    raise UserError(f"unknown GPT-2 model {name!r}; valid names: {', '.join(GPT2_REPOS)}")
+    kind = "GPT-2 model" if known is GPT2_REPOS else "model"
+    raise UserError(f"unknown {kind} {name!r}; valid names: {', '.join(known)}")
 
 
 def _offline() -> bool:
@@ -225,15 +246,29 @@ def download_gpt2(
     revision: str = "main",
     progress: bool = True,
 ) -> Path:
-    """Download one of OpenAI's GPT-2 checkpoints from the Hugging Face Hub.
+    """Download one of OpenAI's GPT-2 checkpoints (`download_model` restricted to GPT-2)."""
+    _canonical_name(name, GPT2_REPOS)
+    return download_model(name, out, endpoint=endpoint, revision=revision, progress=progress)
+
+
+def download_model(
+    name: str,
+    out: str | os.PathLike | None = None,
+    *,
+    endpoint: str | None = None,
+    revision: str = "main",
+    progress: bool = True,
+) -> Path:
+    """Download a checkpoint from the Hugging Face Hub: one of OpenAI's GPT-2 sizes, or a
+    modern decoder (Llama 3.2, Qwen3, SmolLM2) with its `tokenizer.json` and chat template.
 
     Files already complete in the folder are not fetched again (a file gets its final
     name only once it is complete and verified), so a second call makes no requests. A
     broken download resumes from its `.part` file.
 
     Args:
-        name: `gpt2-124m`, `gpt2-355m`, `gpt2-774m` or `gpt2-1558m` (the Hub's names, such
-            as `gpt2-medium` or `openai-community/gpt2-xl`, work too).
+        name: a key of `MODEL_REPOS` (`gpt2-124m`, `qwen3-0.6b`, ...) or its Hub repository
+            id (`gpt2-medium`, `openai-community/gpt2-xl`, `Qwen/Qwen3-0.6B`, ...).
         out: the folder to fill; default `<cache root>/models/<name>` (see
             `datasets.cache_root`; `$LLMSCRATCH_CACHE_DIR` moves it).
         endpoint: the Hub's URL; default `$HF_ENDPOINT`, else https://huggingface.co.
@@ -241,15 +276,15 @@ def download_gpt2(
         progress: show a progress bar per file.
 
     Returns:
-        The folder, holding `config.json` and `model.safetensors`; load it with
-        `load_hf_gpt2(folder)`.
+        The folder, holding `config.json` and `model.safetensors` (and for a modern decoder
+        `tokenizer.json` + `tokenizer_config.json`); load it with `load_hf(folder)`.
 
     Raises:
         UserError: unknown name, `HF_HUB_OFFLINE` set while files are missing, a network
             or HTTP error, a checksum mismatch, or files that do not load as GPT-2.
     """
     canonical = _canonical_name(name)
-    repo = GPT2_REPOS[canonical]
+    repo = MODEL_REPOS[canonical]
     revision = str(revision).strip()
     if not revision:
         raise UserError("revision must not be empty (use 'main' for the latest)")
@@ -257,16 +292,17 @@ def download_gpt2(
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder")
     if is_run_dir(folder):
-        raise UserError(f"{folder}: is an llmscratch run folder; download GPT-2 into another folder")
+        raise UserError(f"{folder}: is an llmscratch run folder; download {canonical} into another folder")
 
-    missing = [f for f in HUB_FILES if not (folder / f).is_file()]
+    files = HUB_FILES if canonical in GPT2_REPOS else HUB_FILES + TOKENIZER_FILES
+    missing = [f for f in files if not (folder / f).is_file()]
     if not missing:
         return folder
     if _offline():
         raise UserError(
             f"{ENV_OFFLINE} is set (offline mode) and {folder} lacks {', '.join(missing)}; "
             f"download {canonical} once with network access (unset {ENV_OFFLINE}), "
-            "or pass a local Hugging Face GPT-2 folder instead"
+            "or pass a local Hugging Face checkpoint folder instead"
         )
 
     base = (endpoint or os.environ.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT).strip().rstrip("/")
@@ -279,10 +315,11 @@ def download_gpt2(
     try:
         # On the meta device: every tensor's name and shape is checked against config.json
         # without holding the weights in memory (GPT-2 XL is 6 GB in float32).
-        load_hf_gpt2(folder, device="meta")
+        load_hf(folder, device="meta")
     except UserError as e:
         raise UserError(
-            f"{folder}: the downloaded files are not a usable GPT-2 checkpoint ({e}); "
+            f"{folder}: the downloaded files are not a usable "
+            f"{'GPT-2' if canonical in GPT2_REPOS else canonical} checkpoint ({e}); "
             "delete the folder and check the endpoint and revision"
         ) from None
     return folder
@@ -299,8 +336,8 @@ def _folder_kind(src: Path) -> str:
         raise UserError(f"{src}: expected a checkpoint folder, got a file")
     if is_run_dir(src):
         return "run"
-    if is_hf_gpt2_dir(src) or (src / CONFIG_FILE).is_file():
-        # A config.json that is not ours: let load_hf_gpt2 say exactly what is off with it.
+    if is_hf_dir(src) or (src / CONFIG_FILE).is_file():
+        # A config.json that is not ours: let load_hf say exactly what is off with it.
         return "hf"
     raise UserError(
         f"{src}: neither an llmscratch run folder nor a Hugging Face GPT-2 folder "
@@ -356,14 +393,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     _check_dst(dst)
 
     # The tokenizer file to carry over (None: GPT-2's, which needs no file in an HF folder).
+    hf_tokenizer = None  # a modern decoder's own tokenizer.json (+ chat template)
     if kind == "run":
         model = load_run_model(src)
         tok_file = src / RUN_TOKENIZER
     else:
-        model = load_hf_gpt2(src)
+        model = load_hf(src)
         tok_file = src / TOKENIZER_COPY
+        if hf_model_type(src) != "gpt2" and (src / HF_TOKENIZER_FILE).is_file():
+            hf_tokenizer = HFTokenizer.from_folder(src)
     tok_file = tok_file if tok_file.is_file() else None
-    tokenizer = load_tokenizer(tok_file) if tok_file else get_tokenizer("gpt2")
+    tokenizer = hf_tokenizer or (load_tokenizer(tok_file) if tok_file else get_tokenizer("gpt2"))
     if tokenizer.vocab_size > model.config.vocab_size:
         warnings.warn(
             f"{src}: the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -381,8 +421,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         if target == "run":
             save_model(model, tmp, tokenizer, extra={"converted_from": str(src)})
         else:
-            save_hf_gpt2(model, tmp)
-            if tok_file is not None:
+            save_hf(model, tmp)
+            if isinstance(tokenizer, HFTokenizer):  # back to tokenizer.json + tokenizer_config.json
+                tokenizer.save_hf(tmp)
+            elif tok_file is not None:
                 if not _is_gpt2_tokenizer_file(tok_file):
                     warnings.warn(
                         f"{src}: the model uses a {tokenizer.name} tokenizer, not GPT-2's; Hugging Face "

@@ -7,6 +7,9 @@ model trained on "### Response:\\n" and then asked with "### Response: " answers
 Templates
     `"alpaca"`  the LLMs-from-scratch book's Instruction / Input / Response layout;
     `"phi3"`    Microsoft Phi-3's `<|user|>` / `<|assistant|>` markers, written as text;
+    `"model"`   the model's own Jinja chat template, from its tokenizer (a Hugging Face
+                folder's `tokenizer_config.json`: Llama 3's headers, Qwen3's `<|im_start|>`),
+                rendered by `tokenizer.hf.HFTokenizer.render_chat`;
     `"plain"`   a transcript `"User: ...\\nAssistant:"` for a model never tuned on a chat
                 format (a pretrained or converted GPT-2): it is the most natural prompt for
                 a base language model, and `<|endoftext|>` would mean "a new document" to
@@ -17,8 +20,9 @@ Templates
 
 Which template a model gets (one rule, `template_for`)
     an explicit `--template`, else the `"template"` its run folder's config.json records
-    (written by `finetune instruct`), else `"plain"`: a model without a record was never
-    instruction-tuned. `DEFAULT_TEMPLATE` ("alpaca", the book's) is only what
+    (written by `finetune instruct`), else `"model"` when the model's tokenizer carries a
+    chat template of its own (Llama 3.2 Instruct, Qwen3, SmolLM2), else `"plain"`: a model
+    without either was never instruction-tuned. `DEFAULT_TEMPLATE` ("alpaca", the book's) is only what
     `finetune instruct` trains with when not told otherwise, and it is then recorded.
 """
 
@@ -42,6 +46,9 @@ DEFAULT_TEMPLATE = "alpaca"
 
 NO_TEMPLATE = "plain"
 """The template of a model with none recorded: it was never tuned on a chat format."""
+
+MODEL_TEMPLATE = "model"
+"""The template that is the model's own (its tokenizer's Jinja chat template)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,9 @@ TEMPLATES = {
         reply_ends_with_eot=False,
         stops=("\nUser:",),
     ),
+    # The model's own chat template: the layout is the tokenizer's Jinja template (the
+    # format strings here are unused), and its replies end with the model's end token.
+    MODEL_TEMPLATE: Template(name=MODEL_TEMPLATE, default_system="", system_fmt="", user_fmt="", input_fmt=""),
 }
 
 _ALIASES = {"phi-3": "phi3", "none": "plain", "": "plain"}
@@ -159,8 +169,26 @@ def read_template(model: str | os.PathLike) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def has_own_template(model: str | os.PathLike) -> bool:
+    """Whether the model folder's tokenizer carries a chat template of its own: a Hugging
+    Face folder's `tokenizer_config.json` `chat_template` (or `chat_template.jinja`), or a
+    run folder's saved `HFTokenizer` with one. Never raises."""
+    folder = Path(model)
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    for name, key in (("tokenizer_config.json", "chat_template"), ("tokenizer.json", "chat_template")):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get(key):
+            return True
+    return False
+
+
 def template_for(model: str | os.PathLike, override: str | None = None) -> Template:
-    """The template to prompt `model` with: `override`, else the recorded one, else plain.
+    """The template to prompt `model` with: `override`, else the recorded one, else the
+    model's own (`has_own_template`), else plain.
 
     Raises:
         UserError: the override or the recorded name is unknown.
@@ -168,7 +196,8 @@ def template_for(model: str | os.PathLike, override: str | None = None) -> Templ
     if override is not None:
         return get_template(override)
     try:
-        return get_template(read_template(model) or NO_TEMPLATE)
+        default = MODEL_TEMPLATE if has_own_template(model) else NO_TEMPLATE
+        return get_template(read_template(model) or default)
     except UserError as e:
         raise UserError(f"{model}: {e} (override it with --template)") from None
 
@@ -232,10 +261,54 @@ def encode_conversation(tokenizer, template: str | Template | None, messages: It
     messages = list(messages)
     if for_generation and messages and _field(messages[-1], "role") == "assistant":
         raise ValueError("for_generation needs a conversation that ends with a user turn")
+    template = get_template(template)
+    if template.name == MODEL_TEMPLATE:
+        return _encode_with_own_template(tokenizer, messages, for_generation)
     ids: list[int] = []
     mask: list[bool] = []
-    for text, response in _segments(get_template(template), messages):
+    for text, response in _segments(template, messages):
         new = [tokenizer.eot_id] if text is None else tokenizer.encode(text, allowed_special="none")
+        ids.extend(new)
+        mask.extend([response] * len(new))
+    return ids, mask
+
+
+def _own_template_segments(tokenizer, messages: list, for_generation: bool) -> list[tuple[str, bool]]:
+    """The conversation rendered by the tokenizer's own chat template, cut into
+    `(text, is_response)` segments: each assistant reply is what rendering the conversation
+    up to it adds to the rendering up to the cue before it (`add_generation_prompt`)."""
+    render = getattr(tokenizer, "render_chat", None)
+    if render is None:
+        raise UserError(f"template 'model' needs a tokenizer with a chat template of its own; the "
+                        f"{tokenizer.name} tokenizer has none (choose --template alpaca, phi3 or plain)")
+    plain = [{"role": _field(m, "role"), "content": str(_field(m, "content") or "")} for m in messages]
+    out: list[tuple[str, bool]] = []
+    done = ""  # the text already cut into segments
+
+    def take(text: str, response: bool) -> None:
+        nonlocal done
+        if not text.startswith(done):  # a template that rewrites earlier turns (e.g. drops reasoning)
+            raise UserError("the model's chat template renders earlier turns differently as the conversation "
+                            "grows, so replies cannot be told apart; choose --template alpaca, phi3 or plain")
+        out.append((text[len(done):], response))
+        done = text
+
+    for i, m in enumerate(plain):
+        if m["role"] == "assistant":
+            take(render(plain[:i], add_generation_prompt=True), False)
+            take(render(plain[:i + 1]), True)
+    take(render(plain, add_generation_prompt=for_generation), False)
+    return [(text, response) for text, response in out if text]
+
+
+def _encode_with_own_template(tokenizer, messages: list, for_generation: bool) -> tuple[list[int], list[bool]]:
+    """`encode_conversation` for the model's own template. The template writes its markers
+    (`<|im_start|>`, `<|eot_id|>`) as text, so the rendered text is encoded with special
+    tokens recognised, as transformers' `apply_chat_template` does."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, response in _own_template_segments(tokenizer, messages, for_generation):
+        new = tokenizer.encode(text, allowed_special="all")
         ids.extend(new)
         mask.extend([response] * len(new))
     return ids, mask

@@ -296,11 +296,12 @@ def _eval_data(cfg: EvalArgs, own: dict | None) -> tuple[str, float | None, str]
 
 # ------------------------------------------------------------------ download / convert
 def cmd_download(args) -> None:
-    """Download OpenAI's GPT-2 weights (Hugging Face format), verify and load-check them."""
-    from ..hub import download_gpt2
+    """Download a checkpoint (Hugging Face format: GPT-2, Llama 3.2, Qwen3, SmolLM2), verify
+    and load-check it."""
+    from ..hub import download_model
 
-    folder = download_gpt2(args.name, args.out, endpoint=args.endpoint, revision=args.revision)
-    print(f"GPT-2 checkpoint ready in {folder}")
+    folder = download_model(args.name, args.out, endpoint=args.endpoint, revision=args.revision)
+    print(f"{args.name} checkpoint ready in {folder}")
     print(f"try: llmscratch generate --model {folder} --prompt \"Hello, I'm a language model,\"")
 
 
@@ -414,13 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_encoder(sub)  # fill-mask, embed
 
-    from ..hub import gpt2_names
+    from ..hub import MODEL_REPOS
 
-    p = add_command(sub, "download", cmd_download, "download GPT-2 weights", [
+    p = add_command(sub, "download", cmd_download, "download GPT-2, Llama 3.2, Qwen3 or SmolLM2 weights", [
         "llmscratch download gpt2-124m",
         "llmscratch download gpt2-355m --out checkpoints/gpt2-medium",
+        "llmscratch download Qwen/Qwen3-0.6B",
     ])
-    p.add_argument("name", choices=gpt2_names(), help="which GPT-2: " + ", ".join(gpt2_names()))
+    p.add_argument("name", help="which model: " + ", ".join(MODEL_REPOS) + " (or its Hub repository id, "
+                   "e.g. Qwen/Qwen3-0.6B)")
     p.add_argument("--out", default=None, help="folder (default: the llmscratch cache)")
     p.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or huggingface.co)")
     p.add_argument("--revision", default="main", help="Hub branch, tag or commit (default: main)")

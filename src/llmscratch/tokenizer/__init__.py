@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..errors import UserError
 from .base import Tokenizer
 from .bpe import BPETokenizer
 from .gpt2 import GPT2Tokenizer
+from .hf import HFTokenizer, is_hf_tokenizer_file
 from .word import WordTokenizer
 from .wordpiece import WordPieceTokenizer
 
@@ -28,6 +30,7 @@ __all__ = [
     "WordPieceTokenizer",
     "BPETokenizer",
     "GPT2Tokenizer",
+    "HFTokenizer",
     "get_tokenizer",
     "load_tokenizer",
 ]
@@ -52,7 +55,17 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         path = path / TOKENIZER_FILE
+    if _is_hf_file(path):  # a Hugging Face tokenizer.json (no "type"): its folder has the rest
+        return HFTokenizer.from_folder(path.parent)
     return Tokenizer.load(path)
+
+
+def _is_hf_file(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # Tokenizer.load says what is wrong with it
+    return isinstance(data, dict) and is_hf_tokenizer_file(data)
 
 
 def get_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
