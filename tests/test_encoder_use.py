@@ -129,3 +129,35 @@ def test_embeddings_endpoint_with_openai_client(encoder_run, gpt_run):
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0, timeout=60)
         with pytest.raises(openai.BadRequestError, match="embeddings need an encoder"):
             c.embeddings.create(model="gpt", input="x")
+
+
+def test_finetune_classify_an_encoder(tmp_path, sms_tsv, capsys):
+    """`finetune classify` on an encoder run: pooled [CLS] head, the same outputs, the same
+    `classify` command; the reloaded folder gives the in-memory model's predictions."""
+    from conftest import synthetic_sms
+    from llmscratch.finetune.classify import ClassifyConfig, classify_texts, finetune_classify, load_classifier
+
+    rows = synthetic_sms()
+    tok = WordPieceTokenizer.from_corpus([t for _, t in rows], 200)
+    torch.manual_seed(0)
+    enc = tmp_path / "enc"
+    save_model(Bert(BertConfig(vocab_size=tok.vocab_size, context_length=48, n_embd=32, n_layer=2, n_head=2)),
+               enc, tok)
+    out = tmp_path / "clf"
+    result = finetune_classify(ClassifyConfig(model=str(enc), data=str(sms_tsv), out=str(out), epochs=3,
+                                              text_column="1", label_column="0", trainable="all",
+                                              batch_size=8, lr=3e-3, progress=False, seed=1))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "loss.png", "confusion.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_accuracy"] >= 0.9 and metrics["test_accuracy"] >= 0.8  # spam words are easy
+    model, tok2, labels, max_length = load_classifier(out)
+    assert isinstance(model, Bert) and labels == ["ham", "spam"]
+    texts = [t for _, t in rows[:6]] + [t for _, t in rows[-4:]]
+    preds = classify_texts(out, texts)
+    again = classify_texts((result.model.eval(), tok2, labels, max_length), texts)
+    assert [l for l, _ in preds] == [l for l, _ in again]
+    assert [p for _, p in preds] == pytest.approx([p for _, p in again], abs=1e-5)
+    capsys.readouterr()
+    assert main(["classify", "--model", str(out), texts[0]]) == 0
+    assert capsys.readouterr().out.split("\t")[0] == preds[0][0]

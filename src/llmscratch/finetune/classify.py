@@ -25,7 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from ..bert import is_encoder_config
 from ..checkpoint import FORMAT, read_run_config, save_safetensors
+from ..weights_bert import load_encoder_run
 from ..errors import UserError
 from ..model import GPT, GPTConfig
 from ..train import distributed_setup, rank0_first
@@ -44,6 +46,9 @@ TASK = "classify"
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Token ids of each text, cut to its first `max_length` tokens. `<|endoftext|>`
     written inside a text stays ordinary text: it must not look like padding."""
+    if getattr(tokenizer, "type_name", "") == "wordpiece":  # an encoder's input: [CLS] text [SEP]
+        return [[tokenizer.cls_id, *tokenizer.encode(t, allowed_special="none")[:max_length - 2], tokenizer.sep_id]
+                for t in texts]
     return [tokenizer.encode(t, allowed_special="none")[:max_length] or [tokenizer.eot_id] for t in texts]
 
 
@@ -70,6 +75,9 @@ def add_classification_head(model: GPT, num_classes: int) -> GPT:
 
     The config's `tie_weights` becomes False: the head no longer shares the embedding.
     """
+    if getattr(model, "is_encoder", False):  # an encoder: a head on the pooled [CLS] vector (bert.py)
+        model.add_classifier(num_classes)
+        return model
     if num_classes < 2:
         raise UserError(f"classification needs at least 2 classes, found {num_classes}")
     ref = model.wte.weight
@@ -123,7 +131,7 @@ def set_trainable(model: GPT, trainable: str, lora_rank: int = 0, lora_alpha: fl
         for block in list(model.h)[len(model.h) - n:]:
             for p in block.parameters():
                 p.requires_grad_(True)
-        for p in model.ln_f.parameters():
+        for p in getattr(model, "ln_f", nn.Identity()).parameters():  # an encoder (post-LN) has none
             p.requires_grad_(True)
     else:
         raise UserError(f"--trainable {trainable!r}: use all, last-N (e.g. last-1) or lora")
@@ -143,6 +151,8 @@ def classifier_logits(model: GPT, idx: torch.Tensor, lengths: torch.Tensor) -> t
     Returns:
         `(B, n_classes)` logits.
     """
+    if getattr(model, "is_encoder", False):  # the pooled [CLS] position, padding masked out
+        return model.class_logits(idx, key_mask=torch.arange(idx.shape[1], device=idx.device) < lengths[:, None])
     logits = model(idx)  # (B, T, n_classes)
     rows = torch.arange(idx.shape[0], device=idx.device)
     return logits[rows, lengths.to(idx.device) - 1]  # (B, n_classes)
@@ -353,7 +363,8 @@ def finetune_classify(cfg: ClassifyConfig, *, stop_after: int | None = None) -> 
     train_ex, val_ex, test_ex = encode(train), encode(val), encode(test)
     set_dropout(model, cfg.dropout)
     add_classification_head(model, len(labels))
-    params_line = set_trainable(model, cfg.trainable, cfg.lora_rank, cfg.lora_alpha, extra=(model.lm_head,))
+    head = (model.classifier, model.pooler) if getattr(model, "is_encoder", False) else (model.lm_head,)
+    params_line = set_trainable(model, cfg.trainable, cfg.lora_rank, cfg.lora_alpha, extra=head)
     if master:
         print(f"{len(train_ex)} train / {len(val_ex)} val / {len(test_ex)} test examples, "
               f"labels {labels}, max length {max_length} tokens; {params_line}", file=sys.stderr)
@@ -399,7 +410,8 @@ def save_classifier(model: GPT, out: str | Path, tokenizer, labels: list[str], m
     presence marks a complete folder)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+             if k not in getattr(model, "tied_weights", ())}  # an encoder's decoder is its embedding
     save_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save(out / "tokenizer.json")
     write_json(out / "config.json", {"format": FORMAT, "task": TASK, "model": model.config.to_dict(),
@@ -419,6 +431,9 @@ def load_classifier(path: str | Path, device=None):
     cfg = read_run_config(path)
     if cfg.get("task") != TASK or "labels" not in cfg:
         raise UserError(f"{path}: not a classifier folder (make one with `llmscratch finetune classify`)")
+    if is_encoder_config(cfg["model"]):  # an encoder with its classifier (weights_bert.py)
+        return (load_encoder_run(path, cfg, device), load_tokenizer(path / "tokenizer.json"), list(cfg["labels"]),
+                int(cfg["max_length"]))
     config = GPTConfig.from_dict(cfg["model"])
     labels = list(cfg["labels"])
     with torch.device("meta"):

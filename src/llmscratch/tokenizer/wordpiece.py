@@ -202,6 +202,11 @@ class WordPieceTokenizer(Tokenizer):
         return len(self.tokens)
 
     @property
+    def eot_id(self) -> int:
+        """`[SEP]`: what separates documents in a pretraining stream (GPT's `<|endoftext|>`)."""
+        return self.vocab[SEP]
+
+    @property
     def pad_id(self) -> int:
         return self.vocab[PAD]
 
