@@ -75,7 +75,13 @@ class ServeArgs(ModelArgs):
     port: int = 8000
     """port"""
     max_concurrency: int = 4
-    """generations running at once; more requests wait in a fair queue"""
+    """with --max-batch-size 1: generations running at once, one thread each; more requests
+    wait in a fair queue"""
+    max_batch_size: int = 16
+    """requests decoded together as one batch (continuous batching; each takes one KV-cache
+    slot, n>1 takes n); 1 turns batching off"""
+    max_queue: int = 256
+    """requests that may wait for a slot; beyond that the server answers 429 with Retry-After"""
     max_tokens_limit: int = 1024
     """largest max_tokens a request may ask for"""
     api_key: str | None = None
@@ -85,7 +91,7 @@ class ServeArgs(ModelArgs):
     model_name: str | None = None
     """the model id clients use (default: the folder's name)"""
     threads: int | None = None
-    """PyTorch CPU threads (default: cores / max-concurrency, at least 1)"""
+    """PyTorch CPU threads (default: all cores when batching, else cores / max-concurrency)"""
 
 
 # ---------------------------------------------------------------------------- info
@@ -132,27 +138,21 @@ def cmd_info(args) -> None:
 
 def model_kind(model: str) -> str:
     """One line on what `model` is: random weights (a preset), a base language model, or
-    instruction-tuned with its template."""
-    import os
-
-    from ..model import GPTConfig
+    instruction-tuned with its template (`chat.model_kind`)."""
+    from ..chat import model_kind as kind_of
     from ..prompts import read_template
 
-    if model in GPTConfig.presets() and not os.path.isdir(model):
-        return "a preset: random weights, never trained (its text is gibberish)"
-    template = read_template(model)
-    if template:
-        return f"instruction-tuned (chat template {template})"
-    return "a base language model: it continues text; it was never taught to follow instructions"
+    return {"random": "a preset: random weights, never trained (its text is gibberish)",
+            "instruct": f"instruction-tuned (chat template {read_template(model)})",
+            "base": "a base language model: it continues text; it was never taught to follow instructions",
+            }[kind_of(model)]
 
 
 def warn_if_untrained(model: str) -> None:
     """Say loudly, once, that a preset name means random weights."""
-    import os
+    from ..chat import model_kind as kind_of
 
-    from ..model import GPTConfig
-
-    if model in GPTConfig.presets() and not os.path.isdir(model):
+    if kind_of(model) == "random":
         print(f"warning: --model {model} is a preset with RANDOM weights (never trained): expect gibberish. "
               "Pass a run folder (llmscratch pretrain) or a GPT-2 (llmscratch download gpt2-124m).",
               file=sys.stderr)
@@ -342,15 +342,18 @@ def cmd_serve(args) -> None:
     from ..serve import API_KEY_ENV, serve
 
     for flag, value in (("--max-concurrency", cfg.max_concurrency), ("--max-tokens-limit", cfg.max_tokens_limit),
-                        ("--threads", cfg.threads or 1)):
+                        ("--threads", cfg.threads or 1), ("--max-batch-size", cfg.max_batch_size)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if cfg.max_queue < 0:
+        raise UserError(f"--max-queue must be at least 0, got {cfg.max_queue}")
     if not 0 <= cfg.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {cfg.port}")
     serve(cfg.model, host=cfg.host, port=cfg.port, max_concurrency=cfg.max_concurrency,
           max_tokens_limit=cfg.max_tokens_limit, api_key=cfg.api_key or os.environ.get(API_KEY_ENV) or None,
           template=cfg.template, model_name=cfg.model_name, device=cfg.device, dtype=_dtype(cfg.dtype),
-          threads=cfg.threads, kernels=cfg.kernels)
+          threads=cfg.threads, kernels=cfg.kernels, max_batch_size=cfg.max_batch_size,
+          max_queue=cfg.max_queue)
 
 
 # ---------------------------------------------------------------------------- main
@@ -399,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
         "llmscratch eval tasks --model runs/pretrain --tasks pattern arithmetic hellaswag.jsonl --shots 0 3",
     ])
     p.usage = ("llmscratch eval [lm] --model MODEL [--data DATA] [--split {auto,val,all}] [options]\n"
-               "       llmscratch eval instruct --responses FILE [--model MODEL] [options]")
+               "       llmscratch eval instruct --responses FILE [--model MODEL] [options]\n"
+               "       llmscratch eval tasks --model MODEL --tasks TASK [TASK ...] [options]")
     p.add_argument("task", nargs="?", choices=("lm", "instruct", "tasks"), default="lm",
                    help="lm: language-model loss on --data (default); instruct: score --responses; "
                         "tasks: zero-/few-shot scores on --tasks")
