@@ -145,3 +145,80 @@ def test_load_errors(tmp_path):
     (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="has shape"):
         load_hf_bert(tmp_path / "bad")
+
+
+# --------------------------------------------------------------------------- download and convert
+
+
+@pytest.fixture()
+def bert_hub(tmp_path, monkeypatch):
+    """The fake Hub of test_hub.py serving a tiny random BertForMaskedLM (with vocab.txt) as
+    google-bert/bert-base-uncased."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from test_hub import _HubHandler
+
+    from llmscratch.tokenizer import WordPieceTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    folder = tmp_path / "src"
+    hf = _randomise(_hf("BertForMaskedLM"))
+    hf.save_pretrained(folder)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
+    WordPieceTokenizer(vocab).save_vocab(folder)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
+    server.repo, server.revision = "google-bert/bert-base-uncased", "main"
+    server.files = {f: (folder / f).read_bytes()
+                    for f in ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json")}
+    server.sha256, server.git_sha1, server.etags, server.redirect, server.requests = {}, {}, True, False, []
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, hf
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_download_bert_base_uncased(bert_hub, tmp_path):
+    from llmscratch.checkpoint import load_model
+    from llmscratch.hub import download_model
+
+    server, hf = bert_hub
+    out = download_model("bert-base-uncased", tmp_path / "bert", endpoint=server.url, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer_config.json",
+                                                     "vocab.txt"]
+    assert download_model("google-bert/bert-base-uncased", tmp_path / "bert", endpoint=server.url,
+                          progress=False) == out  # the Hub's name too; nothing fetched again
+    model, tok = load_model(str(out))
+    assert isinstance(model, Bert) and tok.vocab_size == 99
+    idx, types, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, types, mask)[mask], hf(input_ids=idx, token_type_ids=types,
+                                   attention_mask=mask.long()).logits[mask], atol=1e-4, rtol=0)
+
+
+def test_convert_both_ways(tmp_path):
+    from llmscratch.checkpoint import is_run_dir, load_model
+    from llmscratch.cli.main import main
+    from llmscratch.tokenizer import WordPieceTokenizer
+
+    hf = _randomise(_hf("BertForMaskedLM"))
+    hf.save_pretrained(tmp_path / "hf")
+    WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"W{i}" for i in range(94)],
+                       lowercase=False).save_vocab(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    assert is_run_dir(tmp_path / "run")
+    run_model, tok = load_model(str(tmp_path / "run"))
+    assert tok.lowercase is False and tok.tokens[5] == "W0"  # vocab and casing carried over
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+    back = transformers.BertForMaskedLM.from_pretrained(tmp_path / "back").eval()
+    idx, types, mask = _inputs()
+    with torch.no_grad():
+        expected = hf(input_ids=idx, token_type_ids=types, attention_mask=mask.long()).logits[mask]
+        torch.testing.assert_close(run_model(idx, types, mask)[mask], expected, atol=1e-4, rtol=0)
+        got = back(input_ids=idx, token_type_ids=types, attention_mask=mask.long()).logits[mask]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (tmp_path / "back" / "vocab.txt").read_text() == (tmp_path / "hf" / "vocab.txt").read_text()

@@ -49,6 +49,7 @@ from .tokenizer import get_tokenizer, load_tokenizer
 from .tokenizer.base import read_tokenizer_file
 from .tokenizer.hf import HF_TOKENIZER_FILE, HFTokenizer
 from .weights import CONFIG_FILE, SAFETENSORS_FILE, hf_model_type, is_hf_dir, load_hf, save_hf
+from .weights_bert import is_encoder_folder
 
 __all__ = ["GPT2_REPOS", "MODEL_REPOS", "convert", "download_gpt2", "download_model", "gpt2_names",
            "model_names"]
@@ -68,6 +69,7 @@ MODEL_REPOS: dict[str, str] = {
     "qwen3-0.6b": "Qwen/Qwen3-0.6B",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "bert-base-uncased": "google-bert/bert-base-uncased",  # an encoder (bert_hub.py)
 }
 """Every checkpoint `download_model` knows: GPT-2's sizes and the modern decoders whose
 shapes are presets (`GPTConfig.from_name`)."""
@@ -295,6 +297,8 @@ def download_model(
         raise UserError(f"{folder}: is an llmscratch run folder; download {canonical} into another folder")
 
     files = HUB_FILES if canonical in GPT2_REPOS else HUB_FILES + TOKENIZER_FILES
+    if canonical.startswith("bert-"):  # an encoder: weights, vocab.txt and casing
+        from .bert_hub import HUB_FILES as files
     missing = [f for f in files if not (folder / f).is_file()]
     if not missing:
         return folder
@@ -315,7 +319,12 @@ def download_model(
     try:
         # On the meta device: every tensor's name and shape is checked against config.json
         # without holding the weights in memory (GPT-2 XL is 6 GB in float32).
-        load_hf(folder, device="meta")
+        if canonical.startswith("bert-"):
+            from .bert_hub import check_download
+
+            check_download(folder)
+        else:
+            load_hf(folder, device="meta")
     except UserError as e:
         raise UserError(
             f"{folder}: the downloaded files are not a usable "
@@ -391,6 +400,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     kind = _folder_kind(src)
     target = to or ("hf" if kind == "run" else "run")
     _check_dst(dst)
+    if is_encoder_folder(src):  # a BERT: its own formats (bert_hub.py)
+        from .bert_hub import convert_encoder
+
+        return convert_encoder(src, dst, target)
 
     # The tokenizer file to carry over (None: GPT-2's, which needs no file in an HF folder).
     hf_tokenizer = None  # a modern decoder's own tokenizer.json (+ chat template)

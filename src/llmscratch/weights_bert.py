@@ -284,3 +284,12 @@ def load_encoder_run(path: str | os.PathLike, cfg: dict, device=None, dtype=None
     except RuntimeError as e:
         raise UserError(f"{weights}: {str(e).splitlines()[-1].strip()}") from None
     return model.to(device=device, dtype=dtype).eval()
+
+
+def is_encoder_folder(path: str | os.PathLike) -> bool:
+    """A Hugging Face BERT folder or one of our encoder run folders. Never raises."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and (cfg.get("model_type") == MODEL_TYPE or is_encoder_config(cfg.get("model")))
