@@ -35,13 +35,13 @@ class EmbedArgs(ModelArgs):
 
 
 def _load_encoder(cfg):
+    import torch
+
     from ..checkpoint import load_model
     from ..utils import pick_device
-    from .main import _dtype
 
-    model, tokenizer = load_model(cfg.model, device=pick_device(cfg.device), dtype=_dtype(cfg.dtype),
-                                  kernels=cfg.kernels)
-    return model, tokenizer
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": "int8"}.get(cfg.dtype)
+    return load_model(cfg.model, device=pick_device(cfg.device), dtype=dtype, kernels=cfg.kernels)
 
 
 def cmd_fill_mask(args) -> None:
