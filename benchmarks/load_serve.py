@@ -1,14 +1,20 @@
-"""Load test for `llmscratch serve`: many concurrent clients, a bounded number of requests.
+"""Load test for `llmscratch serve`: unbatched against continuously batched, 1 to 32 clients.
 
-Starts the server as its own process (so the clients do not share its interpreter) on a
-free port of 127.0.0.1, serving a tiny random model unless --model is given, then sends
---requests requests from --clients concurrent clients: completions and chat, half of them
-streamed. Prints the success count, latency percentiles (whole request, and time to the
-first streamed text), and tokens/s over the run. Exits 1 if any request failed.
+For each `--max-batch-size` (default: 1, today's one-request-per-thread engine, and 32, the
+default batching) the server is started as its own process (so the clients do not share
+its interpreter) on a free port of 127.0.0.1, serving a randomly initialised model of the
+`--model` preset's shape (default gpt2-124m; a run folder works too). Then, for each
+`--clients` count, that many concurrent clients send requests (completions and chat, half
+of them streamed; `max(--min-requests, clients x --requests-per-client)` in all) and the
+script records completed and failed requests, output tokens/s over the run, p50/p95
+latency and p50/p95 time to the first streamed text. One warm-up request precedes each
+server's measurements. Everything goes to one JSON (`benchmarks/results/load_serve.json`
+through `results.write_result`) and one plot (`benchmarks/load_serve.png`): throughput and
+latency against clients, one line per batch size. Exits 1 if any request failed.
 
-    python benchmarks/load_serve.py                                  # 32 clients, 256 requests
-    python benchmarks/load_serve.py --clients 64 --requests 512 --max-concurrency 8
-    python benchmarks/load_serve.py --model runs/pretrain --max-tokens 64 --json load.json
+    python benchmarks/load_serve.py                                   # the figures (several minutes)
+    python benchmarks/load_serve.py --model tiny --clients 1 4 --min-requests 4 \\
+        --max-tokens 8 --out /tmp/load.json --plot /tmp/load.png     # a quick check
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_result  # noqa: E402  (benchmarks/results.py)
 
 
 @dataclass
@@ -51,7 +59,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def one_request(http: httpx.AsyncClient, i: int, model: str, max_tokens: int) -> Result:
     """Request i: alternates completion/chat and streamed/whole, with a distinct prompt."""
-    chat, stream = i % 2 == 1, (i // 2) % 2 == 1
+    chat, stream = (i // 2) % 2 == 1, i % 2 == 1
     kind = ("chat" if chat else "completion") + ("/stream" if stream else "")
     body: dict = {"model": model, "max_tokens": max_tokens, "temperature": 0.8, "top_k": 40, "seed": i}
     if chat:
@@ -121,92 +129,129 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_model(folder: Path) -> Path:
-    import torch
+def start_server(model: str, max_batch_size: int, args, key: str) -> tuple[subprocess.Popen, str]:
+    """`llmscratch serve` in its own process; returns it and its URL once /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "llmscratch", "serve", "--model", model, "--port", str(port),
+           "--max-batch-size", str(max_batch_size), "--max-concurrency", str(args.max_concurrency),
+           "--device", args.device, "--model-name", "load", "--max-tokens-limit", str(max(args.max_tokens, 1)),
+           "--max-queue", "10000"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ, LLMSCRATCH_API_KEY=key)  # exercise the auth path too
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited: {server.stderr.read()}")
+        try:
+            if httpx.get(base + "/health", headers={"Authorization": f"Bearer {key}"}).status_code == 200:
+                return server, base
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            server.terminate()
+            raise RuntimeError("the server did not start")
+        time.sleep(0.2)
 
-    from llmscratch import GPT, GPTConfig, get_tokenizer
-    from llmscratch.checkpoint import save_model
 
-    torch.manual_seed(0)
-    save_model(GPT(GPTConfig.from_name("tiny")), folder, get_tokenizer("gpt2"))
-    return folder
+def summarize(results: list[Result], wall: float) -> dict:
+    ok = [r for r in results if r.ok]
+    lat = [r.latency_s for r in ok]
+    ttft = [r.first_text_s for r in ok if r.first_text_s is not None]
+    tokens = sum(r.completion_tokens for r in ok)
+    return {
+        "requests": len(results), "completed": len(ok), "failed": len(results) - len(ok), "wall_s": wall,
+        "output_tokens": tokens, "output_tokens_per_s": tokens / wall, "requests_per_s": len(ok) / wall,
+        "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+    }
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for bs in sorted({r["max_batch_size"] for r in rows}):
+        mine = sorted((r for r in rows if r["max_batch_size"] == bs), key=lambda r: r["clients"])
+        xs = [r["clients"] for r in mine]
+        label = "max-batch-size 1 (unbatched)" if bs == 1 else f"max-batch-size {bs}"
+        axes[0].plot(xs, [r["output_tokens_per_s"] for r in mine], "o-", label=label)
+        axes[1].plot(xs, [r["latency_p95_s"] for r in mine], "o-", label=label)
+        axes[2].plot(xs, [r["ttft_p95_s"] for r in mine], "o-", label=label)
+    for ax, title in zip(axes, ("output tokens/s", "p95 latency (s)", "p95 time to first token (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model to serve (default: a tiny random GPT)")
-    p.add_argument("--clients", type=int, default=32, help="concurrent clients (default: 32)")
-    p.add_argument("--requests", type=int, default=256, help="requests in all (default: 256)")
+    p.add_argument("--model", default="gpt2-124m",
+                   help="preset (random weights of that shape) or run folder (default: gpt2-124m)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="client counts (default: 1 8 32)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32],
+                   help="the server's --max-batch-size values to compare (default: 1 32)")
+    p.add_argument("--requests-per-client", type=int, default=2, help="requests per client (default: 2)")
+    p.add_argument("--min-requests", type=int, default=8, help="fewest requests per client count (default: 8)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request (default: 32)")
-    p.add_argument("--max-concurrency", type=int, default=4, help="the server's --max-concurrency (default: 4)")
+    p.add_argument("--max-concurrency", type=int, default=4,
+                   help="the server's --max-concurrency, used at --max-batch-size 1 (default: 4)")
     p.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own choice)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/load_serve.json)")
+    p.add_argument("--plot", default=str(Path(__file__).resolve().parent / "load_serve.png"),
+                   help="plot file (default: benchmarks/load_serve.png)")
     args = p.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(tiny_model(Path(tmp) / "tiny"))
-        port = free_port()
-        key = "load-test-key"  # exercise the auth path too
-        cmd = [sys.executable, "-m", "llmscratch", "serve", "--model", model, "--port", str(port),
-               "--max-concurrency", str(args.max_concurrency), "--device", args.device,
-               "--model-name", "load", "--max-tokens-limit", str(max(args.max_tokens, 1))]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        env = dict(os.environ, LLMSCRATCH_API_KEY=key)
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    key = "load-test-key"
+    rows = []
+    for bs in args.batch_sizes:
+        server, base = start_server(args.model, bs, args, key)
         try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                if server.poll() is not None:
-                    print(server.stderr.read(), file=sys.stderr)
-                    return 1
-                try:
-                    if httpx.get(base + "/health", headers={"Authorization": f"Bearer {key}"}).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    print("server did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
-            results, wall = asyncio.run(run_load(base, "load", args.clients, args.requests, args.max_tokens, key))
-            health = httpx.get(base + "/health", headers={"Authorization": f"Bearer {key}"}).json()
-            alive = server.poll() is None
+            asyncio.run(run_load(base, "load", 1, 1, args.max_tokens, key))  # warm-up
+            for clients in args.clients:
+                n = max(args.min_requests, clients * args.requests_per_client)
+                results, wall = asyncio.run(run_load(base, "load", clients, n, args.max_tokens, key))
+                health = httpx.get(base + "/health", headers={"Authorization": f"Bearer {key}"}).json()
+                row = {"max_batch_size": bs, "clients": clients, **summarize(results, wall),
+                       "server_alive_after": server.poll() is None,
+                       "server_idle_after": health["active"] == 0 and health["queued"] == 0}
+                rows.append(row)
+                print(f"max-batch-size {bs:3d}  clients {clients:3d}: {row['completed']}/{row['requests']} ok, "
+                      f"{row['output_tokens_per_s']:7.1f} tok/s, latency p50 {row['latency_p50_s']:.2f} "
+                      f"p95 {row['latency_p95_s']:.2f} s, TTFT p50 {row['ttft_p50_s']:.2f} "
+                      f"p95 {row['ttft_p95_s']:.2f} s", flush=True)
+                for err in row["errors"]:
+                    print(f"  failed: {err}", file=sys.stderr)
         finally:
             server.terminate()
             server.wait(timeout=30)
 
-    ok = [r for r in results if r.ok]
-    failed = [r for r in results if not r.ok]
-    lat = [r.latency_s for r in ok]
-    ttft = [r.first_text_s for r in ok if r.first_text_s is not None]
-    tokens = sum(r.completion_tokens for r in ok)
-    summary = {
-        "clients": args.clients, "requests": len(results), "succeeded": len(ok), "failed": len(failed),
-        "max_concurrency": args.max_concurrency, "max_tokens": args.max_tokens, "wall_s": wall,
-        "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
-        "latency_max_s": max(lat, default=float("nan")),
-        "first_text_p50_s": percentile(ttft, 50), "first_text_p95_s": percentile(ttft, 95),
-        "completion_tokens": tokens, "tokens_per_s": tokens / wall, "requests_per_s": len(ok) / wall,
-        "server_alive_after": alive, "server_idle_after": health["active"] == 0 and health["queued"] == 0,
-    }
-    print(f"load: {args.clients} clients, {len(results)} requests (completion/chat, half streamed), "
-          f"max_tokens {args.max_tokens}, server max-concurrency {args.max_concurrency}, model {args.model or 'tiny'}")
-    print(f"succeeded    {len(ok)}/{len(results)}" + (f"   FAILED {len(failed)}" if failed else ""))
-    print(f"latency      p50 {summary['latency_p50_s']:.2f} s   p95 {summary['latency_p95_s']:.2f} s   "
-          f"max {summary['latency_max_s']:.2f} s")
-    print(f"first text   p50 {summary['first_text_p50_s']:.2f} s   p95 {summary['first_text_p95_s']:.2f} s (streamed)")
-    print(f"throughput   {summary['tokens_per_s']:.0f} tokens/s, {summary['requests_per_s']:.1f} requests/s "
-          f"({tokens} tokens in {wall:.1f} s)")
-    print(f"server       alive afterwards: {alive}; idle afterwards: {summary['server_idle_after']}")
-    for r in failed[:5]:
-        print(f"  failed {r.kind}: {r.error}", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"summary": summary, "results": [asdict(r) for r in results]}, f, indent=2)
-    return 0 if not failed and alive else 1
+    base_rows = {r["clients"]: r for r in rows if r["max_batch_size"] == 1}
+    for r in rows:  # against the unbatched server at the same client count
+        b = base_rows.get(r["clients"])
+        if b and r["max_batch_size"] != 1:
+            r["throughput_vs_unbatched"] = r["output_tokens_per_s"] / b["output_tokens_per_s"]
+            r["ttft_p95_vs_unbatched"] = r["ttft_p95_s"] / b["ttft_p95_s"]
+            print(f"max-batch-size {r['max_batch_size']} at {r['clients']} clients: "
+                  f"{r['throughput_vs_unbatched']:.2f}x the unbatched output tokens/s, "
+                  f"p95 TTFT {r['ttft_p95_vs_unbatched']:.2f}x")
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
+    written = write_result("load_serve", {"settings": settings, "rows": rows}, args.out)
+    plot(rows, args.plot)
+    print(f"wrote {written} and {args.plot}")
+    failed = any(r["failed"] or not r["server_alive_after"] or not r["server_idle_after"] for r in rows)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

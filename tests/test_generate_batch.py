@@ -8,7 +8,7 @@ other rows are doing — finishing earlier, joining mid-way, overflowing the con
 import pytest
 import torch
 
-from llmscratch import get_tokenizer
+from llmscratch import batching, get_tokenizer
 from llmscratch.batching import BatchDecoder, DecodeRow, generate_batch, kv_bytes_per_row
 from llmscratch.generate import generate, stream_text
 from llmscratch.model import GPT, GPTConfig
@@ -58,17 +58,25 @@ def test_rows_finishing_at_different_times(model):
     assert len({len(r.tokens) for r in rows}) > 1  # they really did finish at different times
 
 
-def test_context_overflow_slides_the_window_per_row(model):
-    """Prompts near or at the 24-token context and 30 new tokens: rows hit the end of the
+@pytest.fixture(params=[128, 4], ids=["full-cache", "growing-cache"])
+def columns(request, monkeypatch):
+    """The cache allocated at once (128 >= the 24-token context), or starting at 4 columns
+    and growing (4, 8, 16, 24) and shifting as rows need more."""
+    monkeypatch.setattr(batching, "INITIAL_COLUMNS", request.param)
+    return request.param
+
+
+def test_context_overflow_slides_the_window_per_row(model, columns):
+    """Prompts near or at the 24-token context and 16 new tokens: rows hit the end of the
     cache at different steps, the cache shifts, full rows slide their window — and each
     row still equals `generate` alone (which slides its window the same way)."""
     prompts = prompts_of(24, 20, 3, 11, seed=3)
-    rows = generate_batch(model, prompts, 30)
+    rows = generate_batch(model, prompts, 16)
     for p, r in zip(prompts, rows):
-        assert r.tokens == alone(model, p, 30)
+        assert r.tokens == alone(model, p, 16)
 
 
-def test_continuous_batching_rows_join_as_others_leave(model):
+def test_continuous_batching_rows_join_as_others_leave(model, columns):
     """More prompts than slots: a finished row's slot goes to the next prompt mid-way."""
     prompts = prompts_of(5, 2, 8, 3, 6, 1, 4, seed=4)
     lengths = [3, 9, 5, 12, 2, 7, 6]
@@ -109,7 +117,7 @@ def test_stop_strings_end_each_row_as_alone():
     assert len(rows[0].tokens) < 12
 
 
-def test_decoder_join_leave_and_cancel_mid_batch(model):
+def test_decoder_join_leave_and_cancel_mid_batch(model, columns):
     """Drive the decoder by hand: a row decodes alone, a longer one joins mid-way (the
     cache shifts right), a short one joins, one is cancelled; all free their slots."""
     a, b, c = prompts_of(2, 10, 4, seed=6)

@@ -20,17 +20,21 @@ seed: the same tokens as `generate` with that seed), because
   learned and rotary position embeddings see what they would see alone;
 - every row samples with its own settings and its own seeded generator.
 
-The KV cache is slot-based: one pre-allocated cache of `max_rows` rows x the full context,
-made once and reused. Live rows are kept packed at the front (a row that finishes is
+The KV cache is slot-based: one cache of `max_rows` rows, made once and reused by every
+request that comes through. Live rows are kept packed at the front (a row that finishes is
 replaced by the last live row, one row's copy), so a step's forward pass uses a view of the
-first `n` rows, never a gather. When the cursor reaches the end of the cache, the columns
-before the oldest live row's start are dropped (one shift of the live rows); a row that
-alone fills the whole context slides its window as `generate` does (each further token
-recomputes its last `context_length` tokens, outside the joint pass). Why slots and not
+first `n` rows, never a gather. The cache starts with `INITIAL_COLUMNS` columns. When the
+cursor reaches its end, the columns before the oldest live row's start are dropped (one
+shift of the live rows) if that frees a quarter of them; otherwise the columns double, up
+to the context length (a copy, a handful of times in a decoder's life): memory follows
+the longest live row, not the context. A row that alone fills the whole context slides its
+window as `generate` does (each further token recomputes its last `context_length`
+tokens, outside the joint pass). Why slots and not
 pages: on a CPU with a few dozen rows, a contiguous per-row cache is what
 `scaled_dot_product_attention` reads fastest and needs no gather or block table; its cost
-is memory reserved for the longest possible row (`kv_bytes_per_row`), which paging would
-share between short rows — worth it on a GPU with hundreds of rows, not here.
+is that every slot reserves as many columns as the longest live row needs (at most
+`kv_bytes_per_row`), which paging would share between short rows — worth it on a GPU with
+hundreds of rows, not here.
 """
 
 from __future__ import annotations
@@ -133,6 +137,10 @@ def kv_bytes_per_row(model, dtype: torch.dtype | None = None) -> int:
     return sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in caches)
 
 
+INITIAL_COLUMNS = 128
+"""Cache columns a `BatchDecoder` starts with; it doubles them as rows grow longer."""
+
+
 class BatchDecoder:
     """Decode up to `max_rows` rows as one batch; rows join (`add`) and leave between steps.
 
@@ -151,20 +159,37 @@ class BatchDecoder:
         self.max_rows = max_rows
         self.ctx = model.config.context_length
         self.device = next(model.parameters()).device
-        with torch.inference_mode():
-            self.caches = model.make_kv_caches(max_rows, self.ctx)
-            for c in self.caches:
-                # Masked-off columns are still multiplied by a zero weight, and uninitialized
-                # memory may hold NaN (NaN * 0 = NaN): start from zeros. Later stale columns
-                # (other rows' old keys, padding) are finite.
-                c.k.zero_()
-                c.v.zero_()
+        self.capacity = 0  # cache columns allocated: grown on demand up to the context length
+        self.caches = self._new_caches(min(self.ctx, INITIAL_COLUMNS))
         self.rows: list[DecodeRow] = []  # packed: rows[i] lives in cache row i
         self.windowed: list[DecodeRow] = []  # rows that fill the context: recomputed each step
         self.starts = [0] * max_rows  # first cache column of each packed row
         self.pos = 0  # the shared cursor: the next column every packed row writes
 
     # ------------------------------------------------------------------ bookkeeping
+    @torch.inference_mode()
+    def _new_caches(self, columns: int) -> list:
+        caches = self.model.make_kv_caches(self.max_rows, columns)
+        for c in caches:
+            # Masked-off columns are still multiplied by a zero weight, and uninitialized
+            # memory may hold NaN (NaN * 0 = NaN): start from zeros. Later stale columns
+            # (other rows' old keys, padding) are finite.
+            c.k.zero_()
+            c.v.zero_()
+        self.capacity = columns
+        return caches
+
+    def _reserve(self, columns: int) -> None:
+        """Make sure the cache has `columns` columns: double it (up to the context length)
+        and copy the live rows over when it has not."""
+        if columns <= self.capacity:
+            return
+        old, n = self.caches, len(self.rows)
+        self.caches = self._new_caches(min(self.ctx, max(columns, 2 * self.capacity)))
+        for o, c in zip(old, self.caches):
+            c.k[:n, :, : self.pos] = o.k[:n, :, : self.pos]
+            c.v[:n, :, : self.pos] = o.v[:n, :, : self.pos]
+
     @property
     def active(self) -> int:
         """Rows being decoded (slots in use)."""
@@ -204,11 +229,16 @@ class BatchDecoder:
         self.pos += d
 
     def _make_room(self) -> None:
-        """The cursor is at the end of the cache: rows that fill the whole context slide
-        their window from now on; the others shift left to the oldest live start."""
-        for i in reversed(range(len(self.rows))):
-            if self.starts[i] == 0:
-                self.windowed.append(self._remove(i))
+        """The cursor is at the end of the allocated columns: shift the rows left to the
+        oldest live start if that frees enough, else grow the cache; at the end of the
+        context, rows that fill all of it slide their window from now on."""
+        if self.capacity < self.ctx and min(self.starts[: len(self.rows)]) < max(1, self.capacity // 4):
+            self._reserve(self.pos + 1)
+            return
+        if self.pos == self.ctx:
+            for i in reversed(range(len(self.rows))):
+                if self.starts[i] == 0:
+                    self.windowed.append(self._remove(i))
         if self.rows:
             self._shift(-min(self.starts[: len(self.rows)]))
 
@@ -228,6 +258,7 @@ class BatchDecoder:
         if not self.rows:
             self.pos = 0
         width = max(len(r.prompt) for r in new)
+        self._reserve(max(width, self.pos))
         if width > self.pos:
             self._shift(width - self.pos)
         n, k, pos = len(self.rows), len(new), self.pos
@@ -291,7 +322,7 @@ class BatchDecoder:
     def _forward(self) -> None:
         """Next-token logits of every live row: one joint step for the packed rows (their
         newest token written at the cursor), a window recompute for each windowed one."""
-        if self.rows and self.pos == self.ctx:
+        if self.rows and self.pos == self.capacity:
             self._make_room()
         n = len(self.rows)
         if n:

@@ -77,7 +77,7 @@ class ServeArgs(ModelArgs):
     max_concurrency: int = 4
     """with --max-batch-size 1: generations running at once, one thread each; more requests
     wait in a fair queue"""
-    max_batch_size: int = 16
+    max_batch_size: int = 32
     """requests decoded together as one batch (continuous batching; each takes one KV-cache
     slot, n>1 takes n); 1 turns batching off"""
     max_queue: int = 256

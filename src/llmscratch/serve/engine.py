@@ -287,7 +287,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, model_id: str, template: str | None = None,
-                 max_concurrency: int = 4, max_tokens_limit: int = 1024, max_batch_size: int = 16,
+                 max_concurrency: int = 4, max_tokens_limit: int = 1024, max_batch_size: int = 32,
                  max_queue: int = 256):
         if max_tokens_limit < 1:
             raise UserError(f"max tokens limit must be at least 1, got {max_tokens_limit}")
@@ -501,7 +501,7 @@ class Engine:
 
 def load_engine(model: str, device=None, dtype=None, template: str | None = None,
                 model_name: str | None = None, max_concurrency: int = 4,
-                max_tokens_limit: int = 1024, kernels: bool = True, max_batch_size: int = 16,
+                max_tokens_limit: int = 1024, kernels: bool = True, max_batch_size: int = 32,
                 max_queue: int = 256) -> Engine:
     """Load `model` (run folder, Hugging Face GPT-2 folder or preset) into an `Engine`,
     with the speed kernels applied unless `kernels=False` (`load_model`).

@@ -60,7 +60,7 @@ class BackgroundServer:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_concurrency: int = 4,
           max_tokens_limit: int = 1024, api_key: str | None = None, template: str | None = None,
           model_name: str | None = None, device=None, dtype=None, threads: int | None = None,
-          log_level: str = "info", kernels: bool = True, max_batch_size: int = 16,
+          log_level: str = "info", kernels: bool = True, max_batch_size: int = 32,
           max_queue: int = 256) -> None:
     """Serve `model` over HTTP until interrupted (Ctrl-C).
 
