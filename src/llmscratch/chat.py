@@ -21,7 +21,7 @@ from typing import IO, Iterable, Iterator
 
 from .errors import UserError
 from .generate import check_sampling, stream_decode
-from .prompts import Template, encode_conversation, get_template, read_template, template_for
+from .prompts import NO_TEMPLATE, Template, encode_conversation, get_template, read_template, template_for
 from .streaming import StreamDecoder
 
 HELP = "commands: /reset forgets the conversation, /exit quits"
@@ -31,14 +31,21 @@ _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n){2,}")  # more than one blank line
 def model_kind(model: str) -> str:
     """What `model` (a preset name or a folder) is, for chat and serve: `"random"` (a
     preset: random weights), `"instruct"` (a run folder from `finetune instruct`, which
-    records its template) or `"base"` (a pretrained language model: it continues text)."""
+    records its template, or a model whose default template is a chat format) or `"base"`
+    (a pretrained language model: it continues text)."""
     import os
 
     from .model import GPTConfig
 
     if model in GPTConfig.presets() and not os.path.isdir(model):
         return "random"
-    return "instruct" if read_template(model) else "base"
+    if read_template(model):
+        return "instruct"
+    try:  # a model whose default template is not the plain transcript was made to chat
+        default = template_for(model).name
+    except UserError:
+        return "base"
+    return "base" if default == NO_TEMPLATE else "instruct"
 
 
 def model_note(model: str, template: str) -> str | None:

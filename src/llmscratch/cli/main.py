@@ -140,12 +140,14 @@ def model_kind(model: str) -> str:
     """One line on what `model` is: random weights (a preset), a base language model, or
     instruction-tuned with its template (`chat.model_kind`)."""
     from ..chat import model_kind as kind_of
-    from ..prompts import read_template
+    from ..prompts import template_for
 
-    return {"random": "a preset: random weights, never trained (its text is gibberish)",
-            "instruct": f"instruction-tuned (chat template {read_template(model)})",
-            "base": "a base language model: it continues text; it was never taught to follow instructions",
-            }[kind_of(model)]
+    kind = kind_of(model)
+    if kind == "random":
+        return "a preset: random weights, never trained (its text is gibberish)"
+    if kind == "instruct":
+        return f"instruction-tuned (chat template {template_for(model).name})"
+    return "a base language model: it continues text; it was never taught to follow instructions"
 
 
 def warn_if_untrained(model: str) -> None:
