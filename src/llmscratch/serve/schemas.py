@@ -43,9 +43,12 @@ class Common(_Strict):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)  # an extension
+    # Types here; the ranges of temperature, top_p and top_k are the library's one rule
+    # (generate.check_sampling, applied by app.sampling_params), as for generate and chat.
+    # The cap of 2 on temperature is OpenAI's API limit.
+    temperature: float | None = Field(None, le=2.0)
+    top_p: float | None = None
+    top_k: int | None = None  # an extension
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool | None = False
