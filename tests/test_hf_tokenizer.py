@@ -185,3 +185,19 @@ def test_download_a_modern_repo_id_from_the_fake_hub(tmp_path, docs_text, monkey
         assert torch.equal(model(idx), ref(idx))
     with pytest.raises(UserError, match="unknown model 'llama-9'.*qwen3-0.6b"):
         download_model("llama-9")
+
+
+def test_finetune_instruct_with_lora_uses_the_models_own_template(tmp_path, docs_text, instruction_json):
+    from llmscratch.chat import load_chat
+    from llmscratch.finetune.instruct import InstructConfig, finetune_instruct
+
+    folder = make_llama_folder(tmp_path / "m", docs_text, "qwen3")
+    out = tmp_path / "tuned"
+    result = finetune_instruct(InstructConfig(model=str(folder), data=str(instruction_json), out=str(out), epochs=1,
+                                              batch_size=2, lr=3e-3, lora_rank=4, mask_prompt=True,
+                                              max_new_tokens=3, split="0.7,0.1,0.2", progress=False))
+    assert result.metrics["template"] == "model"
+    assert json.loads((out / "config.json").read_text())["template"] == "model"
+    chat = load_chat(str(out), max_new_tokens=3, kernels=False)  # the run folder keeps the template
+    assert chat.template.name == "model" and isinstance(chat.tokenizer, HFTokenizer)
+    assert chat.tokenizer.render_chat([{"role": "user", "content": "x"}], True).endswith("<|im_start|>assistant\n")

@@ -3,6 +3,7 @@ GPT model: each against its formula, the presets' real shapes, decoding, kernels
 int8 on them. Parity with transformers is in tests/test_modern_parity.py."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -189,3 +190,104 @@ def test_bad_configs_name_the_field():
         llama(rope_scaling={"rope_type": "llama3", "factor": 4.0})
     with pytest.raises(UserError, match="even head size"):
         llama(head_size=7)
+
+
+# --------------------------------------------------------------------------- the rest of the package
+
+
+def test_kernels_in_bf16_training_match_the_plain_path():
+    import copy
+
+    from llmscratch.kernels import apply_kernels, has_kernels
+    from llmscratch.kernels.blocked_attention import BlockedCausalSelfAttention
+
+    torch.manual_seed(0)
+    ref = GPT(llama(n_kv_head=1, qk_norm=True, context_length=64))
+    fast = apply_kernels(copy.deepcopy(ref))
+    assert has_kernels(fast) and isinstance(fast.h[0].attn, BlockedCausalSelfAttention)
+    assert fast.h[0].attn.q_norm is not None and fast.h[0].attn.n_kv_head == 1
+    idx = torch.randint(0, 97, (2, 65))
+    results = []
+    for model in (ref, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), [p.grad.float() for p in model.parameters()]))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, atol=2e-2, rtol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=5e-2)
+    # and inference (the split-matvec linears, fp32) is the reference computation
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(idx[:, :9]), ref.eval()(idx[:, :9]), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_wraps_the_new_projections_and_merges_back():
+    from llmscratch.finetune.lora import LoRALinear, apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = GPT(llama(qk_norm=True)).eval()
+    idx = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        before = model(idx)
+    apply_lora(model, rank=4, alpha=8)
+    wrapped = {n.split(".", 2)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), before)  # adapters start as a no-op
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(std=0.05)
+        adapted = model(idx)
+    merge_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_and_bf16_inference_stay_close_to_fp32():
+    from llmscratch.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    model = GPT(llama(qk_norm=True)).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ref = model(idx).float()
+        bf16 = GPT(llama(qk_norm=True)).eval()
+        bf16.load_state_dict(model.state_dict())
+        out16 = bf16.bfloat16()(idx).float()
+        out8 = quantize_int8(model)(idx).float()
+    for out in (out16, out8):
+        assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert generate(model, idx[:1, :4], 6).shape == (1, 10)  # the int8 model decodes with its cache
+
+
+def test_pretrain_llama_tiny_in_bf16_with_kernels_then_generate_and_export(tmp_path, corpus_file):
+    from llmscratch.checkpoint import load_model
+    from llmscratch.train import TrainConfig, pretrain
+    from llmscratch.weights import load_hf, save_hf
+
+    res = pretrain(TrainConfig(model="llama-tiny", tokenizer="bpe:320", data=str(corpus_file), context_length=32,
+                               batch_size=4, max_steps=12, eval_every=6, eval_batches=2, sample_tokens=4,
+                               warmup_steps=2, lr=3e-3, precision="bf16", kernels=True, progress=False, seed=3,
+                               out=str(tmp_path / "run")))
+    losses = [json.loads(line)["train_loss"] for line in (res.out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] - 0.5
+    model, tok = load_model(str(res.out), dtype="int8")
+    assert model.config.position == "rope" and tok.vocab_size == 320
+    assert generate(model, torch.tensor([tok.encode("def ")]), 5).shape[1] == len(tok.encode("def ")) + 5
+    fp32, _ = load_model(str(res.out))
+    save_hf(fp32, tmp_path / "hf")
+    idx = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(load_hf(tmp_path / "hf")(idx), fp32(idx))
+
+
+@pytest.mark.parametrize("width", [217, 224])  # 217: torch's int8 CPU kernel is wrong there (falls back)
+def test_int8_linear_is_right_at_any_width(width):
+    from llmscratch.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(width, 48, bias=False)
+    x = torch.randn(3, width)
+    with torch.no_grad():
+        torch.testing.assert_close(Int8Linear(lin)(x).float(), lin(x), atol=0.05, rtol=0.05)

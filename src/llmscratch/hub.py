@@ -240,17 +240,10 @@ def _model_folder(name: str, revision: str) -> Path:
     return cache_root() / "models" / f"{name}@{re.sub(r'[^A-Za-z0-9._-]', '-', revision)}"
 
 
-def download_gpt2(
-    name: str,
-    out: str | os.PathLike | None = None,
-    *,
-    endpoint: str | None = None,
-    revision: str = "main",
-    progress: bool = True,
-) -> Path:
-    """Download one of OpenAI's GPT-2 checkpoints (`download_model` restricted to GPT-2)."""
+def download_gpt2(name: str, out: str | os.PathLike | None = None, **kwargs) -> Path:
+    """Download one of OpenAI's GPT-2 checkpoints: `download_model` restricted to GPT-2."""
     _canonical_name(name, GPT2_REPOS)
-    return download_model(name, out, endpoint=endpoint, revision=revision, progress=progress)
+    return download_model(name, out, **kwargs)
 
 
 def download_model(

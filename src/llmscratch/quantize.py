@@ -36,8 +36,11 @@ def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
-def _int8pack_available(device: torch.device) -> bool:
-    return device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+def _int8pack_available(device: torch.device, in_features: int) -> bool:
+    """The CPU int8 kernel, for widths it computes correctly: with torch 2.13 it returns
+    garbage (or crashes) unless the input width is a multiple of 32 (e.g. a SwiGLU
+    intermediate size of 217), so other widths take the dequantize-then-matmul path."""
+    return device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm") and in_features % 32 == 0
 
 
 class Int8Linear(nn.Module):
@@ -55,7 +58,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.scale.dtype).contiguous()  # (N, in)
-        if _int8pack_available(x2.device):
+        if _int8pack_available(x2.device, self.in_features):
             y = torch._weight_int8pack_mm(x2, self.weight, self.scale)  # (N, out)
         else:
             y = x2 @ (self.weight.to(x2.dtype) * self.scale[:, None]).t()

@@ -26,8 +26,9 @@ class ChatArgs(SamplingArgs):
 
     model: str
     """run folder (from finetune instruct), HF folder or preset"""
-    template: Literal["alpaca", "phi3", "plain"] | None = None
-    """prompt template (default: the run folder's config.json, else plain)"""
+    template: Literal["alpaca", "phi3", "plain", "model"] | None = None
+    """prompt template; model = the tokenizer's own (default: the run folder's config.json, else the
+    model's own if it has one, else plain)"""
     system: str | None = None
     """system message (replaces the template's preamble)"""
     max_new_tokens: int = 256
@@ -48,8 +49,8 @@ class EvalInstructArgs:
     """OpenAI-compatible API base, e.g. http://localhost:11434/v1"""
     judge_model: str | None = None
     """the judge model's name at --judge-url (e.g. llama3)"""
-    template: Literal["alpaca", "phi3", "plain"] | None = None
-    """prompt template for the reference loss (default: the model's config.json, else plain)"""
+    template: Literal["alpaca", "phi3", "plain", "model"] | None = None
+    """prompt template for the reference loss (default: the model's config.json, else its own, else plain)"""
     scores_out: str | None = None
     """also write all scores to this JSON file"""
 

@@ -86,8 +86,9 @@ class ServeArgs(ModelArgs):
     """largest max_tokens a request may ask for"""
     api_key: str | None = None
     """require 'Authorization: Bearer KEY' on every API call (default: $LLMSCRATCH_API_KEY)"""
-    template: Literal["alpaca", "phi3", "plain"] | None = None
-    """chat prompt template (default: config.json's "template", else plain)"""
+    template: Literal["alpaca", "phi3", "plain", "model"] | None = None
+    """chat prompt template; model = the tokenizer's own (default: config.json's "template", else the
+    model's own if it has one, else plain)"""
     model_name: str | None = None
     """the model id clients use (default: the folder's name)"""
     threads: int | None = None

@@ -26,7 +26,7 @@ from ..checkpoint import save_model
 from ..errors import UserError
 from ..generate import generate
 from ..model import lm_loss
-from ..prompts import DEFAULT_TEMPLATE, Template, encode_conversation, get_template
+from ..prompts import DEFAULT_TEMPLATE, MODEL_TEMPLATE, Template, encode_conversation, get_template, has_own_template
 from ..prompts import TEMPLATES  # noqa: F401  (re-exported: learners import the templates from here)
 from ..train import distributed_setup, rank0_first
 from ..train.state import STATE_FILE
@@ -155,8 +155,9 @@ class InstructConfig(FinetuneConfig):
     """alpaca-1100, an Alpaca .json/.jsonl file, or a chat .jsonl with messages"""
     out: str = "runs/instruct"
     """run folder to write (usable by generate and chat)"""
-    template: str = DEFAULT_TEMPLATE
-    """prompt template: alpaca or phi3"""
+    template: str | None = None
+    """prompt template: alpaca, phi3 or model (the tokenizer's own chat template); default: the
+    model's own when its tokenizer has one (Llama 3.2 Instruct, Qwen3, SmolLM2), else alpaca"""
     mask_prompt: bool = False
     """train on the response tokens only"""
     split: str = "0.85,0.05,0.10"
@@ -195,7 +196,8 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
     cfg.validate()
     if cfg.lora_rank:
         cfg.trainable = "lora"
-    template = get_template(cfg.template, for_training=True)
+    default = MODEL_TEMPLATE if has_own_template(cfg.model) else DEFAULT_TEMPLATE
+    template = get_template(cfg.template or default, for_training=True)
     out = Path(cfg.out)
     check_out_folder(out, cfg)
     if not 0 <= cfg.dropout < 1:
