@@ -163,3 +163,18 @@ def test_kv_bytes_per_row_from_the_shape():
         m = GPT(GPTConfig.from_name("gpt2-124m"))
     # 12 layers x (keys + values) x 1024 positions x 768 x 4 bytes
     assert kv_bytes_per_row(m)  # meta tensors: nothing allocated == 12 * 2 * 1024 * 768 * 4
+
+
+def test_instruct_test_responses_in_a_batch_equal_one_at_a_time():
+    """`finetune instruct` writes its test responses with `respond_batch`: the same replies
+    as `respond` gives one conversation at a time."""
+    from llmscratch.finetune.instruct import TEMPLATES, respond, respond_batch
+
+    tok = get_tokenizer("gpt2")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.from_name("tiny", tie_weights=False)).eval()
+    convs = [[{"role": "user", "content": c}] for c in
+             ("Name a fruit.", "Write a very long poem about the sea and its many moods, please.", "Hi")]
+    replies = respond_batch(m, tok, TEMPLATES["alpaca"], convs, 10, batch_size=2)
+    assert replies == [respond(m, tok, TEMPLATES["alpaca"], c, 10) for c in convs]
+    assert any(replies)

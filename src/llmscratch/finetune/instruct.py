@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..batching import DecodeRow, decode_rows
 from ..checkpoint import save_model
 from ..errors import UserError
 from ..generate import generate
@@ -140,9 +141,39 @@ def respond(model, tokenizer, template: Template, messages: list[dict], max_new_
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                    eos_id=tokenizer.eot_id, seed=seed)[0, len(ids):].tolist()
+    return _reply_text(tokenizer, out)
+
+
+def _reply_text(tokenizer, out: list[int]) -> str:
     if tokenizer.eot_id in out:
         out = out[:out.index(tokenizer.eot_id)]
     return tokenizer.decode(out).strip()
+
+
+RESPONSE_BATCH_SIZE = 16
+"""Test responses generated at once by `finetune instruct` (`respond_batch`)."""
+
+
+def respond_batch(model, tokenizer, template: Template, conversations: list[list[dict]],
+                  max_new_tokens: int = 256, batch_size: int = RESPONSE_BATCH_SIZE,
+                  temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
+                  progress: bool = False) -> list[str]:
+    """`respond` to many conversations as one ragged batch (`batching`): at most
+    `batch_size` replies are generated at once, and a finished reply's row goes to the next
+    conversation. Each reply equals `respond` on its conversation alone."""
+    ctx = model.config.context_length
+    rows = [DecodeRow(encode_conversation(tokenizer, template, m, for_generation=True)[0][-ctx:],
+                      max_new_tokens, temperature, top_k, None, seed, tokenizer.eot_id)
+            for m in conversations]
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(rows), desc="test responses", disable=not progress, dynamic_ncols=True) as bar:
+            for row, _, _ in decode_rows(model, rows, batch_size):
+                bar.update(row.done)
+    finally:
+        model.train(was_training)
+    return [_reply_text(tokenizer, r.tokens) for r in rows]
 
 
 @dataclass
@@ -234,12 +265,14 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
 
     test_run = (test[: cfg.max_test] if cfg.max_test is not None else test) if master else []
     responses = []
-    for r in tqdm(test_run, desc="test responses", disable=not (cfg.progress and master), dynamic_ncols=True):
+    replies = respond_batch(model, tokenizer, template, [r["messages"][:-1] for r in test_run], cfg.max_new_tokens,
+                            progress=cfg.progress and master)
+    for r, reply in zip(test_run, replies):
         msgs = r["messages"]
         entry = record_fields(msgs)
         if len([m for m in msgs if m["role"] != "system"]) > 2 or msgs[0]["role"] == "system":
             entry["messages"] = msgs[:-1]  # the context the response was generated in
-        entry["response"] = respond(model, tokenizer, template, msgs[:-1], cfg.max_new_tokens)
+        entry["response"] = reply
         responses.append(entry)
 
     val_loss = result.last_eval.get("val_loss")
