@@ -294,3 +294,21 @@ def test_readme_lists_every_notebook_and_its_kernel():
         assert f"`{nb.stem}`" in section, f"README's notebook list lacks {nb.stem}"
         spec = json.loads(nb.read_text(encoding="utf-8"))["metadata"]["kernelspec"]
         assert f'--name {spec["name"]} --display-name "{spec["display_name"]}"' in section, nb.name
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def test_a_short_runs_loss_plot_marks_its_points(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from llmscratch.train.loop import plot_losses
+
+    calls = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: calls.append((a, kw)) or real(self, *a, **kw))
+    # a one-epoch classifier run: one training record
+    plot_losses([{"examples": 16, "train_loss": 0.7, "val_loss": 0.69}], tmp_path / "loss.png", x="examples")
+    train = [kw for a, kw in calls if kw.get("label") == "train"]
+    assert train and train[0].get("marker") == "o"  # a lone point drawn as a line is invisible
+    assert (tmp_path / "loss.png").stat().st_size > 0

@@ -122,3 +122,29 @@ def test_chat_page_shows_an_error_instead_of_failing_silently(browser, page_url)
     assert "limit" in err.inner_text()
     assert page.locator(".msg.assistant").count() == 0  # the empty bubble is removed
     page.close()
+
+
+def test_chat_page_says_what_the_model_is_and_asks_for_the_key(browser, tmp_path):
+    run = tmp_path / "base-run"  # pretrained only: no template recorded
+    torch.manual_seed(0)
+    save_model(GPT(GPTConfig.from_name("tiny")), run, get_tokenizer("gpt2"))
+    engine = load_engine(str(run), device="cpu", max_tokens_limit=1024)
+    with BackgroundServer(create_app(engine, api_key="s3cret")) as srv:
+        page = browser.new_page()
+        page.goto(srv.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('API key')")
+        assert "needed" in page.get_attribute("#api_key", "class")
+        page.fill("#api_key", "s3cret")
+        page.dispatch_event("#api_key", "change")
+        page.wait_for_function("document.getElementById('model').textContent === 'base-run'")
+        assert "not instruction-tuned" in page.inner_text("#kind")
+        hint = page.inner_text("#log .empty")  # before anything is typed
+        assert "base language model" in hint and "template plain" in hint and "context 128 tokens" in hint
+        assert page.get_attribute("#max_tokens", "max") == "128"  # bounded by the context, not 1024
+        page.fill("#top_k", "-3")
+        page.fill("#prompt", "hello")
+        page.click("#send")
+        err = page.locator(".msg.error")
+        err.wait_for(timeout=10_000)
+        assert "top_k" in err.inner_text()  # the server's one rule, one line
+        page.close()
