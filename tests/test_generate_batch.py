@@ -178,3 +178,31 @@ def test_instruct_test_responses_in_a_batch_equal_one_at_a_time():
     replies = respond_batch(m, tok, TEMPLATES["alpaca"], convs, 10, batch_size=2)
     assert replies == [respond(m, tok, TEMPLATES["alpaca"], c, 10) for c in convs]
     assert any(replies)
+
+
+def test_eval_instruct_generate_answers_in_batches(tmp_path, capsys):
+    """`eval instruct --generate` answers a responses file's prompts anew with --model, in
+    batches of --batch-size: the replies `respond` gives one at a time."""
+    import json
+
+    from llmscratch.checkpoint import save_model
+    from llmscratch.cli import main
+    from llmscratch.evaluate import generate_responses
+    from llmscratch.finetune.instruct import TEMPLATES, respond
+
+    tok = get_tokenizer("gpt2")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.from_name("tiny", tie_weights=False)).eval()
+    save_model(m, tmp_path / "run", tok)
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w, "response": "old"}
+               for w in ("fig", "a long word like extraordinary", "yes")]
+    got = generate_responses(m, tok, TEMPLATES["plain"], records, 6, batch_size=2)
+    for rec, new in zip(records, got):
+        assert new["response"] == respond(m, tok, TEMPLATES["plain"], [{"role": "user", "content": rec["instruction"],
+                                                                      "input": ""}], 6)
+    (tmp_path / "responses.json").write_text(json.dumps(records))
+    assert main(["eval", "instruct", "--responses", str(tmp_path / "responses.json"), "--model",
+                 str(tmp_path / "run"), "--generate", "--max-new-tokens", "6", "--batch-size", "2"]) == 0
+    assert "answered anew" in capsys.readouterr().out
+    assert main(["eval", "instruct", "--responses", str(tmp_path / "responses.json"), "--generate"]) == 2
+    assert "--generate needs --model" in capsys.readouterr().err

@@ -53,6 +53,11 @@ class EvalInstructArgs:
     """prompt template for the reference loss (default: the model's config.json, else its own, else plain)"""
     scores_out: str | None = None
     """also write all scores to this JSON file"""
+    generate: bool = False
+    """answer the records' prompts anew with --model (in batches of --batch-size) and score
+    those replies instead of the file's"""
+    max_new_tokens: int = 256
+    """longest reply --generate writes"""
 
 
 # ------------------------------------------------------------------------- commands
@@ -147,8 +152,11 @@ def cmd_eval_instruct(args, common) -> None:
     if not cfg.responses:
         raise UserError("llmscratch eval instruct needs --responses FILE (written by finetune instruct)")
     records = load_responses(cfg.responses)
+    if cfg.generate:
+        records = _generate_responses(records, common, cfg)
     report: dict = {"responses": str(cfg.responses), **automatic_scores(records)}
-    print(f"responses    {cfg.responses}: {len(records)} records")
+    print(f"responses    {cfg.responses}: {len(records)} records" + (f", answered anew by {common.model}"
+                                                                     if cfg.generate else ""))
     print(f"exact match  {100 * report['exact_match']:.2f}%")
     print(f"token F1     {100 * report['token_f1']:.2f}%")
     if common.model:
@@ -174,6 +182,22 @@ def cmd_eval_instruct(args, common) -> None:
     if cfg.scores_out:
         write_json(cfg.scores_out, report)
         print(f"wrote {cfg.scores_out}")
+
+
+def _generate_responses(records: list[dict], common, cfg) -> list[dict]:
+    """`eval instruct --generate`: the records with their responses written by --model."""
+    from ..checkpoint import load_model
+    from ..evaluate import generate_responses
+    from ..prompts import template_for
+    from ..utils import pick_device
+
+    if not common.model:
+        raise UserError("eval instruct --generate needs --model (the model that answers)")
+    if cfg.max_new_tokens < 0:
+        raise UserError("--max-new-tokens must be >= 0")
+    model, tok = load_model(common.model, device=pick_device(common.device), kernels=common.kernels)
+    return generate_responses(model, tok, template_for(common.model, cfg.template), records,
+                              cfg.max_new_tokens, batch_size=common.batch_size, progress=True)
 
 
 # ------------------------------------------------------------------------- parsers
