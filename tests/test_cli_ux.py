@@ -312,3 +312,14 @@ def test_a_short_runs_loss_plot_marks_its_points(tmp_path, monkeypatch):
     train = [kw for a, kw in calls if kw.get("label") == "train"]
     assert train and train[0].get("marker") == "o"  # a lone point drawn as a line is invisible
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--out", "never-written", "--device", "banana"],
+    ["bench", "--quick", "--device", "banana"],
+    ["classify", "--model", "m", "--device", "banana", "hi"],
+    ["serve", "--model", "tiny", "--device", "banana"],
+])
+def test_every_command_refuses_an_unknown_device_in_one_line(capsys, argv):
+    assert "--device banana: not a device" in one_line_error(capsys, argv)
+    assert not Path("never-written").exists()

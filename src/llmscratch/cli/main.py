@@ -325,6 +325,9 @@ def cmd_bench(args) -> None:
     is not part of the installed package."""
     from pathlib import Path
 
+    from ..utils import pick_device
+
+    pick_device(args.device)  # a wrong --device is one line, before any measuring
     folder = Path(__file__).resolve().parents[3] / "benchmarks"
     if not (folder / "harness.py").is_file():
         raise UserError("llmscratch bench runs benchmarks/harness.py from a source checkout of llmscratch "
