@@ -25,6 +25,7 @@ from llmscratch.tasks import (
     load_task,
     loglikelihoods,
     read_task_file,
+    score_choices,
 )
 
 
@@ -93,6 +94,12 @@ def test_batched_scoring_equals_one_at_a_time():
     logp = torch.log_softmax(model(ids[:, :-1]), -1)[0]
     plain = sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
     assert batched[0][0] == pytest.approx(plain, abs=1e-4)
+    # the context once through a KV cache, then every choice as one batch: the same numbers
+    ctx = reqs[0][0]
+    conts = [cont for _, cont in reqs[:3]] + [list(b" z"), [113]]  # 113: a one-token choice
+    cached = score_choices(model, ctx, conts)
+    for (a, ga), (b, gb) in zip(cached, loglikelihoods(model, [(ctx, c) for c in conts], batch_size=1)):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
 def test_fewshot_selection_is_seeded_and_never_the_query():

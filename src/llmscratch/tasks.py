@@ -18,9 +18,10 @@ then the query: `description + shot_1 + "\\n\\n" + ... + shot_K + "\\n\\n" + con
 shots of query i are drawn by `fewshot_indices(n, i, K, seed)`: seeded per query, never the
 query itself. `template` (e.g. `"Question: {context}\\nAnswer:"`) shapes each context.
 
-Scoring is batched: all the choices of one example go through the model in one forward
-pass (`loglikelihoods` on the example's requests), right-padded, which a causal model does
-not see. `loglikelihoods` takes any list of `(context ids, continuation ids)` requests; the
+Scoring is batched: the context of an example goes through the model once, and all its
+choices then run as one batch on its cached keys and values (`score_choices`); where that
+cannot be done, all the choices go through in one forward pass, right-padded, which a
+causal model does not see (`loglikelihoods`). `loglikelihoods` takes any list of `(context ids, continuation ids)` requests; the
 lm-evaluation-harness adapter (`lm_eval_adapter.py`) scores through it too.
 
 Task files (`load_task(path)`) are JSONL (or a JSON array), one example a line, in our
@@ -155,6 +156,47 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
 
 
 @torch.no_grad()
+def score_choices(model, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+    """`loglikelihoods` of one context with several continuations, the context computed once.
+
+    The context goes through the model once, filling a KV cache; its keys and values are
+    copied to every row of a batch cache, and all continuations then run as one batch that
+    attends to them. With a few-shot prompt of hundreds of tokens and choices of a few, that
+    is one long forward instead of one per choice. Falls back to `loglikelihoods` (the same
+    numbers) where there is nothing to reuse or no cache: one continuation, a context that
+    does not fit whole in the window with the longest continuation, a model without
+    `make_kv_caches`.
+    """
+    L = model.config.context_length
+    longest = max(len(c) for c in continuations)
+    if (len(continuations) < 2 or min(len(c) for c in continuations) == 0 or not hasattr(model, "make_kv_caches")
+            or not hasattr(model, "hidden_states")
+            or len(context) + longest - 1 > L):
+        return loglikelihoods(model, [(context, c) for c in continuations], batch_size=len(continuations))
+    device = next(model.parameters()).device
+    n, B = len(context), len(continuations)
+    one = model.make_kv_caches(1, n + longest - 1)
+    last = model.hidden_states(torch.tensor([context], device=device), caches=one)[:, -1]  # (1, C)
+    first = F.log_softmax(model.lm_head(last)[0].float(), dim=-1)  # logits of the last position only
+    rest = None
+    if longest > 1:
+        caches = model.make_kv_caches(B, n + longest - 1)
+        for small, big in zip(one, caches):
+            big.k[:, :, :n] = small.k[:, :, :n]
+            big.v[:, :, :n] = small.v[:, :, :n]
+        x = torch.zeros(B, longest - 1, dtype=torch.long)
+        for b, c in enumerate(continuations):
+            x[b, :len(c) - 1] = torch.tensor(c[:-1])
+        rest = F.log_softmax(model(x.to(device), caches=caches, start=n).float(), dim=-1)
+    out = []
+    for b, c in enumerate(continuations):
+        lp = first[None] if rest is None else torch.cat([first[None], rest[b, :len(c) - 1]])
+        target = torch.tensor(c, device=device)
+        out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+    return out
+
+
+@torch.no_grad()
 def generate_until(model, tokenizer, context: str, stop: str = "\n", max_new_tokens: int = 16) -> str:
     """The greedy continuation of `context`, cut at the first `stop`."""
     from .generate import generate
@@ -196,7 +238,10 @@ def evaluate_task(model, tokenizer, task: Task, shots: int = 0, seed: int = 1234
             hits += float(got.strip() == ex.answer.strip())
             continue
         reqs = [encode_request(tokenizer, context, task.target_delimiter + c) for c in ex.choices]
-        scores = loglikelihoods(model, reqs, batch_size=max(batch_size, len(reqs)))  # one forward
+        if all(r[0] == reqs[0][0] for r in reqs):  # the usual case: the context once, then the choices
+            scores = score_choices(model, reqs[0][0], [cont for _, cont in reqs])
+        else:
+            scores = loglikelihoods(model, reqs, batch_size=max(batch_size, len(reqs)))  # one forward
         if task.kind == "greedy":
             hits += float(scores[ex.gold][1])
             total_lp += scores[ex.gold][0]
