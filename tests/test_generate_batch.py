@@ -16,11 +16,12 @@ from llmscratch.model import GPT, GPTConfig
 V = 101
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["tiny", "llama-tiny"])
+def model(request):
+    """GPT-2's block (learned positions) and the modern one (rotary positions, GQA)."""
     torch.manual_seed(0)
     # untied head: a tiny tied model's greedy output just repeats its last token
-    return GPT(GPTConfig.from_name("tiny", vocab_size=V, context_length=24, tie_weights=False)).eval()
+    return GPT(GPTConfig.from_name(request.param, vocab_size=V, context_length=24, tie_weights=False)).eval()
 
 
 def prompts_of(*lengths, seed=1):
@@ -162,7 +163,8 @@ def test_kv_bytes_per_row_from_the_shape():
     with torch.device("meta"):
         m = GPT(GPTConfig.from_name("gpt2-124m"))
     # 12 layers x (keys + values) x 1024 positions x 768 x 4 bytes
-    assert kv_bytes_per_row(m)  # meta tensors: nothing allocated == 12 * 2 * 1024 * 768 * 4
+    assert kv_bytes_per_row(m) == 12 * 2 * 1024 * 768 * 4  # a meta model: nothing allocated
+    assert kv_bytes_per_row(m, torch.bfloat16) == 12 * 2 * 1024 * 768 * 2
 
 
 def test_instruct_test_responses_in_a_batch_equal_one_at_a_time():

@@ -47,6 +47,7 @@ import torch
 
 from .attention import KVCache
 from .generate import sample
+from .model import kv_cache_bytes
 from .streaming import StreamDecoder
 
 
@@ -130,11 +131,12 @@ class _RowsView:
 
 
 def kv_bytes_per_row(model, dtype: torch.dtype | None = None) -> int:
-    """Bytes of KV cache one row (one slot) reserves: every layer's keys and values for the
-    whole context, from the model's shape (72 MiB for GPT-2 124M in fp32: 12 layers x 2 x
-    1024 positions x 768 x 4 bytes)."""
-    caches = model.make_kv_caches(1, dtype=dtype)  # uninitialized: no memory is touched
-    return sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in caches)
+    """Bytes of KV cache one row (one slot) takes at most: every layer's keys and values for
+    the whole context (`model.kv_cache_bytes` of the shape; 72 MiB for GPT-2 124M in fp32:
+    12 layers x 2 x 1024 positions x 768 x 4 bytes)."""
+    dtype = dtype or next(model.parameters()).dtype
+    cfg = model.config
+    return kv_cache_bytes(cfg, cfg.context_length, 1, torch.empty((), dtype=dtype).element_size())
 
 
 INITIAL_COLUMNS = 128
