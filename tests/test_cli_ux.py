@@ -323,3 +323,17 @@ def test_a_short_runs_loss_plot_marks_its_points(tmp_path, monkeypatch):
 def test_every_command_refuses_an_unknown_device_in_one_line(capsys, argv):
     assert "--device banana: not a device" in one_line_error(capsys, argv)
     assert not Path("never-written").exists()
+
+
+def test_records_and_messages_are_numbered_from_one_like_lines(tmp_path):
+    from llmscratch.evaluate import load_responses
+    from llmscratch.finetune.data import read_instruction_records
+
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b", "response": "c"}, {"instruction": "a"}]))
+    with pytest.raises(UserError, match=r"record 2 has no string field 'output'"):
+        load_responses(path)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}))
+    with pytest.raises(UserError, match=r"chats.jsonl:1: message 2 has role 'bot'"):
+        read_instruction_records(str(chats))
