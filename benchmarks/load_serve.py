@@ -184,8 +184,10 @@ def plot(rows: list[dict], path: str) -> None:
         axes[0].plot(xs, [r["output_tokens_per_s"] for r in mine], "o-", label=label)
         axes[1].plot(xs, [r["latency_p95_s"] for r in mine], "o-", label=label)
         axes[2].plot(xs, [r["ttft_p95_s"] for r in mine], "o-", label=label)
+    clients = sorted({r["clients"] for r in rows})
     for ax, title in zip(axes, ("output tokens/s", "p95 latency (s)", "p95 time to first token (s)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(clients, [str(c) for c in clients])
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.grid(alpha=0.3)
