@@ -464,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_command(sub, "serve", cmd_serve, "OpenAI-compatible HTTP server and chat page", [
         "llmscratch serve --model runs/instruct --port 8000",
+        "llmscratch serve --model runs/instruct --host 0.0.0.0 --api-key KEY --max-batch-size 32 --max-queue 256",
         "curl localhost:8000/v1/completions -d '{\"prompt\": \"Hello\", \"max_tokens\": 20}'",
     ])
     add_config_flags(p, ServeArgs)
