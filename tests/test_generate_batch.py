@@ -10,7 +10,7 @@ import torch
 
 from llmscratch import batching, get_tokenizer
 from llmscratch.batching import BatchDecoder, DecodeRow, generate_batch, kv_bytes_per_row
-from llmscratch.generate import generate, stream_text
+from llmscratch.generate import SamplingError, generate, stream_text
 from llmscratch.model import GPT, GPTConfig
 
 V = 101
@@ -152,6 +152,8 @@ def test_bad_inputs(model):
         generate_batch(model, [[1], [2], [3]], 3, seed=[1, 2])
     with pytest.raises(ValueError, match="tokenizer"):
         generate_batch(model, [[1]], 3, stop=["x"])
+    with pytest.raises(SamplingError, match="top_p"):  # when the row is made, before any batch
+        DecodeRow([1], 3, temperature=1.0, top_p=1.5)
     with pytest.warns(UserWarning, match="longer than the context"):
         long = prompts_of(30)[0]
         (row,) = generate_batch(model, [long], 4)

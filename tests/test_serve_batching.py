@@ -112,6 +112,29 @@ def test_requests_joining_and_leaving_mid_batch_get_their_own_tokens(run_dir):
     assert engine.rows_in_use == 0 and engine.limiter.active == 0 and engine.limiter.queued == 0
 
 
+def test_a_failing_request_fails_alone(run_dir):
+    """A request whose settings slipped past the checks fails with an error event when it
+    would join the batch; the request already decoding is untouched."""
+    engine = load_engine(str(run_dir), device="cpu", max_batch_size=4)
+    ids = TOK.encode("The sea")
+
+    async def main():
+        engine.startup()
+        try:
+            going = asyncio.Event()
+            good = asyncio.create_task(collect(engine, ids, SamplingParams(20, temperature=0.0), going, after=3))
+            await going.wait()
+            bad = [ev async for ev in engine.run(ids, SamplingParams(5, temperature=-1.0), never)]
+            return await good, bad
+        finally:
+            engine.shutdown()
+
+    (texts, finish, _), bad = asyncio.run(main())
+    assert [ev.kind for ev in bad] == ["error"] and "temperature" in bad[0].text
+    assert texts[0] == alone(engine, ids, 20)[0]
+    assert engine.rows_in_use == 0 and engine.limiter.active == 0
+
+
 def test_n_choices_are_rows_of_one_batch(run_dir):
     engine = load_engine(str(run_dir), device="cpu", max_batch_size=4, max_tokens_limit=64)
     ids = TOK.encode("Fact number 3: the sea")

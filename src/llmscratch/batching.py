@@ -46,7 +46,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .attention import KVCache
-from .generate import sample
+from .generate import check_sampling, sample
 from .model import kv_cache_bytes
 from .streaming import StreamDecoder
 
@@ -82,6 +82,8 @@ class DecodeRow:
     finish_reason: str | None = None
 
     def __post_init__(self):
+        # checked here, not at the first `sample`: a bad row must never fail a shared batch
+        check_sampling(self.temperature, self.top_k, self.top_p)
         self.prompt = [int(t) for t in self.prompt]
         eos = self.eos_id
         self._eos = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})

@@ -205,20 +205,26 @@ class Scheduler:
         return new
 
     def _admit(self, new: list[Job]) -> None:
-        eng = self.engine
+        """Prefill the new jobs' rows (one pass); a job that fails alone fails alone."""
+        eng, ready = self.engine, []
         for job in new:
             p = job.params
-            job.rows = [DecodeRow(job.ids, p.max_tokens, p.temperature, p.top_k, p.top_p,
-                                  None if p.seed is None else p.seed + i, None,
-                                  StreamDecoder(eng.tokenizer, p.stop, eng.eos_id), tag=(job, i))
-                        for i in range(p.n)]
+            try:
+                job.rows = [DecodeRow(job.ids, p.max_tokens, p.temperature, p.top_k, p.top_p,
+                                      None if p.seed is None else p.seed + i, None,
+                                      StreamDecoder(eng.tokenizer, p.stop, eng.eos_id), tag=(job, i))
+                            for i in range(p.n)]
+            except Exception as e:  # e.g. a sampling setting the request checks let through
+                self._fail([job], e)
+                continue
+            ready.append(job)
         try:
-            self.decoder.add([r for job in new for r in job.rows])
+            self.decoder.add([r for job in ready for r in job.rows])
         except Exception as e:
             log.exception("prefill failed")
-            self._fail(new, e)
+            self._fail(ready, e)
             return
-        self.jobs.extend(new)
+        self.jobs.extend(ready)
 
     def _deliver(self, events) -> None:
         finished = []
