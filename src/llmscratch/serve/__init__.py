@@ -41,7 +41,9 @@ Errors
     Bad requests get OpenAI's error body `{"error": {"message", "type", "param", "code"}}`:
     400 for malformed JSON, wrong types or values, `max_tokens` over the server's limit and
     a prompt longer than the model's context window (prompts are not silently truncated);
-    401 for a missing or wrong API key; 404 for an unknown model name or path. The prompt
+    401 for a missing or wrong API key; 404 for an unknown model name or path; 429 with
+    `Retry-After` when `--max-queue` requests already wait (`code: rate_limit_exceeded`,
+    what OpenAI's clients retry on). The prompt
     plus the reply may exceed the context window: generation then slides the window, as
     `generate` does. Any unexpected failure answers 500 and the server keeps running.
 
