@@ -202,6 +202,7 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "llmscratch", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_finetune_instruct_then_dpo_then_eval_instruct(tmp_path, tiny_instruct):
     inst_data = _write(tmp_path / "inst.json", [{"instruction": r["instruction"], "input": r["input"],
                                                  "output": r["chosen"]} for r in synthetic_pairs(20)])

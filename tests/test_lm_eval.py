@@ -101,6 +101,7 @@ def test_rolling_and_generate(setup):
     assert isinstance(gen, str) and "is" not in gen
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line(setup, tmp_path):
     r = subprocess.run([sys.executable, "-m", "llmscratch.lm_eval_adapter", "--model", "llmscratch",
                         "--model_args", f"path={setup['run']},kernels=false", "--tasks", "llmscratch_local",

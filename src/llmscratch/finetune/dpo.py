@@ -175,7 +175,9 @@ def reference_logps(model, examples: list, collate, batch_size: int = 8) -> list
 @torch.no_grad()
 def evaluate_dpo(model, examples: list, collate, beta: float, batch_size: int = 8) -> dict:
     """Held-out metrics: `val_loss` (the DPO loss), `pref_accuracy`, `reward_margin`,
-    `chosen_logp`, `rejected_logp` (means over the pairs)."""
+    `chosen_logp`, `rejected_logp` (means over the pairs). A pair counts as preferred when
+    its chosen reward is strictly higher, so the accuracy starts at 0 (policy = reference:
+    every reward is 0)."""
     device = next(model.parameters()).device
     sums = dict.fromkeys(("val_loss",) + METRICS, 0.0)
     n = 0
