@@ -322,7 +322,9 @@ def _example(obj: dict, layout: str, where: str) -> Example:
     if layout == "generate":
         return Example(_str(obj, "prompt", where), answer=_str(obj, "answer", where), where=where)
     if layout == "hellaswag":
-        ctx = obj.get("ctx") or (_str(obj, "ctx_a", where) + " " + str(obj.get("ctx_b", "")).capitalize())
+        # lm-evaluation-harness's query: ctx_a + " " + ctx_b capitalized (ctx alone if that is all)
+        ctx = (_str(obj, "ctx_a", where) + " " + str(obj.get("ctx_b", "")).capitalize()) if "ctx_a" in obj \
+            else _str(obj, "ctx", where)
         context = _hellaswag_text(str(obj.get("activity_label", "")) + ": " + ctx)
         choices = [_hellaswag_text(e) for e in _choices(obj.get("endings"), where, "endings")]
         return Example(context, choices, _gold(obj.get("label"), len(choices), where), where=where)

@@ -48,7 +48,10 @@ def cmd_eval_tasks(args, common) -> None:
     for task in tasks:  # every file and setting checked before the model loads
         for k in args.shots:
             check_shots(task, k)
-    model, tokenizer = load_model(common.model, device=pick_device(common.device), kernels=common.kernels)
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": "int8"}.get(common.dtype or "")  # --dtype
+    model, tokenizer = load_model(common.model, device=pick_device(common.device), dtype=dtype, kernels=common.kernels)
     print(f"{'task':24s} {'shots':>5s} {'n':>6s}  scores")
     results = []
     for task in tasks:
