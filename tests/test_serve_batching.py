@@ -227,8 +227,9 @@ def test_max_batch_size_1_is_the_unbatched_engine(run_dir):
         assert engine.scheduler is None and engine.slots == 2
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "The sea", "max_tokens": 10, "temperature": 0})
         assert r.json()["choices"][0]["text"] == alone(engine, TOK.encode("The sea"), 10)[0]
-        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "n": 2})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
+        for stream in (False, True):
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "n": 2, "stream": stream})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
     assert engine.rows_in_use == 0
 
 

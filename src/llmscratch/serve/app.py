@@ -109,7 +109,7 @@ def sse(obj) -> str:
 async def respond(request: Request, engine: Engine, req, ids: list[int], p: SamplingParams, chat: bool):
     """Run the generation and answer as one JSON body or as a server-sent event stream
     (with `n > 1`, one choice per row of the batch, told apart by `index`)."""
-    engine.check_queue()  # 429 now: a stream cannot change its status once started
+    engine.check_admission(p)  # 400/429 now: a stream cannot change its status once started
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     obj = "chat.completion" if chat else "text_completion"
     base = {"id": rid, "object": obj, "created": int(time.time()), "model": engine.model_id}

@@ -358,10 +358,22 @@ class Engine:
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def check_queue(self) -> None:
-        """Answer 429 (with `Retry-After`) when `max_queue` requests already wait for a slot.
+    def check_admission(self, p: SamplingParams) -> None:
+        """What `run` would refuse, raised before a response starts (a stream cannot change
+        its status later): `n` the engine cannot serve (400), a full queue (429)."""
+        self._check_n(p)
+        self.check_queue()
 
-        Called before a response starts (a stream cannot change its status later)."""
+    def _check_n(self, p: SamplingParams) -> None:
+        if p.n > 1 and not self.batched:
+            raise APIError(400, "n > 1 needs the batching engine (this server runs with --max-batch-size 1)",
+                           param="n", code="unsupported_parameter")
+        if p.n > self.max_batch_size:
+            raise APIError(400, f"n is {p.n}, above this server's batch size of {self.max_batch_size}",
+                           param="n", code="invalid_value")
+
+    def check_queue(self) -> None:
+        """Answer 429 (with `Retry-After`) when `max_queue` requests already wait for a slot."""
         lim = self.limiter
         if lim is None or (lim.active < lim.limit and not lim.queued) or lim.queued < self.max_queue:
             return
@@ -399,7 +411,8 @@ class Engine:
             emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
 
     async def run(self, ids: list[int], p: SamplingParams, is_disconnected) -> AsyncIterator[Event]:
-        """Queue for a slot, then generate in a worker thread, yielding its Events.
+        """Queue for a slot, then generate (in the batch, or in a worker thread), yielding
+        the Events: text pieces and one "done" per choice, or an "error".
 
         Args:
             ids: prompt token ids (already checked against the context length).
@@ -412,12 +425,7 @@ class Engine:
         """
         if self.limiter is None or (self.executor is None and self.scheduler is None):
             raise RuntimeError("Engine.startup() was not called (create_app's lifespan calls it)")
-        if p.n > 1 and not self.batched:
-            raise APIError(400, "n > 1 needs the batching engine (this server runs with --max-batch-size 1)",
-                           param="n", code="unsupported_parameter")
-        if p.n > self.max_batch_size:
-            raise APIError(400, f"n is {p.n}, above this server's batch size of {self.max_batch_size}",
-                           param="n", code="invalid_value")
+        self._check_n(p)
         loop = asyncio.get_running_loop()
         await self._acquire(is_disconnected)
         queue: asyncio.Queue[Event] = asyncio.Queue()
