@@ -83,7 +83,7 @@ def plot(results: dict, path: Path) -> None:
         for (block, runs), color in zip(results[budget]["runs"].items(), ("tab:blue", "tab:orange")):
             for i, r in enumerate(runs):
                 xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
-                ax.plot(xs, ys, color=color, alpha=0.9 if i == 0 else 0.5,
+                ax.plot(xs, ys, "o-", markersize=3, color=color, alpha=0.9 if i == 0 else 0.5,
                         label=f"{block} ({results['blocks'][block]})" if i == 0 else None)
         ax.set_title(results[budget]["title"])
         ax.set_xlabel("tokens seen")

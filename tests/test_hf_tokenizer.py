@@ -150,6 +150,16 @@ def test_chat_and_serve_use_the_models_own_template(tmp_path, docs_text):
     tok = HFTokenizer.from_folder(folder)
     ids, _ = encode_conversation(engine.tokenizer, engine.template, CONVERSATION, for_generation=True)
     assert tok.decode(ids) == tok.render_chat(CONVERSATION, add_generation_prompt=True)
+    # the OpenAI-compatible route lays the messages out with it
+    from fastapi.testclient import TestClient
+
+    from llmscratch.serve.app import create_app
+
+    with TestClient(create_app(engine)) as http:
+        r = http.post("/v1/chat/completions", json={"model": engine.model_id, "messages": CONVERSATION,
+                                                     "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
 
 
 def test_download_a_modern_repo_id_from_the_fake_hub(tmp_path, docs_text, monkeypatch):
@@ -201,3 +211,34 @@ def test_finetune_instruct_with_lora_uses_the_models_own_template(tmp_path, docs
     chat = load_chat(str(out), max_new_tokens=3, kernels=False)  # the run folder keeps the template
     assert chat.template.name == "model" and isinstance(chat.tokenizer, HFTokenizer)
     assert chat.tokenizer.render_chat([{"role": "user", "content": "x"}], True).endswith("<|im_start|>assistant\n")
+
+
+def test_cli_generate_convert_and_one_line_errors_on_a_llama_folder(tmp_path, docs_text):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "llmscratch", *args], capture_output=True, text=True, timeout=300)
+
+    folder = make_llama_folder(tmp_path / "m", docs_text)
+    r = run("generate", "--model", str(folder), "--prompt", "def f", "--max-new-tokens", "4", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    r = run("convert", str(folder), str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert isinstance(load_tokenizer(tmp_path / "run"), HFTokenizer)
+    r = run("info", "--model", str(tmp_path / "run"))
+    assert r.returncode == 0 and "parameters" in r.stdout.lower(), r.stderr
+    r = run("convert", str(tmp_path / "run"), str(tmp_path / "back"))  # and back: the tokenizer files too
+    assert r.returncode == 0, r.stderr
+    back = HFTokenizer.from_folder(tmp_path / "back")
+    assert back.chat_template == LLAMA3_TEMPLATE and back.eos_token == "<|eot_id|>"
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "back").encode("def f", add_special_tokens=False) \
+        == back.encode("def f")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "longrope", "factor": 2.0}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    r = run("generate", "--model", str(folder), "--prompt", "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "rope_scaling: unsupported rope_type 'longrope'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

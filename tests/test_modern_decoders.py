@@ -139,6 +139,12 @@ def test_cached_and_uncached_generation_are_token_identical_past_the_window(pres
         cached = generate(model, prompt, 40, temperature=1.0, seed=3)  # 49 tokens > context 32
         uncached = generate(model, prompt, 40, temperature=1.0, seed=3, use_cache=False)
     assert torch.equal(cached, uncached)
+    # and the logits themselves: a prefix, then one token at a time through the cache
+    seq = cached[:, :30]
+    caches = model.make_kv_caches(2, 30)
+    with torch.no_grad():
+        steps = [model(seq[:, :20], caches, 0)] + [model(seq[:, t:t + 1], caches, t) for t in range(20, 30)]
+        torch.testing.assert_close(torch.cat(steps, 1), model(seq), atol=1e-5, rtol=1e-5)
 
 
 def test_rope_left_padded_rows_with_positions_equal_each_row_alone():

@@ -297,7 +297,9 @@ def _own_template_segments(tokenizer, messages: list, for_generation: bool) -> l
         if m["role"] == "assistant":
             take(render(plain[:i], add_generation_prompt=True), False)
             take(render(plain[:i + 1]), True)
-    take(render(plain, add_generation_prompt=for_generation), False)
+    # as the built-in templates end a user turn with the assistant's cue, so does this
+    cue = for_generation or (bool(plain) and plain[-1]["role"] != "assistant")
+    take(render(plain, add_generation_prompt=cue), False)
     return [(text, response) for text, response in out if text]
 
 
@@ -332,7 +334,11 @@ def format_chat(messages: Iterable[Any], template: str | Template | None = None)
     The text shows the turn boundary as `"<|endoftext|>"`; `encode_conversation` inserts
     the token itself.
     """
-    return "".join("<|endoftext|>" if t is None else t for t, _ in _segments(get_template(template), messages))
+    template = get_template(template)
+    if template.name == MODEL_TEMPLATE:
+        raise UserError("template 'model' is the tokenizer's own: lay the conversation out with "
+                        "tokenizer.render_chat(messages, add_generation_prompt=True)")
+    return "".join("<|endoftext|>" if t is None else t for t, _ in _segments(template, messages))
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
