@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..checkpoint import is_run_dir, read_run_config, save_model
 from ..errors import UserError
@@ -48,7 +47,7 @@ from ..utils import atomic_write, seed_everything, write_json
 from .classify import set_dropout, set_trainable
 from .common import FinetuneConfig, check_out_folder, fit_examples, iter_batches
 from .data import _field, _format_of, _read_json_rows, _source_path, parse_split
-from .instruct import IGNORE_INDEX, InstructConfig, collate_instruct, respond, split_in_order
+from .instruct import IGNORE_INDEX, InstructConfig, collate_instruct, respond_batch, split_in_order
 from .lora import merge_lora
 
 TASK = "dpo"
@@ -252,14 +251,13 @@ def _check_model(model: str) -> None:
                         "give a language model, e.g. a finetune instruct run")
 
 
-def _responses(model, tokenizer, template, records: list[dict], cfg: DPOConfig, desc: str) -> list[dict]:
-    out = []
-    for r in tqdm(records, desc=desc, disable=not cfg.progress, dynamic_ncols=True):
-        user = r["messages"][0]
-        out.append({"instruction": user["content"], "input": user.get("input", ""), "output": r["output"],
-                    "chosen": r["chosen"], "rejected": r["rejected"],
-                    "response": respond(model, tokenizer, template, r["messages"], cfg.max_new_tokens)})
-    return out
+def _responses(model, tokenizer, template, records: list[dict], cfg: DPOConfig) -> list[dict]:
+    """The test pairs with the model's replies (one ragged batch), in `responses.json`'s layout."""
+    replies = respond_batch(model, tokenizer, template, [r["messages"] for r in records], cfg.max_new_tokens,
+                            progress=cfg.progress) if records else []
+    return [{"instruction": r["messages"][0]["content"], "input": r["messages"][0].get("input", ""),
+             "output": r["output"], "chosen": r["chosen"], "rejected": r["rejected"], "response": reply}
+            for r, reply in zip(records, replies)]
 
 
 def finetune_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> DPOResult:
@@ -318,7 +316,7 @@ def finetune_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> DPOResult:
     if master and not cfg.resume:  # the starting model's answers, for `eval instruct` to compare
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "responses_before.json",
-                   _responses(model, tokenizer, template, test_run, cfg, "test responses (before)"))
+                   _responses(model, tokenizer, template, test_run, cfg))
     evaluate = partial(evaluate_dpo, examples=val_ex, collate=collate, beta=cfg.beta, batch_size=cfg.batch_size)
     before_metrics = evaluate(model.eval())
 
@@ -330,7 +328,7 @@ def finetune_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> DPOResult:
     result = fit_examples(model, partial(dpo_loss, beta=cfg.beta), train_ex, collate, cfg, device=device, evaluate=evaluate, out=out,
                           rank=rank, world=world, stop_after=stop_after, title="DPO loss", desc="dpo")
     merge_lora(model)
-    after = _responses(model, tokenizer, template, test_run, cfg, "test responses (after)") if master else []
+    after = _responses(model, tokenizer, template, test_run, cfg) if master else []
 
     metrics = {"before": before_metrics, "after": {k: result.last_eval.get(k) for k in ("val_loss",) + METRICS},
                "beta": cfg.beta, "template": template.name, "mask_prompt": cfg.mask_prompt,
