@@ -91,6 +91,32 @@ def test_balance_and_split_of_the_synthetic_set(sms_tsv):
     assert [r[0] for r in stratified_split(bal, (0.7, 0.1, 0.2), seed=1)[2]] != [r[0] for r in test]
 
 
+def test_unlabeled_texts_leave_out_val_and_test_and_split_seed_fixes_the_split(sms_tsv, tmp_path):
+    """`finetune unlabeled` writes every text outside the val/test split classify makes with
+    the same settings (train + what balancing left out), no labels; --split-seed fixes the
+    split whatever the training --seed."""
+    from llmscratch.finetune.classify import _prepare_splits, unlabeled_texts
+
+    kw = dict(data=str(sms_tsv), text_column="1", label_column="0")
+    _, train, val, test = _prepare_splits(ClassifyConfig(**kw, seed=5, split_seed=123))
+    assert [r[0] for r in _prepare_splits(ClassifyConfig(**kw, seed=123))[3]] == [r[0] for r in test]
+    assert [r[0] for r in _prepare_splits(ClassifyConfig(**kw, seed=5))[3]] != [r[0] for r in test]
+    texts = unlabeled_texts(ClassifyConfig(**kw, split_seed=123))
+    rows = read_labeled(str(sms_tsv), text_column="1", label_column="0")
+    held_out = {r[0].strip() for r in val + test}
+    assert not held_out & set(texts)
+    assert set(texts) == {r[0].strip() for r in rows} - held_out  # train and the unbalanced rest
+    assert len(texts) > len(train)
+    out = tmp_path / "texts.txt"
+    cli = [sys.executable, "-m", "llmscratch", "finetune", "unlabeled", "--data", str(sms_tsv),
+           "--text-column", "1", "--label-column", "0", "--out", str(out)]
+    done = subprocess.run(cli, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    written = out.read_text(encoding="utf-8")
+    assert written == "\n\n".join(texts) + "\n"
+    assert "\tspam" not in written and not written.startswith(("ham", "spam"))
+
+
 def test_balance_and_stratified_split_are_seeded_and_proportional(named_dataset):
     named_dataset("sms-spam")
     rows = read_labeled("sms-spam")

@@ -60,7 +60,45 @@ class EvalInstructArgs:
     """longest reply --generate writes"""
 
 
+@dataclass(kw_only=True)
+class UnlabeledArgs:
+    """Settings of `llmscratch finetune unlabeled`: the data and split flags of `finetune classify`."""
+
+    data: str
+    """dataset name or .tsv/.csv/.jsonl/.json file of text + label"""
+    out: str
+    """text file to write (one blank line between texts), e.g. for `llmscratch pretrain --data`"""
+    text_column: str | None = None
+    """column/field holding the text (default: text; sms-spam: 1)"""
+    label_column: str | None = None
+    """column/field holding the label (default: label; sms-spam: 0)"""
+    format: str | None = None
+    """tsv, csv, jsonl or json (default: from the extension)"""
+    balance: bool = True
+    """as finetune classify --balance"""
+    split: str = "0.7,0.1,0.2"
+    """as finetune classify --split"""
+    split_seed: int = 123
+    """as finetune classify --split-seed (its default --seed is 123)"""
+
+
 # ------------------------------------------------------------------------- commands
+
+
+def cmd_finetune_unlabeled(args) -> int:
+    """Write the texts outside a labeled dataset's validation and test split, without labels."""
+    from ..finetune.classify import ClassifyConfig, unlabeled_texts
+    from ..utils import atomic_write
+
+    opts = config_from_args(UnlabeledArgs, args)
+    cfg = ClassifyConfig(data=opts.data, text_column=opts.text_column, label_column=opts.label_column,
+                         format=opts.format, balance=opts.balance, split=opts.split, split_seed=opts.split_seed)
+    texts = unlabeled_texts(cfg)
+    with atomic_write(Path(opts.out), "w", encoding="utf-8") as f:
+        f.write("\n\n".join(texts) + "\n")
+    print(f"wrote {len(texts):,} texts of {opts.data} (none from its validation or test split, no labels) "
+          f"to {opts.out}")
+    return 0
 
 
 def _run_finetune(run, cls, args, what: str):
@@ -234,6 +272,12 @@ def register(sub) -> None:
         "llmscratch finetune instruct --config instruct.toml --epochs 1 --out runs/instruct-1",
     ])
     add_config_flags(p, InstructConfig, required=("model", "data", "out"), config_file=True)
+    p = add_command(ft_sub, "unlabeled", cmd_finetune_unlabeled,
+                    "write a labeled dataset's texts outside its val/test split, for domain pretraining", [
+        "llmscratch finetune unlabeled --data sms-spam --out runs/sms-texts.txt",
+        "llmscratch pretrain --data runs/sms-texts.txt --model tiny --out runs/sms-lm",
+    ])
+    add_config_flags(p, UnlabeledArgs)
     from .dpo import register_dpo
 
     register_dpo(ft_sub)  # finetune dpo

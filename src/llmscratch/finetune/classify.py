@@ -275,6 +275,9 @@ class ClassifyConfig(FinetuneConfig):
     """undersample every class to the smallest one's size"""
     split: str = "0.7,0.1,0.2"
     """train,val,test fractions (stratified)"""
+    split_seed: int | None = None
+    """seed of the class balancing and the split (default: --seed); fix it to compare training
+    seeds on the same test set"""
     max_length: int | None = None
     """truncate texts to this many tokens (default: the longest training text, capped at the context length)"""
     trainable: str = "last-1"
@@ -295,17 +298,18 @@ def _prepare_splits(cfg: ClassifyConfig):
     """Read, balance and split the data; with --val-data/--test-data those files are used
     as given and --data is the training set."""
     fractions = parse_split(cfg.split)
+    seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     rows = read_labeled(cfg.data, cfg.text_column, cfg.label_column, cfg.format)
     if cfg.val_data or cfg.test_data:
         if not (cfg.val_data and cfg.test_data):
             raise UserError("give both --val-data and --test-data (or neither, to split --data)")
-        train = balance_classes(rows, cfg.seed) if cfg.balance else rows
+        train = balance_classes(rows, seed) if cfg.balance else rows
         val = read_labeled(cfg.val_data, cfg.text_column, cfg.label_column, cfg.format)
         test = read_labeled(cfg.test_data, cfg.text_column, cfg.label_column, cfg.format)
     else:
         if cfg.balance:
-            rows = balance_classes(rows, cfg.seed)
-        train, val, test = stratified_split(rows, fractions, cfg.seed)
+            rows = balance_classes(rows, seed)
+        train, val, test = stratified_split(rows, fractions, seed)
     labels = sorted({r[1] for r in train})
     if len(labels) < 2:
         raise UserError(f"--data {cfg.data}: only one label ({labels[0]!r}); classification needs two or more")
@@ -315,6 +319,22 @@ def _prepare_splits(cfg: ClassifyConfig):
             if label not in known:
                 raise UserError(f"{where}: unknown label {label!r} (the training data has {labels})")
     return labels, train, val, test
+
+
+def unlabeled_texts(cfg: ClassifyConfig) -> list[str]:
+    """The texts of `cfg.data` a classifier may pretrain on: every distinct text that is not
+    in the validation or test split `finetune_classify` makes with the same settings, with
+    no labels. That is the training split plus the texts class balancing left out (e.g.
+    the unused ham messages of `sms-spam`): text like any other, never evaluated on.
+
+    Returns:
+        The texts, stripped, in the data's order, each once.
+    """
+    rows = read_labeled(cfg.data, cfg.text_column, cfg.label_column, cfg.format)
+    _, _, val, test = _prepare_splits(cfg)
+    held_out = {text.strip() for text, _, _ in val + test}
+    texts = [text.strip() for text, _, _ in rows if text.strip() and text.strip() not in held_out]
+    return list(dict.fromkeys(texts))
 
 
 def finetune_classify(cfg: ClassifyConfig, *, stop_after: int | None = None) -> ClassifyResult:

@@ -81,7 +81,7 @@ class FinetuneConfig:
     # (The fields of both tasks; a name a task lacks is skipped.)
     RESUME_FIXED = ("model", "data", "batch_size", "grad_accum", "seed", "split", "trainable",
                     "lora_rank", "lora_alpha", "dropout", "max_length", "text_column", "label_column",
-                    "format", "val_data", "test_data", "balance", "template", "mask_prompt")
+                    "format", "val_data", "test_data", "balance", "split_seed", "template", "mask_prompt")
 
     def validate(self) -> None:
         """Raise `UserError` for a setting no run can use."""
