@@ -297,3 +297,15 @@ def test_int8_linear_is_right_at_any_width(width):
     x = torch.randn(3, width)
     with torch.no_grad():
         torch.testing.assert_close(Int8Linear(lin)(x).float(), lin(x), atol=0.05, rtol=0.05)
+
+
+def test_ragged_batch_of_a_gqa_rope_model_equals_each_row_alone():
+    from llmscratch.batching import generate_batch
+
+    torch.manual_seed(0)
+    model = GPT(llama(n_kv_head=1, qk_norm=True)).eval()
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7)]
+    rows = generate_batch(model, prompts, 30, temperature=1.0, seed=5)  # 11 + 30 > context 32: the window slides
+    for p, row in zip(prompts, rows):
+        alone = generate(model, torch.tensor([p]), 30, temperature=1.0, seed=5)[0, -30:].tolist()
+        assert row.tokens == alone

@@ -309,7 +309,7 @@ def cmd_download(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    """Convert between a Hugging Face GPT-2 folder and an llmscratch run folder."""
+    """Convert between a Hugging Face folder (GPT-2, Llama, Qwen3, Mistral) and an llmscratch run folder."""
     from ..hub import convert
 
     dst = convert(args.src, args.dst, to=args.to)
@@ -438,11 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or huggingface.co)")
     p.add_argument("--revision", default="main", help="Hub branch, tag or commit (default: main)")
 
-    p = add_command(sub, "convert", cmd_convert, "Hugging Face GPT-2 folder <-> run folder", [
+    p = add_command(sub, "convert", cmd_convert, "Hugging Face folder (GPT-2, Llama, Qwen3, Mistral) <-> run folder", [
         "llmscratch convert runs/instruct runs/instruct-hf            # to Hugging Face format",
         "llmscratch convert checkpoints/gpt2 runs/gpt2 --to run",
+        "llmscratch convert checkpoints/qwen3-0.6b runs/qwen3         # with its tokenizer and chat template",
     ])
-    p.add_argument("src", help="a Hugging Face GPT-2 folder or an llmscratch run folder")
+    p.add_argument("src", help="a Hugging Face folder (gpt2, llama, qwen3, mistral) or an llmscratch run folder")
     p.add_argument("dst", help="new folder to write")
     p.add_argument("--to", choices=("hf", "run"), default=None, help="target format: hf or run (default: the other one)")
 
