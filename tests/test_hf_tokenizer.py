@@ -44,7 +44,7 @@ def build_tokenizer_folder(folder, kind: str, docs_text: str, template: bool = T
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS[kind],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([docs_text], trainer)
+    tok.train_from_iterator([docs_text[:60_000]], trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast",
@@ -213,23 +213,24 @@ def test_finetune_instruct_with_lora_uses_the_models_own_template(tmp_path, docs
     assert chat.tokenizer.render_chat([{"role": "user", "content": "x"}], True).endswith("<|im_start|>assistant\n")
 
 
-def test_cli_generate_convert_and_one_line_errors_on_a_llama_folder(tmp_path, docs_text):
-    import subprocess
-    import sys
+def test_cli_generate_convert_and_one_line_errors_on_a_llama_folder(tmp_path, docs_text, capsys):
+    from llmscratch.cli.main import main
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "llmscratch", *args], capture_output=True, text=True, timeout=300)
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
     folder = make_llama_folder(tmp_path / "m", docs_text)
-    r = run("generate", "--model", str(folder), "--prompt", "def f", "--max-new-tokens", "4", "--seed", "1")
-    assert r.returncode == 0, r.stderr
-    r = run("convert", str(folder), str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr
+    code, out, err = run("generate", "--model", str(folder), "--prompt", "def f", "--max-new-tokens", "4", "--seed", "1")
+    assert code == 0, err
+    code, _, err = run("convert", str(folder), str(tmp_path / "run"))
+    assert code == 0, err
     assert isinstance(load_tokenizer(tmp_path / "run"), HFTokenizer)
-    r = run("info", "--model", str(tmp_path / "run"))
-    assert r.returncode == 0 and "parameters" in r.stdout.lower(), r.stderr
-    r = run("convert", str(tmp_path / "run"), str(tmp_path / "back"))  # and back: the tokenizer files too
-    assert r.returncode == 0, r.stderr
+    code, out, err = run("info", "--model", str(tmp_path / "run"))
+    assert code == 0 and "parameters" in out.lower(), err
+    code, _, err = run("convert", str(tmp_path / "run"), str(tmp_path / "back"))  # and back, tokenizer files too
+    assert code == 0, err
     back = HFTokenizer.from_folder(tmp_path / "back")
     assert back.chat_template == LLAMA3_TEMPLATE and back.eos_token == "<|eot_id|>"
     transformers = pytest.importorskip("transformers")
@@ -238,7 +239,7 @@ def test_cli_generate_convert_and_one_line_errors_on_a_llama_folder(tmp_path, do
     cfg = json.loads((folder / "config.json").read_text())
     cfg["rope_scaling"] = {"rope_type": "longrope", "factor": 2.0}
     (folder / "config.json").write_text(json.dumps(cfg))
-    r = run("generate", "--model", str(folder), "--prompt", "x")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "rope_scaling: unsupported rope_type 'longrope'" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    code, _, err = run("generate", "--model", str(folder), "--prompt", "x")
+    assert code == 2 and "Traceback" not in err
+    assert "rope_scaling: unsupported rope_type 'longrope'" in err
+    assert len(err.strip().splitlines()) == 1
