@@ -104,6 +104,7 @@ def test_run_folder_loss_falls_and_masks_are_per_step(tmp_path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     halves = [src.get(3, 0, r, 2, torch.device("cpu")) for r in (0, 1)]
     assert torch.equal(torch.cat([h[1] for h in halves]), a[1])  # ranks split the global batch
+    assert halves[0][2] == halves[1][2] == a[2] / 2  # ... and divide by half the global count
     epoch = src.sampler.windows_per_epoch // 4  # steps per epoch: step + epoch sees other masks
     assert not torch.equal(src.get(0, 0, 0, 1, "cpu")[1] != IGNORE, src.get(epoch, 0, 0, 1, "cpu")[1] != IGNORE)
 
@@ -141,3 +142,57 @@ def test_cli_pretrain_bert(tmp_path, capsys):
     assert main(["pretrain", "--model", "bert-tiny", "--tokenizer", "gpt2", "--data", TINY["data"],
                  "--out", str(tmp_path / "bad2"), "--no-progress"]) == 2
     assert "an encoder needs" in capsys.readouterr().err
+
+
+def _cli_args(out: Path, **kw) -> list[str]:
+    args = []
+    for k, v in {**TINY, "out": str(out), **kw}.items():
+        flag = "--" + k.replace("_", "-")
+        args += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)]
+    return [*args, "--no-progress"]
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(l)["train_loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes follows the single-process MLM trajectory: the ranks
+    split one globally masked batch."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    kw = dict(max_steps=4, eval_every=4)
+    r = subprocess.run([sys.executable, "-m", "llmscratch", "pretrain", *_cli_args(single, **kw)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "llmscratch", "pretrain", *_cli_args(ddp, **kw)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(ddp) == pytest.approx(_losses(single), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import sigterm_after_steps
+
+    out = tmp_path / "killed"
+    metrics = out / "metrics.jsonl"
+    returncode, err = sigterm_after_steps(["pretrain", *_cli_args(out, max_steps=100000, eval_every=100000)],
+                                          metrics)
+    assert returncode == 130, err
+    assert "checkpoint saved" in err
+    step = len(metrics.read_text().splitlines())
+    r = subprocess.run([sys.executable, "-m", "llmscratch", "pretrain",
+                        *_cli_args(out, max_steps=step + 2, eval_every=100000, resume=True)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(metrics.read_text().splitlines()) == step + 2

@@ -157,7 +157,11 @@ class MLMBatches:
         x, _ = self.sampler.get_batch(n, 0, 1)
         inputs, labels = self.masker(x, _generator(self.seed, n))
         rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        return inputs[rows].to(device), labels[rows].to(device)
+        # The loss is a mean over the selected tokens of the GLOBAL batch: each rank divides
+        # its sum by (global count / world), and DDP's average of the ranks' gradients is
+        # then exactly one process's (the ranks hold different numbers of selected tokens).
+        per_rank = max(int((labels != IGNORE).sum()), 1) / world
+        return inputs[rows].to(device), labels[rows].to(device), per_rank
 
     def seen(self, step: int) -> int:
         return step * self.grad_accum * self.sampler.batch_size * (self.sampler.context_length + 2)
@@ -166,15 +170,20 @@ class MLMBatches:
         return self.sampler.epoch_of(step * self.grad_accum)
 
 
-def mlm_loss(model: Bert, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the selected (labelled) positions of a batch `(inputs, labels)`."""
-    inputs, labels = batch
+def mlm_loss(model: Bert, batch) -> torch.Tensor:
+    """Cross-entropy over the selected (labelled) positions of a batch `(inputs, labels)`:
+    their mean, or their sum divided by `denominator` for `(inputs, labels, denominator)`
+    (what `MLMBatches` gives, so that ranks holding different numbers of selected tokens
+    still average to the global mean)."""
+    inputs, labels, *rest = batch
     h = model.hidden_states(inputs)
     selected = labels != IGNORE
     logits = model.mlm_logits(h[selected])  # only the selected rows go through the head
     if logits.shape[0] == 0:
-        return h.sum() * 0.0  # nothing selected: a zero loss that still has a graph
-    return F.cross_entropy(logits.float(), labels[selected])
+        return (h.sum() + logits.sum()) * 0.0  # nothing selected: a zero loss that still has a graph
+    if not rest:
+        return F.cross_entropy(logits.float(), labels[selected])
+    return F.cross_entropy(logits.float(), labels[selected], reduction="sum") / rest[0]
 
 
 @torch.no_grad()
@@ -278,6 +287,9 @@ def pretrain_mlm(cfg, *, stop_after: int | None = None) -> tuple[Path, FitResult
 
     torch.manual_seed(cfg.seed)
     model = Bert(model_cfg).to(device)
+    # No next-sentence objective here, so nothing trains the pooler: frozen, it stays at its
+    # init (fine-tuning trains it), and DDP sees no parameter without a gradient.
+    model.pooler.requires_grad_(False)
     if cfg.kernels:
         apply_kernels(model)
     run_info = {"train": settings, "tokenizer_file": "tokenizer.json", "objective": "mlm"}
