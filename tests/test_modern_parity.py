@@ -45,9 +45,10 @@ def make_hf(kind: str, folder, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral"])
-def test_logits_and_50_greedy_tokens_equal_transformers(kind, tmp_path):
-    ref = make_hf(kind, tmp_path)
+@pytest.mark.parametrize("kind, kw", [("llama", {}), ("qwen3", {}), ("mistral", {}),
+                                      ("mistral", {"sliding_window": 64})])  # 55 tokens: within the window
+def test_logits_and_50_greedy_tokens_equal_transformers(kind, kw, tmp_path):
+    ref = make_hf(kind, tmp_path, **kw)
     ours = load_hf(tmp_path)
     assert is_hf_dir(tmp_path)
     idx = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))

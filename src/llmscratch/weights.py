@@ -613,9 +613,11 @@ def _config_from_llama(hf: dict, source: Path) -> GPTConfig:
     context = _number(hf, "max_position_embeddings", 2048, source, integer=True)
     window = hf.get("sliding_window") if model_type == "mistral" else None
     if window is not None:
-        # Mistral's sliding window: every query sees the last `window` keys. With a context of
-        # `window` tokens, full causal attention over it is the same thing, and generation
-        # past it slides the window (generate.py).
+        # Mistral's sliding window: every query sees the last `window` keys. Up to `window`
+        # tokens that is full causal attention, so the context is capped there and the model
+        # is exact up to it. Past it, generate.py re-encodes the last `window` tokens, which
+        # is not Mistral's rolling cache (there, deeper layers' keys of the oldest tokens in
+        # the window were computed from tokens that have since left it): tokens then differ.
         window = _number(hf, "sliding_window", None, source, integer=True)
         context = min(context, window)
     tie = hf.get("tie_word_embeddings", False)
