@@ -76,8 +76,38 @@ def test_encoding_and_template_equal_transformers(tok_folder):
     expected = theirs.apply_chat_template(CONVERSATION, tokenize=True, add_generation_prompt=True)
     expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
     assert ids == list(expected)
+    assert not any(mask)  # a prompt: nothing to learn in it
+    ids, mask = encode_conversation(ours, "model", CONVERSATION[:3])  # for training: the reply is masked in
     reply = ours.decode(i for i, m in zip(ids, mask) if m)
-    assert reply == ("Blue.<|eot_id|>" if kind == "llama3" else "Blue.<|im_end|>\n")
+    assert reply == ("Blue.<|eot_id|>" if kind == "llama3" else "Blue.<|im_end|>")
+
+
+# Qwen3's form: the latest reply (after the last user turn) gets an empty <think> block, earlier
+# ones do not, so a turn renders differently once the conversation goes on.
+QWEN3_THINK_TEMPLATE = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}"
+    "{%- if loop.index0 > ns.last_query %}{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_template_that_rewrites_earlier_turns_still_masks_each_reply(tmp_path, docs_text):
+    transformers = pytest.importorskip("transformers")
+    folder = build_tokenizer_folder(tmp_path / "q", "qwen3", docs_text)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = QWEN3_THINK_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours, theirs = HFTokenizer.from_folder(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    talk = CONVERSATION + [{"role": "assistant", "content": "Green."}]
+    assert ours.render_chat(talk) == theirs.apply_chat_template(talk, tokenize=False)
+    ids, mask = encode_conversation(ours, "model", talk)
+    assert ours.decode(ids) == ours.render_chat(talk)
+    replies = ours.decode(i for i, m in zip(ids, mask) if m)
+    assert replies == "Blue.<|im_end|>Green.<|im_end|>"
 
 
 def test_specials_typed_by_a_user_stay_text_in_encode_ordinary(tok_folder):

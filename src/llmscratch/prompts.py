@@ -274,33 +274,44 @@ def encode_conversation(tokenizer, template: str | Template | None, messages: It
 
 
 def _own_template_segments(tokenizer, messages: list, for_generation: bool) -> list[tuple[str, bool]]:
-    """The conversation rendered by the tokenizer's own chat template, cut into
-    `(text, is_response)` segments: each assistant reply is what rendering the conversation
-    up to it adds to the rendering up to the cue before it (`add_generation_prompt`)."""
+    """The conversation rendered once by the tokenizer's own chat template, cut into
+    `(text, is_response)` segments.
+
+    A reply is its content as the rendered text holds it (found in order, stripped of
+    surrounding whitespace, which templates such as Llama 3's trim) through the end-of-turn
+    token that follows it (`eos_token`): what the model must learn to write, and to stop.
+    Rendering once, rather than diffing renderings of growing prefixes, keeps templates that
+    rewrite earlier turns (Qwen3 drops the reasoning of all but the latest reply) usable.
+    """
     render = getattr(tokenizer, "render_chat", None)
     if render is None:
         raise UserError(f"template 'model' needs a tokenizer with a chat template of its own; the "
                         f"{tokenizer.name} tokenizer has none (choose --template alpaca, phi3 or plain)")
     plain = [{"role": _field(m, "role"), "content": str(_field(m, "content") or "")} for m in messages]
-    out: list[tuple[str, bool]] = []
-    done = ""  # the text already cut into segments
-
-    def take(text: str, response: bool) -> None:
-        nonlocal done
-        if not text.startswith(done):  # a template that rewrites earlier turns (e.g. drops reasoning)
-            raise UserError("the model's chat template renders earlier turns differently as the conversation "
-                            "grows, so replies cannot be told apart; choose --template alpaca, phi3 or plain")
-        out.append((text[len(done):], response))
-        done = text
-
-    for i, m in enumerate(plain):
-        if m["role"] == "assistant":
-            take(render(plain[:i], add_generation_prompt=True), False)
-            take(render(plain[:i + 1]), True)
     # as the built-in templates end a user turn with the assistant's cue, so does this
     cue = for_generation or (bool(plain) and plain[-1]["role"] != "assistant")
-    take(render(plain, add_generation_prompt=cue), False)
-    return [(text, response) for text, response in out if text]
+    text = render(plain, add_generation_prompt=cue)
+    if for_generation:  # a prompt: one piece, tokenized exactly as transformers would
+        return [(text, False)]
+    eos = getattr(tokenizer, "eos_token", None)
+    out: list[tuple[str, bool]] = []
+    pos = 0
+    for m in plain:
+        content = m["content"].strip()
+        if m["role"] != "assistant" or not content:
+            continue
+        start = text.find(content, pos)
+        if start < 0:
+            raise UserError("the model's chat template does not write an assistant reply as given, so the "
+                            "reply tokens cannot be found; choose --template alpaca, phi3 or plain")
+        end = start + len(content)
+        rest = text[end:]
+        if eos and rest.lstrip().startswith(eos):  # the end-of-turn token right after it
+            end += len(rest) - len(rest.lstrip()) + len(eos)
+        out += [(text[pos:start], False), (text[start:end], True)]
+        pos = end
+    out.append((text[pos:], False))
+    return [(t, response) for t, response in out if t]
 
 
 def _encode_with_own_template(tokenizer, messages: list, for_generation: bool) -> tuple[list[int], list[bool]]:
