@@ -54,12 +54,22 @@ def test_fill_mask_cli(encoder_run, capsys):
     (["embed", "--model", "{gpt}", "a text"], "embed needs an encoder"),
     (["generate", "--model", "{enc}", "--prompt", "hello"], "generate needs a decoder"),
     (["embed", "--model", "{enc}"], "give a text to embed"),
+    (["eval", "--model", "{enc}", "--data", "{data}"], "eval lm (next-token loss) needs a decoder"),
+    (["eval", "tasks", "--model", "{enc}", "--tasks", "pattern"], "eval tasks (log-likelihood scoring) needs a decoder"),
 ])
-def test_bad_input_is_one_line(encoder_run, gpt_run, capsys, argv, message):
-    argv = [a.format(enc=encoder_run, gpt=gpt_run) for a in argv]
+def test_bad_input_is_one_line(encoder_run, gpt_run, corpus_file, capsys, argv, message):
+    argv = [a.format(enc=encoder_run, gpt=gpt_run, data=corpus_file) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_info_describes_an_encoder(encoder_run, capsys):
+    assert main(["info", "--model", str(encoder_run)]) == 0
+    out = capsys.readouterr().out
+    assert "encoder (BERT)" in out and "model_type" in out
+    model, _ = load_model(str(encoder_run))
+    assert f"parameters   {model.num_params():,}" in out
 
 
 def test_chat_refuses_an_encoder(encoder_run):

@@ -238,9 +238,21 @@ class Bert(nn.Module):
         """Masked-LM logits `(B, T, vocab_size)`; arguments as in `hidden_states`."""
         return self.mlm_logits(self.hidden_states(idx, token_type_ids, key_mask))
 
-    def num_params(self) -> int:
-        """Parameters, the tied decoder counted once."""
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameters, the tied decoder counted once (without the token, position and
+        token-type embeddings if `include_embeddings` is False)."""
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= sum(e.weight.numel() for e in (self.wte, self.wpe, self.wtt))
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token, as `GPT.flops_per_token` counts them (6 per weight, the
+        decoder over the full vocabulary, plus attention's 12·L·C·T); the MLM loss runs the
+        head on the masked 15% only, so this is an upper bound."""
+        cfg = self.config
+        n = self.num_params(include_embeddings=False) + cfg.vocab_size * cfg.n_embd
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * (seq_len or cfg.context_length)
 
 
 def embed(model: Bert, idx: torch.Tensor, key_mask: torch.Tensor | None = None,

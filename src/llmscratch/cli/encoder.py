@@ -102,3 +102,19 @@ def register(sub) -> None:
     ])
     add_config_flags(p, EmbedArgs)
     p.add_argument("text", nargs="*", help="text(s) to embed")
+
+
+def encoder_info(name: str, model) -> None:
+    """`llmscratch info` for an encoder: its config, parameters, memory and FLOPs."""
+    cfg = model.config
+    n = model.num_params()
+    print(f"model        {name}")
+    print("kind         encoder (BERT): masked-LM head tied to the token embedding, pooler"
+          + (f", classifier of {model.classifier.out_features} labels" if model.classifier is not None else ""))
+    for field, value in cfg.to_dict().items():
+        print(f"  {field:18s} {value}")
+    print(f"parameters   {n:,}")
+    print(f"  without embeddings: {model.num_params(include_embeddings=False):,}")
+    print(f"memory       fp32 {n * 4 / 2**20:,.1f} MB   bf16 {n * 2 / 2**20:,.1f} MB")
+    print(f"training     {model.flops_per_token() / 1e9:.2f} GFLOP per token at context {cfg.context_length} "
+          "(at most: the MLM head runs on the masked tokens only)")

@@ -117,6 +117,10 @@ def cmd_info(args) -> None:
         from ..checkpoint import load_model
 
         model, _ = load_model(args.model)
+    if getattr(model, "is_encoder", False):  # a BERT: cli/encoder.py
+        from .encoder import encoder_info
+
+        return encoder_info(args.model, model)
     cfg = model.config
     n = model.num_params()
     print(f"model        {args.model}")
@@ -262,6 +266,9 @@ def cmd_eval(args) -> None:
     device = pick_device(cfg.device)
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), kernels=cfg.kernels)
+    from ..bert import refuse_encoder
+
+    refuse_encoder(model, "eval lm (next-token loss)")  # a decoder's command
     r = evaluate_lm(model, tokenizer, data, batch_size=cfg.batch_size, context_length=cfg.context_length,
                     max_batches=cfg.max_batches, encoding_errors=cfg.encoding_errors, device=device,
                     val_fraction=val_fraction, progress=cfg.progress)

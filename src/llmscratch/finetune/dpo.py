@@ -293,6 +293,9 @@ def finetune_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> DPOResult:
     train, val, test = split_in_order(records, parse_split(cfg.split))
     seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg.model, device=device)
+    from ..bert import refuse_encoder
+
+    refuse_encoder(model, "finetune dpo")  # a decoder's command
     if cfg.kernels:
         from ..kernels import apply_kernels
 

@@ -241,6 +241,9 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
     train, val, test = split_in_order(records, parse_split(cfg.split))
     seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg.model, device=device)
+    from ..bert import refuse_encoder
+
+    refuse_encoder(model, "finetune instruct")  # a decoder's command
     if cfg.kernels:
         from ..kernels import apply_kernels
 
