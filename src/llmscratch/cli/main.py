@@ -312,6 +312,9 @@ def cmd_download(args) -> None:
 
     folder = download_model(args.name, args.out, endpoint=args.endpoint, revision=args.revision)
     print(f"{args.name} checkpoint ready in {folder}")
+    if args.name.lower().startswith(("bert", "google-bert/")):  # an encoder
+        print(f"try: llmscratch fill-mask --model {folder} \"The capital of France is [MASK].\"")
+        return
     print(f"try: llmscratch generate --model {folder} --prompt \"Hello, I'm a language model,\"")
 
 
@@ -405,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         "llmscratch pretrain --data python-docs --model small --max-steps 240 --out runs/pretrain",
         "llmscratch pretrain --config run.toml --lr 3e-4   # flags override the file",
         "llmscratch pretrain --resume --out runs/pretrain",
+        "llmscratch pretrain --model bert-tiny --tokenizer wordpiece:8192 --out runs/bert   # an encoder: masked LM",
     ])
     add_config_flags(p, TrainConfig, config_file=True)
 
