@@ -142,6 +142,9 @@ def test_cli_pretrain_bert(tmp_path, capsys):
     assert main(["pretrain", "--model", "bert-tiny", "--tokenizer", "gpt2", "--data", TINY["data"],
                  "--out", str(tmp_path / "bad2"), "--no-progress"]) == 2
     assert "an encoder needs" in capsys.readouterr().err
+    assert main(["pretrain", "--model", "bert-tiny", "--time-budget", "1m", "--data", TINY["data"],
+                 "--out", str(tmp_path / "bad3")]) == 2
+    assert "--time-budget is not supported for an encoder" in capsys.readouterr().err
 
 
 def _cli_args(out: Path, **kw) -> list[str]:

@@ -251,6 +251,9 @@ def pretrain_mlm(cfg, *, stop_after: int | None = None) -> tuple[Path, FitResult
         `(run folder, FitResult)`.
     """
     cfg.validate()
+    for flag in ("time_budget", "gradient_checkpointing"):
+        if getattr(cfg, flag, None):
+            raise UserError(f"--{flag.replace('_', '-')} is not supported for an encoder yet (GPT pretraining only)")
     rank, world, device = distributed_setup(cfg.device)
     master = rank == 0
     out = Path(cfg.out)
