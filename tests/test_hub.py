@@ -380,9 +380,13 @@ def test_convert_bad_src_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither an llmscratch run folder nor a Hugging Face"):
         convert(tmp_path / "empty", tmp_path / "out")
-    (tmp_path / "bert").mkdir()
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(UserError, match="model_type is 't5'"):
+        convert(tmp_path / "t5", tmp_path / "out")
+    (tmp_path / "bert").mkdir()  # BERT is supported (test_bert.py); a folder without weights is not
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(UserError, match="model_type is 'bert'"):
+    with pytest.raises(UserError, match="config.json lacks 'vocab_size'"):
         convert(tmp_path / "bert", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

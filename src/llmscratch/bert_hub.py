@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .checkpoint import is_run_dir, load_model, save_model
 from .errors import UserError
-from .weights_bert import load_hf_bert, save_hf_bert
+from .weights_bert import load_hf_bert, load_hf_tokenizer, save_hf_bert
 
 HUB_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json")
 """What `hub.download_model` fetches for a BERT."""
@@ -32,12 +32,15 @@ def convert_encoder(src: str | os.PathLike, dst: str | os.PathLike, target: str)
     folder gets the run's `vocab.txt`; a classifier stays a `BertForSequenceClassification`
     (its labels kept)."""
     src, dst = Path(src), Path(dst)
-    model, tokenizer = load_model(str(src))
     labels = None
     if is_run_dir(src):
         from .checkpoint import read_run_config
 
+        model, tokenizer = load_model(str(src))
         labels = read_run_config(src).get("labels")
+    else:  # a Hugging Face folder: its own precise errors (no weights, a bad config, ...)
+        model, _ = load_hf_bert(src)
+        tokenizer = load_hf_tokenizer(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
