@@ -308,6 +308,7 @@ def test_python_stdlib_is_embedded_deterministic_and_holds_out_files(tmp_path, m
     # no tests, installed packages or generated files
     assert not [n for n in names if "test" in n.split("/")[:-1] or "site-packages" in n]
     assert "token.py" not in names and "encodings/cp1252.py" not in names
+    assert "encodings/cp858.py" not in names  # a codec table not marked generated
     assert "pydoc_data/topics.py" not in names  # generated, and it is python-docs
     # training files sorted, then the held-out files sorted, chosen by path hash only
     held = [datasets._held_out(n) for n in names]

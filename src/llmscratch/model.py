@@ -42,6 +42,7 @@ _PRESETS: dict[str, dict] = {
     "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, context_length=1024),
     "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, context_length=1024),
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, context_length=128),
+    "mini": dict(n_layer=4, n_head=4, n_embd=256, context_length=256),
     "small": dict(n_layer=6, n_head=6, n_embd=384, context_length=256),
     "medium": dict(n_layer=8, n_head=8, n_embd=512, context_length=512),
     "llama-tiny": dict(_MODERN, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=224,

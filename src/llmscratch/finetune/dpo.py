@@ -41,13 +41,13 @@ import torch.nn.functional as F
 from ..checkpoint import is_run_dir, read_run_config, save_model
 from ..errors import UserError
 from ..prompts import encode_conversation, get_template, read_template
-from ..train import distributed_setup, rank0_first
 from ..train.state import STATE_FILE, check_resume
-from ..utils import atomic_write, seed_everything, write_json
+from ..utils import atomic_write, write_json
 from .classify import set_dropout, set_trainable
 from .common import FinetuneConfig, check_out_folder, fit_examples, iter_batches
-from .data import _field, _format_of, _read_json_rows, _source_path, parse_split
-from .instruct import IGNORE_INDEX, InstructConfig, collate_instruct, respond_batch, split_in_order
+from .data import _field, _format_of, _read_json_rows, _source_path
+from .instruct import (IGNORE_INDEX, InstructConfig, check_generation_settings, collate_instruct, respond_batch,
+                       start_decoder_run)
 from .lora import merge_lora
 
 TASK = "dpo"
@@ -269,17 +269,12 @@ def finetune_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> DPOResult:
     (held-out metrics before and after), `metrics.jsonl`, `loss.png` and `dpo.png`. Inputs
     are checked before anything is written; `--resume` continues an interrupted run.
     """
-    from ..checkpoint import load_model
-
     cfg.validate()
     if cfg.beta <= 0:
         raise UserError(f"--beta must be positive, got {cfg.beta}")
     if cfg.lora_rank:
         cfg.trainable = "lora"
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.max_new_tokens < 0:
-        raise UserError("--max-new-tokens must be >= 0")
+    check_generation_settings(cfg)
     _check_model(cfg.model)
     template = get_template(cfg.template or read_template(cfg.model) or "alpaca", for_training=True)
     out = Path(cfg.out)
@@ -287,21 +282,9 @@ def finetune_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> DPOResult:
         check_resume(out, cfg.settings(), FinetuneConfig.RESUME_FIXED + ("beta",))
     else:
         check_out_folder(out, cfg)
-    rank, world, device = distributed_setup(cfg.device)
+    (rank, world, device, train, val, test, model, tokenizer,
+     max_length) = start_decoder_run(cfg, "finetune dpo", read_preference_records)
     master = rank == 0
-    records = rank0_first(world, master, lambda: read_preference_records(cfg.data))
-    train, val, test = split_in_order(records, parse_split(cfg.split))
-    seed_everything(cfg.seed)
-    model, tokenizer = load_model(cfg.model, device=device)
-    from ..bert import refuse_encoder
-
-    refuse_encoder(model, "finetune dpo")  # a decoder's command
-    if cfg.kernels:
-        from ..kernels import apply_kernels
-
-        apply_kernels(model)
-    ctx = model.config.context_length
-    max_length = min(cfg.max_length or ctx, ctx)
     collate = partial(collate_pairs, pad_id=tokenizer.eot_id, mask_prompt=cfg.mask_prompt, max_length=max_length)
     nan = float("nan")
 

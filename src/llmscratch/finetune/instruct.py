@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -108,6 +109,50 @@ def evaluate_instruct(model, examples: list, collate, batch_size: int = 16) -> d
             total += lm_loss(model(x), y).item() * n
             count += n
     return {"val_loss": total / max(count, 1)}
+
+
+class DecoderRun(NamedTuple):
+    """What a decoder fine-tune (instruct, DPO) starts from; see `start_decoder_run`."""
+
+    rank: int
+    world: int
+    device: torch.device
+    train: list
+    val: list
+    test: list
+    model: torch.nn.Module
+    tokenizer: object
+    max_length: int
+    """the longest sequence trained on: --max-length, capped at the model's context"""
+
+
+def check_generation_settings(cfg) -> None:
+    """The dropout and reply-length settings both decoder fine-tunes take."""
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.max_new_tokens < 0:
+        raise UserError("--max-new-tokens must be >= 0")
+
+
+def start_decoder_run(cfg, command: str, read_records: Callable[[str], list]) -> DecoderRun:
+    """The start every decoder fine-tune shares: the processes and device; the records read
+    (rank 0 first: it may download them) and split in order; the model, seeded, refused in
+    one line if it is an encoder, with the kernels applied when `cfg.kernels`."""
+    from ..bert import refuse_encoder
+    from ..checkpoint import load_model
+
+    rank, world, device = distributed_setup(cfg.device)
+    records = rank0_first(world, rank == 0, lambda: read_records(cfg.data))
+    train, val, test = split_in_order(records, parse_split(cfg.split))
+    seed_everything(cfg.seed)
+    model, tokenizer = load_model(cfg.model, device=device)
+    refuse_encoder(model, command)  # a decoder's command
+    if cfg.kernels:
+        from ..kernels import apply_kernels
+
+        apply_kernels(model)
+    ctx = model.config.context_length
+    return DecoderRun(rank, world, device, train, val, test, model, tokenizer, min(cfg.max_length or ctx, ctx))
 
 
 def split_in_order(records: list, fractions: tuple[float, float, float]) -> tuple[list, list, list]:
@@ -222,8 +267,6 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
     training, `train_state.safetensors` holds the checkpoint `--resume` continues from
     (after Ctrl-C, SIGTERM or `stop_after` steps); it is removed once the run is done.
     """
-    from ..checkpoint import load_model
-
     cfg.validate()
     if cfg.lora_rank:
         cfg.trainable = "lora"
@@ -231,25 +274,10 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
     template = get_template(cfg.template or default, for_training=True)
     out = Path(cfg.out)
     check_out_folder(out, cfg)
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.max_new_tokens < 0:
-        raise UserError("--max-new-tokens must be >= 0")
-    rank, world, device = distributed_setup(cfg.device)
+    check_generation_settings(cfg)
+    (rank, world, device, train, val, test, model, tokenizer,
+     max_length) = start_decoder_run(cfg, "finetune instruct", read_instruction_records)
     master = rank == 0
-    records = rank0_first(world, master, lambda: read_instruction_records(cfg.data))
-    train, val, test = split_in_order(records, parse_split(cfg.split))
-    seed_everything(cfg.seed)
-    model, tokenizer = load_model(cfg.model, device=device)
-    from ..bert import refuse_encoder
-
-    refuse_encoder(model, "finetune instruct")  # a decoder's command
-    if cfg.kernels:
-        from ..kernels import apply_kernels
-
-        apply_kernels(model)
-    ctx = model.config.context_length
-    max_length = min(cfg.max_length or ctx, ctx)
     pad_id = tokenizer.eot_id
     encode = lambda recs: [encode_conversation(tokenizer, template, r["messages"]) for r in recs]  # noqa: E731
     train_ex, val_ex = encode(train), encode(val)

@@ -15,10 +15,10 @@ class TrainConfig:
     type, default and the string under it become the flag, its parsing and its help
     (`llmscratch.cli.args`)."""
 
-    data: str = "python-docs"
+    data: str = "python-stdlib"
     """dataset name, text file, or folder of .txt files"""
-    model: str = "small"
-    """model preset to train from scratch (a GPT: tiny, small, ...; an encoder: bert-tiny, bert-mini, ...)"""
+    model: str = "mini"
+    """model preset to train from scratch (a GPT: tiny, mini, small, ...; an encoder: bert-tiny, bert-mini, ...)"""
     objective: Literal["auto", "lm", "mlm"] = "auto"
     """lm (next token, a GPT), mlm (masked LM, an encoder), or auto: from --model"""
     whole_word_masking: bool = False
