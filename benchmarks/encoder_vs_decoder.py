@@ -48,7 +48,7 @@ from llmscratch.tokenizer import WordPieceTokenizer
 from llmscratch.train import LMBatches, Objective, TrainConfig, evaluate, fit, pretrain
 from llmscratch.train.pretrain import lm_train_loss
 from llmscratch.bert import BertConfig
-from results import RESULTS_DIR, write_result  # benchmarks/results.py
+from results import write_result  # benchmarks/results.py
 
 
 def build_corpus(data: str, folder: Path, seed: int, vocab: int) -> tuple[Path, Path, int]:

@@ -17,7 +17,7 @@ import torch
 from llmscratch.checkpoint import save_model
 from llmscratch.cli import build_parser, main
 from llmscratch.errors import UserError
-from llmscratch.generate import SamplingError, check_sampling, generate, sample
+from llmscratch.generate import SamplingError, check_sampling, sample
 from llmscratch.model import GPT, GPTConfig
 from llmscratch.tokenizer import get_tokenizer
 from llmscratch.train import TrainConfig, pretrain
