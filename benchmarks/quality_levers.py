@@ -45,6 +45,7 @@ LEVERS: dict[str, list[str]] = {
     "lr 2e-3": ["--lr", "2e-3"],
     "no dropout": ["--dropout", "0"],
     "context 128": ["--context-length", "128", "--batch-size", "32"],
+    "batch 8": ["--batch-size", "8"],
     "batch 32": ["--batch-size", "32"],
     "mini preset (4 x 256)": ["--model", "mini"],
     "mini + muon": ["--model", "mini", "--optimizer", "muon"],
@@ -82,6 +83,27 @@ def run(name: str, flags: list[str], data: str, budget: str, seed: int, baseline
     return result
 
 
+def combined_flags(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """The levers that beat the baseline, best first, merged: a lever joins unless a better one
+    already set one of its flags (so of `vocab 1024` and `vocab 2048` only the better is kept)."""
+    def mean_bpb(name: str) -> float | None:
+        vals = [r["val_bits_per_byte"] for r in rows if r["lever"] == name and "val_bits_per_byte" in r]
+        return sum(vals) / len(vals) if vals else None
+
+    base = mean_bpb("baseline")
+    scored = [(mean_bpb(n), n) for n in dict.fromkeys(r["lever"] for r in rows) if n != "baseline"]
+    better = sorted((b, n) for b, n in scored if b is not None and base is not None and b < base)
+    flags: list[str] = []
+    chosen: list[str] = []
+    for _, name in better:
+        names = LEVERS[name][0::2]
+        if any(f in flags[0::2] for f in names):
+            continue
+        flags += LEVERS[name]
+        chosen.append(name)
+    return flags, chosen
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levers", nargs="*", default=list(LEVERS), help=f"names from: {', '.join(LEVERS)}")
@@ -91,6 +113,12 @@ def main() -> int:
     p.add_argument("--baseline", choices=("shakespeare", "cli"), default="shakespeare",
                    help="the flags each lever changes: the 5-minute tinyshakespeare settings, or the "
                         "`llmscratch pretrain` defaults (the README's main job)")
+    p.add_argument("--combine", action="store_true",
+                   help="after the single levers, run every lever that beat the baseline together "
+                        "(the best of each flag), then the best row's recipe with --winner-seeds")
+    p.add_argument("--winner-seeds", nargs="*", type=int,
+                   help="seeds the winning recipe runs with (with --combine; default: the first --seeds "
+                        "and the next integer, so 2 seeds and one extra run)")
     p.add_argument("--json", help="write here instead of benchmarks/results/quality_levers.json")
     args = p.parse_args()
     unknown = [n for n in args.levers if n not in LEVERS]
@@ -98,10 +126,37 @@ def main() -> int:
         print(f"error: unknown lever(s) {unknown}; choose from {list(LEVERS)}", file=sys.stderr)
         return 2
     baseline = BASELINE if args.baseline == "shakespeare" else []
-    rows = [run(name, LEVERS[name], args.data, args.budget, seed, baseline)
-            for name in args.levers for seed in args.seeds]
-    write_result("quality_levers", {"data": args.data, "budget": args.budget, "baseline": baseline,
-                                    "rows": rows}, args.json)
+    rows: list[dict] = []
+    winner = None
+
+    def save() -> None:  # after every run, so an interrupted table keeps what it measured
+        write_result("quality_levers", {"data": args.data, "budget": args.budget, "baseline": baseline,
+                                        "rows": rows, "winner": winner}, args.json)
+
+    for name in args.levers:
+        for seed in args.seeds:
+            rows.append(run(name, LEVERS[name], args.data, args.budget, seed, baseline))
+            save()
+    if args.combine:
+        flags, chosen = combined_flags(rows)
+        if len(chosen) > 1:
+            LEVERS["combined: " + " + ".join(chosen)] = flags
+            rows.append(run("combined: " + " + ".join(chosen), flags, args.data, args.budget, args.seeds[0],
+                            baseline))
+            save()
+        done = [r for r in rows if "val_bits_per_byte" in r]
+        best = min(done, key=lambda r: r["val_bits_per_byte"])
+        winner = {"lever": best["lever"], "flags": merged(LEVERS[best["lever"]], baseline), "runs": [best]}
+        for seed in args.winner_seeds or [args.seeds[0], args.seeds[0] + 1]:
+            if seed != best["seed"]:
+                winner["runs"].append(run(best["lever"], LEVERS[best["lever"]], args.data, args.budget, seed,
+                                          baseline))
+        vals = [r["val_bits_per_byte"] for r in winner["runs"] if "val_bits_per_byte" in r]
+        winner["val_bits_per_byte_mean"] = sum(vals) / len(vals)
+        winner["val_bits_per_byte_each"] = vals
+        print(f"winner: {best['lever']}: mean {winner['val_bits_per_byte_mean']:.3f} bits/byte over "
+              f"{len(vals)} seeds", flush=True)
+    save()
     return 0
 
 
