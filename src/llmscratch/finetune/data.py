@@ -223,6 +223,17 @@ def _read_json_rows(path: Path, fmt: str) -> list[tuple[str, dict]]:
     return rows
 
 
+def json_records(source: str, datasets, kind: str, layout: str = "an array") -> tuple[Path, list[tuple[str, dict]]]:
+    """The file and the records of a `.json` array or `.jsonl` file of `kind` data (a name in
+    `datasets` is downloaded or read from `LLMSCRATCH_DATA_DIR` first), each record with its
+    `file:line` (or `file[index]`) for messages. UserError for another format or bad JSON."""
+    path, _ = _source_path(source, datasets, kind, ".json/.jsonl")
+    fmt = _format_of(path, None)
+    if fmt not in ("json", "jsonl"):
+        raise UserError(f"{path}: {kind} data must be .json ({layout}) or .jsonl")
+    return path, _read_json_rows(path, fmt)
+
+
 def read_instruction_records(source: str) -> list[dict]:
     """Read instruction data as conversations.
 
@@ -240,12 +251,9 @@ def read_instruction_records(source: str) -> list[dict]:
     Raises:
         UserError: malformed JSON (file and line), missing or empty fields, bad roles.
     """
-    path, _ = _source_path(source, INSTRUCTION_DATASETS, "instruction", ".json/.jsonl")
-    fmt = _format_of(path, None)
-    if fmt not in ("json", "jsonl"):
-        raise UserError(f"{path}: instruction data must be .json (an Alpaca array) or .jsonl")
+    path, rows = json_records(source, INSTRUCTION_DATASETS, "instruction", "an Alpaca array")
     records = []
-    for where, obj in _read_json_rows(path, fmt):
+    for where, obj in rows:
         if "messages" in obj:
             records.append({"messages": _check_messages(obj["messages"], where), "where": where})
             continue

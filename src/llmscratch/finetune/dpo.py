@@ -45,7 +45,7 @@ from ..train.state import STATE_FILE, check_resume
 from ..utils import atomic_write, write_json
 from .classify import set_dropout, set_trainable
 from .common import FinetuneConfig, check_out_folder, fit_examples, iter_batches
-from .data import _field, _format_of, _read_json_rows, _source_path
+from .data import _field, json_records
 from .instruct import (IGNORE_INDEX, InstructConfig, check_generation_settings, collate_instruct, respond_batch,
                        start_decoder_run)
 from .lora import merge_lora
@@ -74,12 +74,9 @@ def read_preference_records(source: str) -> list[dict]:
     Raises:
         UserError: malformed JSON, a missing or empty field (naming file and line/record).
     """
-    path, _ = _source_path(source, PREFERENCE_DATASETS, "preference", ".json/.jsonl")
-    fmt = _format_of(path, None)
-    if fmt not in ("json", "jsonl"):
-        raise UserError(f"{path}: preference data must be .json (an array) or .jsonl")
+    path, rows = json_records(source, PREFERENCE_DATASETS, "preference")
     records = []
-    for where, obj in _read_json_rows(path, fmt):
+    for where, obj in rows:
         for key in ("chosen", "rejected"):
             if key not in obj:
                 raise UserError(f"{where}: no {key!r} field (a preference record needs prompt or "
