@@ -176,6 +176,18 @@ def test_builtin_tasks_are_deterministic_and_well_formed():
     assert len(cloze.choices) == 4 and len(set(cloze.choices)) == 4
 
 
+def test_copy_task_only_the_context_tells_the_answer():
+    from collections import Counter
+
+    task = load_task("copy")
+    for e in task.examples:
+        assert len(set(e.choices)) == 4 and all(c.endswith('"') for c in e.choices)
+        named = [c for c in e.choices if f'a = "{c}' in e.context]
+        assert named == [e.choices[e.gold]]  # the gold name is the one in the prompt, the others are not
+    # the gold position is spread out, so a model blind to the prompt scores about chance (25%)
+    assert max(Counter(e.gold for e in task.examples).values()) < 0.35 * len(task.examples)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from llmscratch.tokenizer import BPETokenizer

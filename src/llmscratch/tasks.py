@@ -28,7 +28,7 @@ Task files (`load_task(path)`) are JSONL (or a JSON array), one example a line, 
 layout (`{"context", "choices", "gold"}` or `{"prompt", "answer"}`) or the usual layouts of
 public sets: HellaSwag (`ctx_a`, `ctx_b`, `endings`, `label`), LAMBADA (`text`), ARC
 (`question` with `choices` and `answerKey`). Built-in tasks need no download:
-`python-docs-cloze`, `pattern` and `arithmetic` (see `BUILTIN_TASKS`).
+`python-docs-cloze`, `pattern`, `copy` and `arithmetic` (see `BUILTIN_TASKS`).
 """
 
 from __future__ import annotations
@@ -438,7 +438,33 @@ def arithmetic_task(n: int = 200, seed: int = 0) -> Task:
     return Task("arithmetic", "generate", examples, max_new_tokens=4)
 
 
-BUILTIN_TASKS = {"python-docs-cloze": docs_cloze_task, "pattern": pattern_task, "arithmetic": arithmetic_task}
+NAME_PARTS = ["get", "set", "read", "write", "load", "save", "parse", "make", "find", "check", "file", "path",
+              "name", "value", "count", "size", "line", "text", "node", "item", "key", "index", "data",
+              "time", "user", "list", "dict", "error", "result", "buffer", "token", "state", "mode"]
+
+
+def copy_task(n: int = 200, seed: int = 0) -> Task:
+    """`copy`: a Python-style name assigned twice, `a = "read_buffer"` then `b = "`; the four
+    choices are that name and three others of the same kind, each closed by its quote. Only
+    the context tells which: a model that cannot copy from its prompt scores chance (25%),
+    and the shots show that `b` repeats `a` (in-context copying, what induction heads do)."""
+    rng = random.Random(seed)
+    examples = []
+    for k in range(n):
+        names: list[str] = []
+        while len(names) < 4:
+            name = "_".join(rng.sample(NAME_PARTS, rng.randint(2, 3)))
+            if name not in names:
+                names.append(name)
+        choices = [f'{name}"' for name in names]
+        rng.shuffle(choices)
+        examples.append(Example(f'a = "{names[0]}"\nb = "', choices, choices.index(f'{names[0]}"'),
+                                where=f"copy:{k}"))
+    return Task("copy", "choice", examples, target_delimiter="")
+
+
+BUILTIN_TASKS = {"python-docs-cloze": docs_cloze_task, "pattern": pattern_task, "copy": copy_task,
+                 "arithmetic": arithmetic_task}
 """The tasks the project makes itself (no download)."""
 
 
