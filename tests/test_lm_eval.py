@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,7 +104,11 @@ def test_rolling_and_generate(setup):
 
 @pytest.mark.slow
 def test_lm_eval_command_line(setup, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "llmscratch.lm_eval_adapter", "--model", "llmscratch",
+    # `llmscratch-lm-eval` is lm_eval's command line with `--model llmscratch` registered
+    # (pyproject's console script; `python -m llmscratch.lm_eval_adapter` is the same)
+    script = Path(sys.executable).parent / "llmscratch-lm-eval"
+    assert script.is_file(), "the package's console script llmscratch-lm-eval is not installed"
+    r = subprocess.run([str(script), "--model", "llmscratch",
                         "--model_args", f"path={setup['run']},kernels=false", "--tasks", "llmscratch_local",
                         "--include_path", str(setup["tasks"]), "--limit", "8"],
                        capture_output=True, text=True, timeout=300)

@@ -1,11 +1,15 @@
 """llmscratch models in EleutherAI's lm-evaluation-harness (`pip install -e ".[eval]"`).
 
 Importing this module registers the model type `llmscratch` with `lm_eval`. The harness
-discovers no plugins by itself, so run it through this module, which registers the model
-and then hands its arguments to lm_eval's own command line:
+finds no model plugins by itself (lm_eval 0.4's model names are a fixed table in
+`lm_eval/models/__init__.py`, with no entry-point discovery), so a bare `lm_eval --model
+llmscratch` cannot know ours. The package's `llmscratch-lm-eval` command is lm_eval's own
+command line with the model registered first, taking the same arguments:
 
-    python -m llmscratch.lm_eval_adapter --model llmscratch --model_args path=runs/instruct \\
+    llmscratch-lm-eval --model llmscratch --model_args path=runs/instruct \\
         --tasks hellaswag --num_fewshot 0
+
+(`python -m llmscratch.lm_eval_adapter ...` is the same command)
 
 or from Python: `lm_eval.simple_evaluate(model=LLMScratchLM(path=...), tasks=[...])`.
 
