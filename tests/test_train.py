@@ -74,6 +74,26 @@ def test_run_folder_and_loss_falls(tmp_path):
     assert generate(model, torch.tensor([[1, 2]]), 5).shape == (1, 7)
 
 
+def test_shape_flags_reshape_the_preset_and_wordpiece_trains_a_decoder(tmp_path):
+    from llmscratch.checkpoint import load_model
+    from llmscratch.tokenizer import WordPieceTokenizer
+
+    out = pretrain(cfg(tmp_path, max_steps=3, n_layer=1, n_head=2, n_embd=48, tokenizer="wordpiece:300")).out
+    shape = json.loads((out / "config.json").read_text())["model"]
+    assert (shape["n_layer"], shape["n_head"], shape["n_embd"], shape["context_length"]) == (1, 2, 48, 32)
+    model, tok = load_model(str(out))
+    assert isinstance(tok, WordPieceTokenizer) and tok.vocab_size <= 300
+    assert len(model.h) == 1 and model.config.n_embd == 48
+    with pytest.raises(UserError, match=r"different settings: n_embd \(48 -> 64\)"):
+        pretrain(cfg(tmp_path, max_steps=4, n_layer=1, n_head=2, n_embd=64, tokenizer="wordpiece:300", resume=True))
+    with pytest.raises(UserError, match=r"n_embd \(50\) must be divisible by n_head \(4\)"):
+        pretrain(cfg(tmp_path, "odd", max_steps=1, n_embd=50, n_head=4))
+    with pytest.raises(UserError, match="--n-layer must be positive"):
+        pretrain(cfg(tmp_path, "zero", max_steps=1, n_layer=0))
+    with pytest.raises(UserError, match="wordpiece:VOCAB_SIZE"):
+        pretrain(cfg(tmp_path, "wp", max_steps=1, tokenizer="wordpiece:many"))
+
+
 def test_same_seed_same_run(tmp_path):
     a = pretrain(cfg(tmp_path, "a", max_steps=8, dropout=0.1)).out
     b = pretrain(cfg(tmp_path, "b", max_steps=8, dropout=0.1)).out
@@ -251,6 +271,14 @@ def test_time_budget_fixes_the_step_count_and_max_steps_repeats_the_run(tmp_path
     wb, wa = weights(budget.out), weights(again.out)
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
+
+
+def test_time_budget_times_the_later_warmup_steps():
+    from llmscratch.train.config import budget_calibration
+
+    assert budget_calibration(5) == (1, 5)  # the fewest: steps 2-5
+    assert budget_calibration(30) == (6, 30)  # steps 7-30: the slow first fifth left out
+    assert budget_calibration(500) == (10, 50)  # at most 50 steps before the count is fixed
 
 
 def test_time_budget_settings_are_checked():

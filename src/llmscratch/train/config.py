@@ -19,6 +19,13 @@ class TrainConfig:
     """dataset name, text file, or folder of .txt files"""
     model: str = "mini"
     """model preset to train from scratch (a GPT: tiny, mini, small, ...; an encoder: bert-tiny, bert-mini, ...)"""
+    n_layer: int | None = None
+    """blocks (default: the preset's); --n-layer, --n-head and --n-embd reshape a preset,
+    its other settings kept"""
+    n_head: int | None = None
+    """attention heads per block (default: the preset's; must divide --n-embd)"""
+    n_embd: int | None = None
+    """model width (default: the preset's)"""
     objective: Literal["auto", "lm", "mlm"] = "auto"
     """lm (next token, a GPT), mlm (masked LM, an encoder), or auto: from --model"""
     whole_word_masking: bool = False
@@ -26,13 +33,15 @@ class TrainConfig:
     out: str = "runs/pretrain"
     """run folder for config, weights, tokenizer, state, metrics, plot"""
     tokenizer: str = "bpe:8192"
-    """bpe:VOCAB (train a byte-level BPE on the data), gpt2, or a tokenizer.json"""
+    """bpe:VOCAB (train a byte-level BPE on the data), wordpiece:VOCAB (train an uncased
+    WordPiece, as BERT's), gpt2, or a tokenizer.json"""
     max_steps: int = 240
     """optimizer steps to train for"""
     time_budget: str | None = None
     """train for about this long instead (e.g. 4m, 90s, 1h, counted from the command's start):
-    the step count is fixed from the speed of the first warmup steps, printed, and saved as
-    max_steps in config.json, so --max-steps N repeats the run exactly"""
+    the step count is fixed at the end of the warmup (at most 50 steps) from the speed of
+    its later steps, printed, and saved as max_steps in config.json, so --max-steps N
+    repeats the run exactly"""
     batch_size: int = 16
     """sequences per optimizer step (global, all processes together)"""
     grad_accum: int = 1
@@ -84,13 +93,19 @@ class TrainConfig:
     progress: bool = True
     """show a progress bar"""
 
+    def model_overrides(self) -> dict:
+        """The preset fields this config changes: its shape flags and --context-length."""
+        names = ("n_layer", "n_head", "n_embd", "context_length")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
     def validate(self) -> None:
         positive = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.context_length is not None and self.context_length <= 0:
-            raise UserError(f"--context-length must be positive, got {self.context_length}")
+        for name in ("context_length", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not 0 < self.val_fraction < 1:
@@ -108,8 +123,8 @@ class TrainConfig:
             raise UserError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     # Changing these between a run and its resume would silently train something else.
-    RESUME_FIXED = ("data", "model", "tokenizer", "batch_size", "grad_accum", "context_length",
-                    "dropout", "seed", "val_fraction")
+    RESUME_FIXED = ("data", "model", "n_layer", "n_head", "n_embd", "tokenizer", "batch_size", "grad_accum",
+                    "context_length", "dropout", "seed", "val_fraction")
 
     # What `resume_config` lets a resume change: how long to train (the cosine schedule is
     # a function of max_steps, so it stretches from the step the run stopped at), how
@@ -117,6 +132,15 @@ class TrainConfig:
     # value the run was started with.
     RESUME_SAFE = ("out", "resume", "max_steps", "eval_every", "eval_batches", "sample_tokens", "device",
                    "precision", "compile", "kernels", "gradient_checkpointing", "progress")
+
+
+def vocab_size_of(spec: str) -> int:
+    """N of a `kind:N` tokenizer spec; UserError if it is not a number."""
+    kind, _, size = spec.partition(":")
+    try:
+        return int(size)
+    except ValueError:
+        raise UserError(f"--tokenizer {spec!r}: expected {kind}:VOCAB_SIZE, e.g. {kind}:4096") from None
 
 
 def resume_config(out, given: dict) -> tuple[TrainConfig, int]:
@@ -153,9 +177,20 @@ def resume_config(out, given: dict) -> tuple[TrainConfig, int]:
     return cfg, step
 
 
-# Steps timed to fix a time budget's step count: the first is left out (allocation,
-# first-touch), the others give the seconds per step.
+# A time budget fixes the step count at the end of the warmup (whose learning rate does not
+# depend on the step count), from the speed of its later steps: the first ones run slow
+# (allocation, first touch, caches), by 10-25% over the first five on a 2-core CPU, which
+# is why only the later four fifths count. It needs at least BUDGET_CALIBRATION_STEPS
+# warmup steps, and times at most BUDGET_CALIBRATION_MAX.
 BUDGET_CALIBRATION_STEPS = 5
+BUDGET_CALIBRATION_MAX = 50
+
+
+def budget_calibration(warmup_steps: int) -> tuple[int, int]:
+    """`(first, last)`: a time budget's step count is fixed after step `last`, from the
+    time steps `first + 1` to `last` took."""
+    last = min(warmup_steps, BUDGET_CALIBRATION_MAX)
+    return max(1, last // 5), last
 
 
 def parse_duration(text: str) -> float:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..utils import atomic_write, pick_device
-from .config import BUDGET_CALIBRATION_STEPS, get_lr, steps_for_budget
+from .config import budget_calibration, get_lr, steps_for_budget
 from .state import METRICS_FILE, append_metrics, load_train_state, read_metrics, save_train_state
 
 
@@ -103,11 +103,11 @@ def configure_optimizer(model: torch.nn.Module, cfg, device: torch.device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def _budget_steps(cfg, step: int, seconds: float, seconds_left: float, eval_every: int, world: int,
-                  device: torch.device) -> int:
-    """The step count that fits the time left, from `step - 1` steps timed over `seconds`
-    (rank 0's figure, broadcast, so every process stops at the same step)."""
-    step_seconds = seconds / (step - 1)
+def _budget_steps(cfg, step: int, timed: int, seconds: float, seconds_left: float, eval_every: int,
+                  world: int, device: torch.device) -> int:
+    """The step count that fits the time left after `step`, from `timed` steps that took
+    `seconds` (rank 0's figure, broadcast, so every process stops at the same step)."""
+    step_seconds = seconds / timed
     # an evaluation is forward passes only, about a third of a training step's work per batch
     eval_seconds = step_seconds * getattr(cfg, "eval_batches", 0) / cfg.grad_accum / 3
     total = steps_for_budget(0.97 * seconds_left, step_seconds, step, eval_every, eval_seconds)
@@ -247,10 +247,10 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
         on_checkpoint: called on rank 0 after each checkpoint with the step (e.g. to
             write the inference weights beside it).
         plot_title, desc: the loss plot's title and the progress bar's label.
-        deadline: a `time.perf_counter()` time to finish by: after the first
-            `BUDGET_CALIBRATION_STEPS` steps (warmup steps, whose learning rate does not
-            depend on `max_steps`) the step count is fixed from their speed, replacing
-            `cfg.max_steps`, and passed to `on_max_steps`.
+        deadline: a `time.perf_counter()` time to finish by: at the end of the warmup
+            (whose learning rate does not depend on `max_steps`; at most 50 steps) the step
+            count is fixed from the speed of its later steps (`config.budget_calibration`),
+            replacing `cfg.max_steps`, and passed to `on_max_steps`.
 
     Returns:
         A `FitResult`; the model holds the weights of the last finished step.
@@ -299,6 +299,7 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
     if budget_open:  # train "forever" until the first steps have been timed
         cfg = dataclasses.replace(cfg, max_steps=10**9)
     t_calibration = None
+    calib_from, calib_at = budget_calibration(cfg.warmup_steps)
     last_eval: dict = {}
     interrupted = False
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and master),
@@ -339,12 +340,12 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
             t_last, seen_last = now, seen
             rec = {"step": step, batches.unit: seen, "train_loss": train_loss, "lr": lr,
                    f"{batches.unit}_per_s": rate}
-            if budget_open and step == 1:
+            if budget_open and step == calib_from:
                 t_calibration = now
-            elif budget_open and step == BUDGET_CALIBRATION_STEPS:
-                cfg = dataclasses.replace(cfg, max_steps=_budget_steps(cfg, step, now - t_calibration,
-                                                                       deadline - now, eval_every, world,
-                                                                       device))
+            elif budget_open and step == calib_at:
+                cfg = dataclasses.replace(cfg, max_steps=_budget_steps(cfg, step, calib_at - calib_from,
+                                                                       now - t_calibration, deadline - now,
+                                                                       eval_every, world, device))
                 budget_open = False
                 bar.total = cfg.max_steps
                 if on_max_steps is not None:

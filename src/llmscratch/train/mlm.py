@@ -25,7 +25,6 @@ pieces of a word (`play ##ing`) are selected together, so a word is never half-v
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,10 @@ from ..checkpoint import save_model
 from ..data import BatchSampler, iter_eval_batches, split_train_val, token_ids
 from ..datasets import load_text
 from ..errors import UserError
-from ..kernels import apply_kernels
 from ..tokenizer.wordpiece import WordPieceTokenizer
-from ..utils import seed_everything
-from .loop import FitResult, Objective, autocast_dtype, distributed_setup, fit, rank0_first
-from .state import STATE_FILE, check_resume
+from .config import vocab_size_of
+from .loop import FitResult, Objective, fit, rank0_first
+from .start import build_model, start_run
 
 IGNORE = -100
 """The label of positions without a loss (not selected for masking)."""
@@ -224,11 +222,7 @@ def build_wordpiece(spec: str, documents) -> WordPieceTokenizer:
     holding one, or a saved WordPiece `tokenizer.json`."""
     kind, _, size = spec.partition(":")
     if kind in ("wordpiece", "bpe") and size:
-        try:
-            n = int(size)
-        except ValueError:
-            raise UserError(f"--tokenizer {spec!r}: expected wordpiece:VOCAB_SIZE, e.g. wordpiece:8192") from None
-        return WordPieceTokenizer.from_corpus((d.text for d in documents), n)
+        return WordPieceTokenizer.from_corpus((d.text for d in documents), vocab_size_of(f"wordpiece:{size}"))
     path = Path(spec)
     if path.suffix == ".json" or (path / "tokenizer.json").is_file():
         from ..tokenizer import load_tokenizer
@@ -250,19 +244,11 @@ def pretrain_mlm(cfg, *, stop_after: int | None = None) -> tuple[Path, FitResult
     Returns:
         `(run folder, FitResult)`.
     """
-    cfg.validate()
     for flag in ("time_budget", "gradient_checkpointing"):
         if getattr(cfg, flag, None):
             raise UserError(f"--{flag.replace('_', '-')} is not supported for an encoder yet (GPT pretraining only)")
-    rank, world, device = distributed_setup(cfg.device)
-    master = rank == 0
-    out = Path(cfg.out)
-    settings = dataclasses.asdict(cfg)
-    if cfg.resume:
-        check_resume(out, settings, type(cfg).RESUME_FIXED + ("objective", "whole_word_masking"))
-    elif (out / STATE_FILE).exists():
-        raise UserError(f"{out} already holds a run; pass --resume to continue it, or pick another --out")
-    seed_everything(cfg.seed)
+    run = start_run(cfg, type(cfg).RESUME_FIXED + ("objective", "whole_word_masking"))
+    rank, world, device, master, out, settings = run.rank, run.world, run.device, run.master, run.out, run.settings
 
     def load_data():
         documents = load_text(cfg.data, encoding_errors=cfg.encoding_errors, progress=cfg.progress and master)
@@ -270,10 +256,8 @@ def pretrain_mlm(cfg, *, stop_after: int | None = None) -> tuple[Path, FitResult
             tokenizer = build_wordpiece(str(out / "tokenizer.json"), documents)
         else:
             tokenizer = build_wordpiece(cfg.tokenizer, documents)
-        overrides = {"vocab_size": tokenizer.vocab_size, "dropout": cfg.dropout, "pad_token_id": tokenizer.pad_id}
-        if cfg.context_length:
-            overrides["context_length"] = cfg.context_length
-        model_cfg = BertConfig.from_name(cfg.model, **overrides)
+        model_cfg = BertConfig.from_name(cfg.model, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout,
+                                         pad_token_id=tokenizer.pad_id, **cfg.model_overrides())
         window = model_cfg.context_length - 2  # room for [CLS] and [SEP]
         ids, _ = token_ids(documents, tokenizer, source=str(cfg.data), progress=cfg.progress)
         if len(ids) < 2 * (window + 1):
@@ -288,17 +272,15 @@ def pretrain_mlm(cfg, *, stop_after: int | None = None) -> tuple[Path, FitResult
     batches = MLMBatches(BatchSampler(train_ids, cfg.batch_size, window, seed=cfg.seed), cfg.grad_accum,
                          masker, cfg.seed)
 
-    torch.manual_seed(cfg.seed)
-    model = Bert(model_cfg).to(device)
-    # No next-sentence objective here, so nothing trains the pooler: frozen, it stays at its
-    # init (fine-tuning trains it), and DDP sees no parameter without a gradient.
-    model.pooler.requires_grad_(False)
-    if cfg.kernels:
-        apply_kernels(model)
+    def make() -> Bert:
+        model = Bert(model_cfg)
+        # No next-sentence objective here, so nothing trains the pooler: frozen, it stays at its
+        # init (fine-tuning trains it), and DDP sees no parameter without a gradient.
+        model.pooler.requires_grad_(False)
+        return model
+
     run_info = {"train": settings, "tokenizer_file": "tokenizer.json", "objective": "mlm"}
-    if master and not cfg.resume:
-        save_model(model, out, tokenizer, extra=run_info)
-    amp = autocast_dtype(cfg.precision, device)
+    model, amp = build_model(make, cfg, run, tokenizer, run_info)
     if master:
         print(f"encoder {cfg.model}: {model.num_params() / 1e6:.2f}M parameters, context "
               f"{model_cfg.context_length}, vocab {model_cfg.vocab_size} (wordpiece); masked LM on "

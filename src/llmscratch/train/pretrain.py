@@ -27,7 +27,6 @@ process with the same global batch.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from contextlib import nullcontext
@@ -43,13 +42,12 @@ from ..checkpoint import save_model
 from ..data import BatchSampler, iter_eval_batches, split_train_val, token_ids
 from ..datasets import load_text
 from ..errors import UserError
-from ..kernels import apply_kernels, lm_head_loss
+from ..kernels import lm_head_loss
 from ..model import GPT, GPTConfig, lm_loss
-from ..utils import seed_everything
-from .config import BUDGET_CALIBRATION_STEPS, TrainConfig, parse_duration
-from .loop import Objective, autocast_dtype, distributed_setup, fit, rank0_first
+from .config import TrainConfig, budget_calibration, parse_duration, vocab_size_of
+from .loop import Objective, fit, rank0_first
 from .mlm import objective_of, pretrain_mlm
-from .state import STATE_FILE, check_resume
+from .start import build_model, start_run
 
 # ------------------------------------------------------------------------ the objective
 
@@ -87,19 +85,19 @@ class LMBatches:
 
 
 def build_tokenizer(spec: str, documents):
-    """The run's tokenizer: GPT-2's, a BPE trained on the data (`bpe:4096`), or a file."""
-    from ..tokenizer import BPETokenizer, get_tokenizer
+    """The run's tokenizer: GPT-2's, a BPE trained on the data (`bpe:4096`), an uncased
+    WordPiece trained on it (`wordpiece:4096`, BERT's kind: no case, no accents), or a file."""
+    from ..tokenizer import BPETokenizer, WordPieceTokenizer, get_tokenizer
 
     if spec.startswith("bpe:"):
-        try:
-            vocab = int(spec[4:])
-        except ValueError:
-            raise UserError(f"--tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:4096") from None
+        vocab = vocab_size_of(spec)
         if vocab < 257:
             raise UserError(f"--tokenizer {spec}: a byte-level BPE needs a vocabulary of at least 257")
         tok = BPETokenizer()
         tok.train("\n\n".join(d.text for d in documents), vocab, special_tokens=("<|endoftext|>",))
         return tok
+    if spec.startswith("wordpiece:"):
+        return WordPieceTokenizer.from_corpus((d.text for d in documents), vocab_size_of(spec))
     return get_tokenizer(spec)
 
 
@@ -199,18 +197,8 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
         return TrainResult(out, fitted.step, fitted.seen, ev.get("val_loss"), None, fitted.interrupted,
                            val_mlm_acc=ev.get("val_mlm_acc"))
     started = time.perf_counter()
-    cfg.validate()
-    rank, world, device = distributed_setup(cfg.device)
-    master = rank == 0
-    out = Path(cfg.out)
-    settings = dataclasses.asdict(cfg)
-
-    if cfg.resume:
-        check_resume(out, settings, TrainConfig.RESUME_FIXED)
-    elif (out / STATE_FILE).exists():
-        raise UserError(f"{out} already holds a run; pass --resume to continue it, or pick another --out")
-
-    seed_everything(cfg.seed)
+    run = start_run(cfg, TrainConfig.RESUME_FIXED)
+    rank, world, device, master, out, settings = run.rank, run.world, run.device, run.master, run.out, run.settings
 
     def load_data():
         documents = load_text(cfg.data, encoding_errors=cfg.encoding_errors, progress=cfg.progress and master)
@@ -220,10 +208,8 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
             tokenizer = load_tokenizer(out / "tokenizer.json")
         else:
             tokenizer = build_tokenizer(cfg.tokenizer, documents)
-        overrides = {"vocab_size": tokenizer.vocab_size, "dropout": cfg.dropout}
-        if cfg.context_length:
-            overrides["context_length"] = cfg.context_length
-        model_cfg = GPTConfig.from_name(cfg.model, **overrides)
+        model_cfg = GPTConfig.from_name(cfg.model, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout,
+                                        **cfg.model_overrides())
         return (tokenizer, model_cfg, *prepare_data(cfg, tokenizer, model_cfg.context_length, documents))
 
     # Rank 0 downloads and tokenizes first (both write shared cache files); the others then
@@ -234,16 +220,9 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     batches = LMBatches(BatchSampler(train_ids, cfg.batch_size, T, seed=cfg.seed), cfg.grad_accum)
 
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).to(device)
-    if cfg.kernels:
-        apply_kernels(model)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
     run_info = {"train": settings, "tokenizer_file": "tokenizer.json"}
-    if master and not cfg.resume:
-        save_model(model, out, tokenizer, extra=run_info)
-    amp = autocast_dtype(cfg.precision, device)
-
+    model, amp = build_model(lambda: GPT(model_cfg), cfg, run, tokenizer, run_info)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     if master:
         print(f"model {cfg.model}: {model.num_params() / 1e6:.2f}M parameters, context {T}, vocab "
               f"{model_cfg.vocab_size} ({tokenizer.name}); train {len(train_ids):,} tokens, validation "
@@ -269,12 +248,13 @@ def _time_budget(cfg: TrainConfig, started: float, settings: dict, master: bool)
     if cfg.time_budget is None or cfg.resume:
         return {}
 
+    first, last = budget_calibration(cfg.warmup_steps)
+
     def fixed(n: int) -> None:
         settings["max_steps"] = n
         if master:
-            tqdm.write(f"--time-budget {cfg.time_budget}: {n} steps fit (timed over the first "
-                       f"{BUDGET_CALIBRATION_STEPS} steps); saved as max_steps in config.json, so "
-                       f"--max-steps {n} repeats this run")
+            tqdm.write(f"--time-budget {cfg.time_budget}: {n} steps fit (timed over warmup steps {first + 1}-"
+                       f"{last}); saved as max_steps in config.json, so --max-steps {n} repeats this run")
 
     return {"deadline": started + parse_duration(cfg.time_budget), "on_max_steps": fixed}
 
