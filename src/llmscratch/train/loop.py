@@ -104,12 +104,15 @@ def configure_optimizer(model: torch.nn.Module, cfg, device: torch.device):
 
 
 def _budget_steps(cfg, step: int, timed: int, seconds: float, seconds_left: float, eval_every: int,
-                  world: int, device: torch.device) -> int:
+                  world: int, device: torch.device, eval_seconds: float | None = None) -> int:
     """The step count that fits the time left after `step`, from `timed` steps that took
-    `seconds` (rank 0's figure, broadcast, so every process stops at the same step)."""
+    `seconds` of training (rank 0's figure, broadcast, so every process stops at the same
+    step); an evaluation with its checkpoint takes `eval_seconds` (measured if one fell
+    among the timed steps, else estimated)."""
     step_seconds = seconds / timed
-    # an evaluation is forward passes only, about a third of a training step's work per batch
-    eval_seconds = step_seconds * getattr(cfg, "eval_batches", 0) / cfg.grad_accum / 3
+    if eval_seconds is None:
+        # an evaluation is forward passes only, about a third of a training step's work per batch
+        eval_seconds = step_seconds * getattr(cfg, "eval_batches", 0) / cfg.grad_accum / 3
     total = steps_for_budget(0.97 * seconds_left, step_seconds, step, eval_every, eval_seconds)
     if world > 1:
         flag = torch.tensor([total], dtype=torch.long, device=device)
@@ -300,6 +303,7 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
         cfg = dataclasses.replace(cfg, max_steps=10**9)
     t_calibration = None
     calib_from, calib_at = budget_calibration(cfg.warmup_steps)
+    t_aside, eval_measured = 0.0, None  # evaluations + checkpoints inside the timed steps
     last_eval: dict = {}
     interrupted = False
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and master),
@@ -344,8 +348,9 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
                 t_calibration = now
             elif budget_open and step == calib_at:
                 cfg = dataclasses.replace(cfg, max_steps=_budget_steps(cfg, step, calib_at - calib_from,
-                                                                       now - t_calibration, deadline - now,
-                                                                       eval_every, world, device))
+                                                                       now - t_calibration - t_aside,
+                                                                       deadline - now, eval_every, world,
+                                                                       device, eval_measured))
                 budget_open = False
                 bar.total = cfg.max_steps
                 if on_max_steps is not None:
@@ -359,6 +364,7 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
                 dist.all_reduce(flag)
                 stop_now = bool(flag.item())
             boundary = step % eval_every == 0 or step == cfg.max_steps or stop_now
+            t_boundary = time.perf_counter()
             if boundary and objective.evaluate is not None:
                 last_eval = evaluate()
                 numbers = {k: v for k, v in last_eval.items() if isinstance(v, (int, float))}
@@ -373,6 +379,9 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
                     append_metrics(metrics_path, rec)
             if boundary:
                 checkpoint(step)
+                if budget_open and t_calibration is not None:  # not training: left out of the timing
+                    eval_measured = time.perf_counter() - t_boundary
+                    t_aside += eval_measured
             if stop_now:
                 interrupted = True
                 break
