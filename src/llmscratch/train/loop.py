@@ -306,7 +306,8 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
     t_aside, eval_measured = 0.0, None  # evaluations + checkpoints inside the timed steps
     last_eval: dict = {}
     interrupted = False
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and master),
+    # while a time budget is still timing its first steps the total is unknown: no bar, a count
+    bar = tqdm(total=None if budget_open else cfg.max_steps, initial=step, disable=not (cfg.progress and master),
                desc=desc, unit="step", dynamic_ncols=True)
     t_last, seen_last = time.perf_counter(), seen
     model.train()
