@@ -59,6 +59,10 @@ def test_chat_page_streams_a_reply_and_keeps_the_conversation(browser, page_url)
             if r.url.endswith("/v1/chat/completions") else None)
     page.goto(page_url + "/")
     page.wait_for_function("document.getElementById('model').textContent === 'browser-run0'")
+    # a tiny model writes 40 tokens faster than the page repaints, which can merge the stream
+    # into two updates; a slow link (Chrome's network emulation) spreads the chunks out
+    page.context.new_cdp_session(page).send("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 0, "downloadThroughput": 4000, "uploadThroughput": -1})
 
     # the sampling settings are on the page; make the reply long and random
     page.fill("#max_tokens", "40")
