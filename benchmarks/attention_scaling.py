@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from llmscratch.attention import CausalSelfAttention, MultiHeadAttention
+from llmscratch.models.attention import CausalSelfAttention, MultiHeadAttention
 from peak_memory import peak_rss_mb  # benchmarks/peak_memory.py, beside this script
 from results import write_result  # benchmarks/results.py
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 import tiktoken
 
-from llmscratch.datasets import load_text
+from llmscratch.data.corpora import load_text
 from llmscratch.errors import UserError
 from llmscratch.tokenizer import BPETokenizer, get_tokenizer
 from llmscratch.tokenizer.gpt2 import gpt2_files

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from harness import interleave, ours_train_step  # benchmarks/harness.py
-from llmscratch.generate import generate
+from llmscratch.decoding.generate import generate
 from llmscratch.kernels import apply_kernels, reuse_freed_memory
-from llmscratch.model import GPT, GPTConfig
-from llmscratch.quantize import quantize_int8
+from llmscratch.models.gpt import GPT, GPTConfig
+from llmscratch.kernels.quantize import quantize_int8
 from results import write_result  # benchmarks/results.py
 
 

@@ -37,17 +37,17 @@ from pathlib import Path
 
 import torch
 
-from llmscratch.checkpoint import save_model
+from llmscratch.checkpoints.run import save_model
 from llmscratch.data import BatchSampler, split_train_val, token_ids
-from llmscratch.datasets import load_text
+from llmscratch.data.corpora import load_text
 from llmscratch.finetune.classify import ClassifyConfig, balance_classes, finetune_classify, stratified_split
 from llmscratch.finetune.data import read_labeled
 from llmscratch.kernels import apply_kernels, reuse_freed_memory
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.models.gpt import GPT, GPTConfig
 from llmscratch.tokenizer import WordPieceTokenizer
 from llmscratch.train import LMBatches, Objective, TrainConfig, evaluate, fit, pretrain
 from llmscratch.train.pretrain import lm_train_loss
-from llmscratch.bert import BertConfig
+from llmscratch.models.bert import BertConfig
 from results import write_result  # benchmarks/results.py
 
 
@@ -116,7 +116,7 @@ def step_ms(run: Path) -> float:
 
 
 def n_params(run: Path) -> int:
-    from llmscratch.checkpoint import load_model
+    from llmscratch.checkpoints.run import load_model
 
     return sum(p.numel() for p in load_model(str(run))[0].parameters())
 

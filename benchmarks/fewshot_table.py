@@ -1,4 +1,4 @@
-"""The zero- vs few-shot table: one model scored on every built-in task (`llmscratch.tasks`)
+"""The zero- vs few-shot table: one model scored on every built-in task (`llmscratch.evaluation.tasks`)
 with 0, 1, 3 and 5 examples in each prompt, in one run, same seed for the shot selection.
 
 The model is any run folder, e.g. the README's pretraining run on the embedded corpus:
@@ -16,9 +16,9 @@ import argparse
 import sys
 import time
 
-from llmscratch.checkpoint import load_model
+from llmscratch.checkpoints.run import load_model
 from llmscratch.errors import UserError
-from llmscratch.tasks import BUILTIN_TASKS, evaluate_task, load_task
+from llmscratch.evaluation.tasks import BUILTIN_TASKS, evaluate_task, load_task
 from results import write_result  # benchmarks/results.py
 
 

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from llmscratch.kernels import apply_kernels, lm_head_loss, reuse_freed_memory
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.models.gpt import GPT, GPTConfig
 
 
 def _sync(device: torch.device) -> None:
@@ -288,7 +288,7 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
     """
     import tempfile
 
-    from llmscratch.generate import generate
+    from llmscratch.decoding.generate import generate
 
     def ours_model() -> GPT:
         model = GPT(cfg).to(device).eval()
@@ -308,7 +308,7 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
     }
     models = {"llmscratch KV cache fp32": ours, "llmscratch KV cache bf16": ours_bf16}  # name -> model run
     if device.type == "cpu":
-        from llmscratch.quantize import quantize_int8
+        from llmscratch.kernels.quantize import quantize_int8
 
         ours_int8 = ours_model()
         ours_int8.load_state_dict(ours.state_dict())
@@ -325,7 +325,7 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
         except ImportError:
             GPT2LMHeadModel = None
         if GPT2LMHeadModel is not None:
-            from llmscratch.weights import save_hf_gpt2
+            from llmscratch.hf.decoders import save_hf_gpt2
 
             with tempfile.TemporaryDirectory() as d:
                 save_hf_gpt2(ours, d)
@@ -497,7 +497,7 @@ def run(args) -> None:
             save(report)
             release_freed_memory()
     if "tokenizer" in args.what:
-        from llmscratch.datasets import load_text
+        from llmscratch.data.corpora import load_text
 
         text = load_text("python-docs" if args.quick else "tinyshakespeare")[0].text
         rows = bench_tokenizers(text, 512 if args.quick else 4096, peers=not args.no_peers)

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from llmscratch.checkpoint import load_model
+from llmscratch.checkpoints.run import load_model
 from llmscratch.data import split_train_val, token_ids
-from llmscratch.datasets import load_text
+from llmscratch.data.corpora import load_text
 from llmscratch.errors import UserError
 from llmscratch.train import evaluate
 from results import write_result  # benchmarks/results.py

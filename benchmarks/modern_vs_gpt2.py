@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from llmscratch.kernels import reuse_freed_memory
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.models.gpt import GPT, GPTConfig
 from llmscratch.train import TrainConfig, pretrain
 from results import write_result  # benchmarks/results.py
 

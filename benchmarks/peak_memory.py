@@ -13,7 +13,7 @@ import torch
 
 from harness import hf_train_step, ours_train_step
 from llmscratch.kernels import reuse_freed_memory
-from llmscratch.model import GPTConfig
+from llmscratch.models.gpt import GPTConfig
 
 
 def peak_rss_mb() -> float:

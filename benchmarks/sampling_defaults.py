@@ -25,12 +25,12 @@ import sys
 
 import torch
 
-from llmscratch.checkpoint import load_model
+from llmscratch.checkpoints.run import load_model
 from llmscratch.data import split_train_val, token_ids
-from llmscratch.datasets import load_text
+from llmscratch.data.corpora import load_text
 from llmscratch.errors import UserError
-from llmscratch.evaluate import pretraining_data_of
-from llmscratch.generate import generate
+from llmscratch.evaluation.lm import pretraining_data_of
+from llmscratch.decoding.generate import generate
 from results import write_result  # benchmarks/results.py
 
 SETTINGS = {

@@ -56,12 +56,12 @@ _resolved: dict[str, Path | str] = {}
 def named_dataset(tmp_path_factory):
     """`named_dataset("sms-spam")` -> the file's Path, or a skip naming why it can't be had.
 
-    Resolution is the product's (`llmscratch.datasets.dataset_path`): the data folder named
+    Resolution is the product's (`llmscratch.data.corpora.dataset_path`): the data folder named
     by the user's `LLMSCRATCH_DATA_DIR` (whatever a test module did to the variable), then
     this session's cache, then a verified download. Offline with no data folder the download
     fails at once (no DNS), and the test skips with that one line.
     """
-    from llmscratch.datasets import dataset_path
+    from llmscratch.data.corpora import dataset_path
     from llmscratch.errors import UserError
 
     cache = tmp_path_factory.getbasetemp() / "llmscratch-cache"
@@ -98,7 +98,7 @@ def named_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def docs_text() -> str:
     """The embedded corpus: CPython's language reference (~465 KB), on every machine."""
-    from llmscratch.datasets import python_docs_text
+    from llmscratch.data.corpora import python_docs_text
 
     return python_docs_text()
 

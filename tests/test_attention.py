@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmscratch.attention import (
+from llmscratch.models.attention import (
     CausalAttention,
     CausalSelfAttention,
     MultiHeadAttention,
@@ -91,7 +91,7 @@ def test_fast_path_matches_explicit_math_with_gradients():
 
 
 def test_kv_cache_chunks_equal_full_attention():
-    from llmscratch.attention import KVCache
+    from llmscratch.models.attention import KVCache
 
     C, H = 16, 4
     attn = CausalSelfAttention(C, H).eval()

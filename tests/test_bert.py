@@ -9,9 +9,9 @@ import logging
 import pytest
 import torch
 
-from llmscratch.bert import Bert, BertConfig, embed
+from llmscratch.models.bert import Bert, BertConfig, embed
 from llmscratch.errors import UserError
-from llmscratch.weights_bert import is_hf_bert_dir, load_hf_bert, save_hf_bert
+from llmscratch.hf.bert import is_hf_bert_dir, load_hf_bert, save_hf_bert
 
 transformers = pytest.importorskip("transformers")
 
@@ -183,8 +183,8 @@ def bert_hub(tmp_path, monkeypatch):
 
 
 def test_download_bert_base_uncased(bert_hub, tmp_path):
-    from llmscratch.checkpoint import load_model
-    from llmscratch.hub import download_model
+    from llmscratch.checkpoints.run import load_model
+    from llmscratch.checkpoints.hub import download_model
 
     server, hf = bert_hub
     out = download_model("bert-base-uncased", tmp_path / "bert", endpoint=server.url, progress=False)
@@ -201,7 +201,7 @@ def test_download_bert_base_uncased(bert_hub, tmp_path):
 
 
 def test_convert_both_ways(tmp_path):
-    from llmscratch.checkpoint import is_run_dir, load_model
+    from llmscratch.checkpoints.run import is_run_dir, load_model
     from llmscratch.cli.main import main
     from llmscratch.tokenizer import WordPieceTokenizer
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from llmscratch import GPT, GPTConfig
-from llmscratch.chat import Chat, chat_loop
-from llmscratch.checkpoint import save_model
-from llmscratch.prompts import TEMPLATES, encode_conversation
+from llmscratch.decoding.chat import Chat, chat_loop
+from llmscratch.checkpoints.run import save_model
+from llmscratch.decoding.prompts import TEMPLATES, encode_conversation
 from llmscratch.tokenizer import get_tokenizer
 
 

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from llmscratch.checkpoint import load_model, save_model
+from llmscratch.checkpoints.run import load_model, save_model
 from llmscratch.cli import main
-from llmscratch.generate import stream_text
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.decoding.generate import stream_text
+from llmscratch.models.gpt import GPT, GPTConfig
 from llmscratch.tokenizer import get_tokenizer
 
 

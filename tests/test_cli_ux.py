@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmscratch.checkpoint import save_model
+from llmscratch.checkpoints.run import save_model
 from llmscratch.cli import build_parser, main
 from llmscratch.errors import UserError
-from llmscratch.generate import SamplingError, check_sampling, sample
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.decoding.generate import SamplingError, check_sampling, sample
+from llmscratch.models.gpt import GPT, GPTConfig
 from llmscratch.tokenizer import get_tokenizer
 from llmscratch.train import TrainConfig, pretrain
 
@@ -93,7 +93,7 @@ def test_generate_and_chat_refuse_bad_sampling_in_one_line(capsys, random_run, f
 
 
 def test_chat_object_checks_its_settings(random_run):
-    from llmscratch.chat import Chat
+    from llmscratch.decoding.chat import Chat
 
     model = GPT(GPTConfig.from_name("tiny", context_length=32))
     with pytest.raises(SamplingError, match="top_p"):
@@ -226,7 +226,7 @@ def test_info_describes_a_classifier_folder(capsys, tmp_path, random_run):
 def test_chat_on_a_base_model_says_so_once_and_prints_no_blank_lines(random_run):
     import io
 
-    from llmscratch.chat import chat_loop, load_chat
+    from llmscratch.decoding.chat import chat_loop, load_chat
 
     chat = load_chat(str(random_run), device="cpu", max_new_tokens=6, temperature=0.0)
     assert chat.template.name == "plain"  # the same default as serve (prompts.template_for)
@@ -242,7 +242,7 @@ def test_chat_on_a_base_model_says_so_once_and_prints_no_blank_lines(random_run)
 def test_chat_reply_is_trimmed_and_blank_runs_cut():
     import io
 
-    from llmscratch.chat import _write_trimmed
+    from llmscratch.decoding.chat import _write_trimmed
 
     out = io.StringIO()
     assert _write_trimmed(iter(["\n\n", " Hi", "\n\n\n\n\n", "there", "\n\n \n"]), out)
@@ -326,7 +326,7 @@ def test_every_command_refuses_an_unknown_device_in_one_line(capsys, argv):
 
 
 def test_records_and_messages_are_numbered_from_one_like_lines(tmp_path):
-    from llmscratch.evaluate import load_responses
+    from llmscratch.evaluation.lm import load_responses
     from llmscratch.finetune.data import read_instruction_records
 
     path = tmp_path / "responses.json"

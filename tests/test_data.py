@@ -18,7 +18,7 @@ from llmscratch.data import (
     token_ids,
     tokenize_to_bin,
 )
-from llmscratch.datasets import Document
+from llmscratch.data.corpora import Document
 from llmscratch.errors import UserError
 
 

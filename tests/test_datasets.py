@@ -1,4 +1,4 @@
-"""Tests for llmscratch.datasets: registry, downloads (against a local HTTP server), local text."""
+"""Tests for llmscratch.data.corpora: registry, downloads (against a local HTTP server), local text."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from llmscratch import datasets
-from llmscratch.datasets import (
+from llmscratch.data import corpora as datasets
+from llmscratch.data.corpora import (
     DATASETS,
     Document,
     dataset_names,

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from llmscratch import GPT, GPTConfig, UserError
-from llmscratch.checkpoint import save_model
-from llmscratch.evaluate import load_responses
+from llmscratch.checkpoints.run import save_model
+from llmscratch.evaluation.lm import load_responses
 from llmscratch.finetune.dpo import (
     DPOConfig,
     collate_pairs,
@@ -28,7 +28,7 @@ from llmscratch.finetune.dpo import (
     read_preference_records,
     reference_logps,
 )
-from llmscratch.prompts import TEMPLATES
+from llmscratch.decoding.prompts import TEMPLATES
 from llmscratch.tokenizer import BPETokenizer
 
 THINGS = ["apple", "river", "garden", "window", "sunset", "teacher", "bridge", "forest", "music", "coffee",
@@ -62,7 +62,7 @@ def tiny_instruct(tmp_path_factory):
 
 
 def _batch(tiny_instruct, n=4, ref=None):
-    from llmscratch.checkpoint import load_model
+    from llmscratch.checkpoints.run import load_model
 
     model, tok = load_model(str(tiny_instruct))
     recs = read_preference_records_from(synthetic_pairs(n))

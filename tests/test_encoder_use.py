@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from llmscratch.bert import Bert, BertConfig
-from llmscratch.checkpoint import load_model, save_model
+from llmscratch.models.bert import Bert, BertConfig
+from llmscratch.checkpoints.run import load_model, save_model
 from llmscratch.cli.main import main
-from llmscratch.encoder_tasks import embed_texts, fill_mask
+from llmscratch.decoding.encoder import embed_texts, fill_mask
 from llmscratch.errors import UserError
 from llmscratch.tokenizer import WordPieceTokenizer
 
@@ -28,7 +28,7 @@ def encoder_run(tmp_path_factory, docs_text):
 
 @pytest.fixture(scope="module")
 def gpt_run(tmp_path_factory):
-    from llmscratch.model import GPT, GPTConfig
+    from llmscratch.models.gpt import GPT, GPTConfig
     from llmscratch.tokenizer import get_tokenizer
 
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def test_info_describes_an_encoder(encoder_run, capsys):
 
 
 def test_chat_refuses_an_encoder(encoder_run):
-    from llmscratch.chat import load_chat
+    from llmscratch.decoding.chat import load_chat
 
     with pytest.raises(UserError, match="chat needs a decoder"):
         load_chat(str(encoder_run))
@@ -98,7 +98,7 @@ def test_embed_cli_and_truncation_warning(encoder_run, tmp_path, capsys):
 
 
 def test_hf_bert_folder_fill_mask(encoder_run, tmp_path, capsys):
-    from llmscratch.weights_bert import save_hf_bert
+    from llmscratch.hf.bert import save_hf_bert
 
     model, tok = load_model(str(encoder_run))
     save_hf_bert(model, tmp_path / "hf", tokenizer=tok)

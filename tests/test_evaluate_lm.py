@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmscratch.datasets import Document
+from llmscratch.data.corpora import Document
 from llmscratch.errors import UserError
-from llmscratch.evaluate import evaluate_lm
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.evaluation.lm import evaluate_lm
+from llmscratch.models.gpt import GPT, GPTConfig
 from llmscratch.tokenizer import BPETokenizer
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmscratch import GPT, GPTConfig, UserError
-from llmscratch.checkpoint import save_model
+from llmscratch.checkpoints.run import save_model
 from llmscratch.finetune.classify import (
     ClassifyConfig,
     add_classification_head,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmscratch import GPT, GPTConfig, UserError
-from llmscratch.checkpoint import load_model, read_run_config, save_model
+from llmscratch.checkpoints.run import load_model, read_run_config, save_model
 from llmscratch.finetune.data import read_instruction_records
 from llmscratch.finetune.instruct import (
     TEMPLATES,
@@ -182,7 +182,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
-from llmscratch.evaluate import exact_match, judge_scores, parse_score, token_f1  # noqa: E402
+from llmscratch.evaluation.lm import exact_match, judge_scores, parse_score, token_f1  # noqa: E402
 
 RESPONSES = [
     {"instruction": "Name a fruit.", "input": "", "output": "An apple.", "response": "an apple"},

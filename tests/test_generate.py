@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llmscratch.generate import generate, sample
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.decoding.generate import generate, sample
+from llmscratch.models.gpt import GPT, GPTConfig
 
 
 @pytest.fixture(scope="module")

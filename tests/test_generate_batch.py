@@ -1,4 +1,4 @@
-"""Ragged batches (`llmscratch.batching`): every row decodes as it would alone.
+"""Ragged batches (`llmscratch.decoding.batching`): every row decodes as it would alone.
 
 The reference is always `generate` (or `stream_text`) on one prompt by itself: greedy rows
 give the same tokens, seeded sampled rows the same tokens as that seed alone, whatever the
@@ -8,10 +8,11 @@ other rows are doing — finishing earlier, joining mid-way, overflowing the con
 import pytest
 import torch
 
-from llmscratch import batching, get_tokenizer
-from llmscratch.batching import BatchDecoder, DecodeRow, generate_batch, kv_bytes_per_row
-from llmscratch.generate import SamplingError, generate, stream_text
-from llmscratch.model import GPT, GPTConfig
+from llmscratch import get_tokenizer
+from llmscratch.decoding import batching
+from llmscratch.decoding.batching import BatchDecoder, DecodeRow, generate_batch, kv_bytes_per_row
+from llmscratch.decoding.generate import SamplingError, generate, stream_text
+from llmscratch.models.gpt import GPT, GPTConfig
 
 V = 101
 
@@ -189,9 +190,9 @@ def test_eval_instruct_generate_answers_in_batches(tmp_path, capsys):
     batches of --batch-size: the replies `respond` gives one at a time."""
     import json
 
-    from llmscratch.checkpoint import save_model
+    from llmscratch.checkpoints.run import save_model
     from llmscratch.cli import main
-    from llmscratch.evaluate import generate_responses
+    from llmscratch.evaluation.lm import generate_responses
     from llmscratch.finetune.instruct import TEMPLATES, respond
 
     tok = get_tokenizer("gpt2")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmscratch.errors import UserError
-from llmscratch.prompts import encode_conversation, template_for
+from llmscratch.decoding.prompts import encode_conversation, template_for
 from llmscratch.tokenizer import get_tokenizer, load_tokenizer
 from llmscratch.tokenizer.hf import HFTokenizer
 
@@ -155,8 +155,8 @@ def test_template_errors_are_user_errors(tmp_path, docs_text):
 
 def make_llama_folder(folder, docs_text, kind="llama3"):
     """A random tiny Llama-format checkpoint with its own tokenizer and chat template."""
-    from llmscratch.model import GPT, GPTConfig
-    from llmscratch.weights import save_hf
+    from llmscratch.models.gpt import GPT, GPTConfig
+    from llmscratch.hf.decoders import save_hf
 
     build_tokenizer_folder(folder, kind, docs_text)
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ def make_llama_folder(folder, docs_text, kind="llama3"):
 
 
 def test_chat_and_serve_use_the_models_own_template(tmp_path, docs_text):
-    from llmscratch.chat import load_chat
+    from llmscratch.decoding.chat import load_chat
     from llmscratch.serve.engine import load_engine
 
     folder = make_llama_folder(tmp_path / "m", docs_text)
@@ -198,9 +198,9 @@ def test_download_a_modern_repo_id_from_the_fake_hub(tmp_path, docs_text, monkey
 
     from test_hub import _HubHandler  # the fake Hub of tests/test_hub.py
 
-    from llmscratch.checkpoint import load_model
-    from llmscratch.hub import download_model
-    from llmscratch.weights import load_hf
+    from llmscratch.checkpoints.run import load_model
+    from llmscratch.checkpoints.hub import download_model
+    from llmscratch.hf.decoders import load_hf
 
     folder = make_llama_folder(tmp_path / "src", docs_text, "qwen3")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -228,7 +228,7 @@ def test_download_a_modern_repo_id_from_the_fake_hub(tmp_path, docs_text, monkey
 
 
 def test_finetune_instruct_with_lora_uses_the_models_own_template(tmp_path, docs_text, instruction_json):
-    from llmscratch.chat import load_chat
+    from llmscratch.decoding.chat import load_chat
     from llmscratch.finetune.instruct import InstructConfig, finetune_instruct
 
     folder = make_llama_folder(tmp_path / "m", docs_text, "qwen3")

@@ -91,14 +91,15 @@ def test_find_cycle_finds_a_cycle_and_accepts_a_dag():
 
 
 def test_relative_imports_resolve_to_modules():
-    assert _resolve("llmscratch.checkpoint", False, 1, "weights") == "llmscratch.weights"
+    assert _resolve("llmscratch.checkpoints.run", False, 2, "hf.decoders") == "llmscratch.hf.decoders"
+    assert _resolve("llmscratch.checkpoints.run", False, 1, "hub") == "llmscratch.checkpoints.hub"
     assert _resolve("llmscratch.finetune.loop", False, 2, "train") == "llmscratch.train"
     assert _resolve("llmscratch.tokenizer", True, 1, "bpe") == "llmscratch.tokenizer.bpe"
 
 
 def test_no_import_cycle_even_through_function_level_imports():
     graph = {name: _imports(name, path) for name, path in MODULES.items()}
-    assert "llmscratch.model" in graph["llmscratch.checkpoint"]  # the scan sees imports at all
+    assert "llmscratch.models.gpt" in graph["llmscratch.checkpoints.run"]  # the scan sees imports at all
     cycle = _find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -133,3 +134,58 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     r = subprocess.run([sys.executable, "-c", _IMPORT_EACH_FIRST, str(PKG_DIR), *names],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"modules that fail when imported first:\n{r.stdout}{r.stderr[-2000:]}"
+
+
+# The layers, lowest first: a module may import from its own layer and the layers before it,
+# never from a later one. ARCHITECTURE.md draws the same list.
+LAYERS = [
+    ("foundation", ["llmscratch.errors", "llmscratch.utils"]),
+    ("text", ["llmscratch.tokenizer"]),
+    ("data", ["llmscratch.data"]),
+    ("models", ["llmscratch.models"]),
+    ("kernels", ["llmscratch.kernels"]),
+    ("hf", ["llmscratch.hf"]),
+    ("checkpoints", ["llmscratch.checkpoints"]),
+    ("decoding", ["llmscratch.decoding"]),
+    ("train", ["llmscratch.train"]),
+    ("finetune", ["llmscratch.finetune"]),
+    ("evaluation", ["llmscratch.evaluation"]),
+    ("serve", ["llmscratch.serve"]),
+    ("cli", ["llmscratch.cli", "llmscratch.__main__"]),
+]
+
+
+def _layer_of(module: str) -> int | None:
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for name, targets in sorted(graph.items()):
+        here = _layer_of(name)
+        if here is None:  # the package itself: the public API, above every layer
+            continue
+        for t in sorted(targets):
+            there = _layer_of(t)
+            if there is not None and there > here:
+                bad.append(f"{name} ({LAYERS[here][0]}) imports {t} ({LAYERS[there][0]})")
+    return bad
+
+
+def test_upward_import_check_catches_a_lower_layer_importing_a_higher_one():
+    graph = {"llmscratch.models.gpt": {"llmscratch.train.loop"}, "llmscratch.train.loop": {"llmscratch.models.gpt"}}
+    assert _upward_imports(graph) == ["llmscratch.models.gpt (models) imports llmscratch.train.loop (train)"]
+
+
+def test_every_module_belongs_to_a_layer():
+    loose = [m for m in MODULES if m != "llmscratch" and _layer_of(m) is None]
+    assert loose == [], f"modules outside every layer (add them to a layer folder): {loose}"
+
+
+def test_no_layer_imports_a_higher_one():
+    graph = {name: _imports(name, path) for name, path in MODULES.items()}
+    bad = _upward_imports(graph)
+    assert bad == [], "upward imports:\n" + "\n".join(bad)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmscratch.attention import CausalSelfAttention
+from llmscratch.models.attention import CausalSelfAttention
 from llmscratch.kernels import apply_kernels, has_kernels, lm_head_loss
 from llmscratch.kernels import blocked_attention as ba
 from llmscratch.kernels.blocked_attention import (
@@ -20,7 +20,7 @@ from llmscratch.kernels.blocked_attention import (
 )
 from llmscratch.kernels.linear_cross_entropy import FusedLMHead, fused_lm_loss
 from llmscratch.kernels.split_linear import SplitLinear
-from llmscratch.model import GPT, GPTConfig, lm_loss
+from llmscratch.models.gpt import GPT, GPTConfig, lm_loss
 
 
 def tiny(**kw) -> GPTConfig:
@@ -145,7 +145,7 @@ def test_blocked_attention_is_taken_only_where_documented(monkeypatch):
         x = torch.randn(1, T, 32)
         with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if cache:
-                from llmscratch.attention import KVCache
+                from llmscratch.models.attention import KVCache
 
                 c = KVCache(1, 2, 2 * T, 16, dtype=torch.bfloat16)
                 attn(x, c, 0)
@@ -268,8 +268,8 @@ def test_kernel_model_logits_equal_reference(amp):
 
 
 def test_kernel_model_generates_the_same_tokens_and_quantizes():
-    from llmscratch.generate import generate
-    from llmscratch.quantize import Int8Linear, quantize_int8
+    from llmscratch.decoding.generate import generate
+    from llmscratch.kernels.quantize import Int8Linear, quantize_int8
 
     torch.manual_seed(0)
     plain = GPT(tiny()).eval()
@@ -296,8 +296,8 @@ def test_reuse_freed_memory_applies_on_glibc_and_can_be_turned_off():
 
 
 def test_load_model_applies_kernels_only_when_asked(tmp_path):
-    from llmscratch.checkpoint import load_model, save_model
-    from llmscratch.quantize import Int8Linear
+    from llmscratch.checkpoints.run import load_model, save_model
+    from llmscratch.kernels.quantize import Int8Linear
     from llmscratch.tokenizer import get_tokenizer
 
     torch.manual_seed(0)
@@ -315,7 +315,7 @@ def test_load_model_applies_kernels_only_when_asked(tmp_path):
 
 @pytest.mark.parametrize("flags,expected", [([], True), (["--no-kernels"], False)])
 def test_cli_applies_kernels_by_default_and_no_kernels_gives_the_reference(flags, expected, monkeypatch, capsys):
-    import llmscratch.checkpoint as checkpoint
+    import llmscratch.checkpoints.run as checkpoint
     from llmscratch.cli import main
 
     loaded = []

@@ -16,9 +16,9 @@ import torch
 pytest.importorskip("lm_eval", reason='lm-eval not installed (pip install -e ".[eval]"; it is in the test extra)')
 
 from llmscratch import GPT, GPTConfig  # noqa: E402
-from llmscratch.checkpoint import load_model, save_model  # noqa: E402
-from llmscratch.lm_eval_adapter import LLMScratchLM  # noqa: E402
-from llmscratch.tasks import encode_request, evaluate_task, loglikelihoods, read_task_file  # noqa: E402
+from llmscratch.checkpoints.run import load_model, save_model  # noqa: E402
+from llmscratch.evaluation.lm_eval_adapter import LLMScratchLM  # noqa: E402
+from llmscratch.evaluation.tasks import encode_request, evaluate_task, loglikelihoods, read_task_file  # noqa: E402
 from llmscratch.tokenizer import BPETokenizer  # noqa: E402
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "candle", "forest", "window", "garden"]
@@ -105,7 +105,7 @@ def test_rolling_and_generate(setup):
 @pytest.mark.slow
 def test_lm_eval_command_line(setup, tmp_path):
     # `llmscratch-lm-eval` is lm_eval's command line with `--model llmscratch` registered
-    # (pyproject's console script; `python -m llmscratch.lm_eval_adapter` is the same)
+    # (pyproject's console script; `python -m llmscratch.evaluation.lm_eval_adapter` is the same)
     script = Path(sys.executable).parent / "llmscratch-lm-eval"
     assert script.is_file(), "the package's console script llmscratch-lm-eval is not installed"
     r = subprocess.run([str(script), "--model", "llmscratch",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmscratch import GPT, GPTConfig, UserError
-from llmscratch.checkpoint import load_model, save_model
+from llmscratch.checkpoints.run import load_model, save_model
 from llmscratch.finetune.lora import LoRALinear, apply_lora, has_lora, merge_lora
 from llmscratch.tokenizer import get_tokenizer
 

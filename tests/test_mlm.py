@@ -86,8 +86,8 @@ def test_run_folder_loss_falls_and_masks_are_per_step(tmp_path):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert 0 <= evals[-1]["val_mlm_acc"] <= 1 and res.val_mlm_acc == evals[-1]["val_mlm_acc"]
     assert res.val_bpb is None
-    from llmscratch.bert import Bert
-    from llmscratch.checkpoint import load_model
+    from llmscratch.models.bert import Bert
+    from llmscratch.checkpoints.run import load_model
     from llmscratch.tokenizer import WordPieceTokenizer
 
     model, tok = load_model(str(out))

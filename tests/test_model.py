@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmscratch.errors import UserError
-from llmscratch.model import GPT, GPTConfig, lm_loss
+from llmscratch.models.gpt import GPT, GPTConfig, lm_loss
 
 
 def tiny(**kw) -> GPTConfig:

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from llmscratch.attention import CausalSelfAttention, RMSNorm, apply_rope, rope_cos_sin, rope_frequencies
+from llmscratch.models.attention import CausalSelfAttention, RMSNorm, apply_rope, rope_cos_sin, rope_frequencies
 from llmscratch.errors import UserError
-from llmscratch.generate import generate
-from llmscratch.model import GPT, GPTConfig, kv_cache_bytes, lm_loss
+from llmscratch.decoding.generate import generate
+from llmscratch.models.gpt import GPT, GPTConfig, kv_cache_bytes, lm_loss
 
 
 def llama(**kw) -> GPTConfig:
@@ -251,7 +251,7 @@ def test_lora_wraps_the_new_projections_and_merges_back():
 
 
 def test_int8_and_bf16_inference_stay_close_to_fp32():
-    from llmscratch.quantize import quantize_int8
+    from llmscratch.kernels.quantize import quantize_int8
 
     torch.manual_seed(0)
     model = GPT(llama(qk_norm=True)).eval()
@@ -268,9 +268,9 @@ def test_int8_and_bf16_inference_stay_close_to_fp32():
 
 
 def test_pretrain_llama_tiny_in_bf16_with_kernels_then_generate_and_export(tmp_path, corpus_file):
-    from llmscratch.checkpoint import load_model
+    from llmscratch.checkpoints.run import load_model
     from llmscratch.train import TrainConfig, pretrain
-    from llmscratch.weights import load_hf, save_hf
+    from llmscratch.hf.decoders import load_hf, save_hf
 
     res = pretrain(TrainConfig(model="llama-tiny", tokenizer="bpe:320", data=str(corpus_file), context_length=32,
                                batch_size=4, max_steps=12, eval_every=6, eval_batches=2, sample_tokens=4,
@@ -290,7 +290,7 @@ def test_pretrain_llama_tiny_in_bf16_with_kernels_then_generate_and_export(tmp_p
 
 @pytest.mark.parametrize("width", [217, 224])  # 217: torch's int8 CPU kernel is wrong there (falls back)
 def test_int8_linear_is_right_at_any_width(width):
-    from llmscratch.quantize import Int8Linear
+    from llmscratch.kernels.quantize import Int8Linear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(width, 48, bias=False)
@@ -300,7 +300,7 @@ def test_int8_linear_is_right_at_any_width(width):
 
 
 def test_ragged_batch_of_a_gqa_rope_model_equals_each_row_alone():
-    from llmscratch.batching import generate_batch
+    from llmscratch.decoding.batching import generate_batch
 
     torch.manual_seed(0)
     model = GPT(llama(n_kv_head=1, qk_norm=True)).eval()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.models.gpt import GPT, GPTConfig
 from llmscratch.train.muon import Muon, muon_param_groups, newton_schulz
 
 

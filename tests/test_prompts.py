@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from llmscratch import GPT, GPTConfig, UserError, get_tokenizer
-from llmscratch.chat import load_chat
-from llmscratch.checkpoint import save_model
-from llmscratch.prompts import (
+from llmscratch.decoding.chat import load_chat
+from llmscratch.checkpoints.run import save_model
+from llmscratch.decoding.prompts import (
     ALPACA_PREAMBLE,
     NO_TEMPLATE,
     TEMPLATES,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llmscratch.generate import generate
-from llmscratch.model import GPT, GPTConfig
-from llmscratch.quantize import Int8Linear, quantize_int8, quantize_weight_int8
+from llmscratch.decoding.generate import generate
+from llmscratch.models.gpt import GPT, GPTConfig
+from llmscratch.kernels.quantize import Int8Linear, quantize_int8, quantize_weight_int8
 
 
 def test_quantize_weight_round_trip_error_is_bounded():
@@ -52,7 +52,7 @@ def test_quantized_model_logits_close_and_cache_consistent():
 
 
 def test_load_model_int8(tmp_path):
-    from llmscratch.checkpoint import load_model, save_model
+    from llmscratch.checkpoints.run import load_model, save_model
     from llmscratch.errors import UserError
     from llmscratch.tokenizer import get_tokenizer
 

@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from llmscratch import GPT, GPTConfig, UserError, generate, get_tokenizer  # noqa: E402
-from llmscratch.checkpoint import load_model, save_model  # noqa: E402
+from llmscratch.checkpoints.run import load_model, save_model  # noqa: E402
 from llmscratch.serve import (  # noqa: E402
     BackgroundServer,
     Engine,

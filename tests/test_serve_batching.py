@@ -18,7 +18,7 @@ import torch
 httpx = pytest.importorskip("httpx")
 
 from llmscratch import GPT, GPTConfig, generate, get_tokenizer  # noqa: E402
-from llmscratch.checkpoint import save_model  # noqa: E402
+from llmscratch.checkpoints.run import save_model  # noqa: E402
 from llmscratch.serve import BackgroundServer, SamplingParams, create_app, load_engine  # noqa: E402
 
 TOK = get_tokenizer("gpt2")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmscratch import GPT, GPTConfig, get_tokenizer
-from llmscratch.checkpoint import save_model
+from llmscratch.checkpoints.run import save_model
 from llmscratch.serve import BackgroundServer, create_app, load_engine
 
 CHROMIUM = Path("/usr/bin/chromium")

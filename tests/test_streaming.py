@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llmscratch import GPT, GPTConfig, generate, get_tokenizer
-from llmscratch.generate import stream_text
-from llmscratch.streaming import StreamDecoder
+from llmscratch.decoding.generate import stream_text
+from llmscratch.decoding.streaming import StreamDecoder
 
 GPT2 = get_tokenizer("gpt2")
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 from llmscratch import GPT, GPTConfig, UserError
-from llmscratch.checkpoint import save_model
-from llmscratch.tasks import (
+from llmscratch.checkpoints.run import save_model
+from llmscratch.evaluation.tasks import (
     BUILTIN_TASKS,
     Example,
     Task,

@@ -66,8 +66,8 @@ def test_run_folder_and_loss_falls(tmp_path):
     assert recs[-1]["train_loss"] < recs[0]["train_loss"] - 1.0
     assert res.val_bpb == pytest.approx(evals[-1]["val_bpb"])
     # the saved model loads and generates
-    from llmscratch.checkpoint import load_model
-    from llmscratch.generate import generate
+    from llmscratch.checkpoints.run import load_model
+    from llmscratch.decoding.generate import generate
 
     model, tok = load_model(str(out))
     assert tok.vocab_size == 320
@@ -75,7 +75,7 @@ def test_run_folder_and_loss_falls(tmp_path):
 
 
 def test_shape_flags_reshape_the_preset_and_wordpiece_trains_a_decoder(tmp_path):
-    from llmscratch.checkpoint import load_model
+    from llmscratch.checkpoints.run import load_model
     from llmscratch.tokenizer import WordPieceTokenizer
 
     out = pretrain(cfg(tmp_path, max_steps=3, n_layer=1, n_head=2, n_embd=48, tokenizer="wordpiece:300")).out

@@ -5,10 +5,10 @@ The package follows the pipeline: `tokenizer` -> `data` / `datasets` -> `attenti
 """
 
 from .errors import UserError
-from .generate import generate, sample, stream_text
-from .model import GPT, GPTConfig, lm_loss
+from .decoding.generate import generate, sample, stream_text
+from .models.gpt import GPT, GPTConfig, lm_loss
 from .tokenizer import BPETokenizer, GPT2Tokenizer, WordTokenizer, get_tokenizer, load_tokenizer
-from .weights import load_hf_gpt2, save_hf_gpt2
+from .hf.decoders import load_hf_gpt2, save_hf_gpt2
 
 __version__ = "0.1.0"
 

@@ -37,7 +37,7 @@ class EmbedArgs(ModelArgs):
 def _load_encoder(cfg):
     import torch
 
-    from ..checkpoint import load_model
+    from ..checkpoints.run import load_model
     from ..utils import pick_device
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": "int8"}.get(cfg.dtype)
@@ -46,7 +46,7 @@ def _load_encoder(cfg):
 
 def cmd_fill_mask(args) -> None:
     """Print the most likely tokens for each [MASK] in the text, with their probabilities."""
-    from ..encoder_tasks import fill_mask, require_encoder
+    from ..decoding.encoder import fill_mask, require_encoder
 
     cfg = config_from_args(FillMaskArgs, args)
     model, tokenizer = _load_encoder(cfg)
@@ -62,7 +62,7 @@ def cmd_fill_mask(args) -> None:
 def cmd_embed(args) -> None:
     """Print one JSON line per text: {"text": ..., "embedding": [...]} (sentence embeddings
     of an encoder)."""
-    from ..encoder_tasks import embed_texts, require_encoder
+    from ..decoding.encoder import embed_texts, require_encoder
 
     cfg = config_from_args(EmbedArgs, args)
     texts = list(args.text)

@@ -167,7 +167,7 @@ def cmd_classify(args) -> None:
 
 def cmd_chat(args) -> None:
     """Chat with an instruction-tuned model in the terminal (or through a pipe)."""
-    from ..chat import chat_loop, load_chat
+    from ..decoding.chat import chat_loop, load_chat
     from ..utils import pick_device
 
     cfg = config_from_args(ChatArgs, args)
@@ -183,7 +183,7 @@ def cmd_eval_instruct(args, common) -> None:
     """Score test-set responses: with a judge endpoint 0-100, else automatic scores.
 
     `common` holds the settings `eval` shares between its tasks (model, device, batch size)."""
-    from ..evaluate import automatic_scores, judge_scores, load_responses, reference_loss
+    from ..evaluation.lm import automatic_scores, judge_scores, load_responses, reference_loss
     from ..utils import write_json
 
     cfg = config_from_args(EvalInstructArgs, args)
@@ -198,9 +198,9 @@ def cmd_eval_instruct(args, common) -> None:
     print(f"exact match  {100 * report['exact_match']:.2f}%")
     print(f"token F1     {100 * report['token_f1']:.2f}%")
     if common.model:
-        from ..checkpoint import load_model
+        from ..checkpoints.run import load_model
         from ..utils import pick_device
-        from ..prompts import template_for
+        from ..decoding.prompts import template_for
 
         template = template_for(common.model, cfg.template)
         model, tok = load_model(common.model, device=pick_device(common.device), kernels=common.kernels)
@@ -224,9 +224,9 @@ def cmd_eval_instruct(args, common) -> None:
 
 def _generate_responses(records: list[dict], common, cfg) -> list[dict]:
     """`eval instruct --generate`: the records with their responses written by --model."""
-    from ..checkpoint import load_model
-    from ..evaluate import generate_responses
-    from ..prompts import template_for
+    from ..checkpoints.run import load_model
+    from ..evaluation.lm import generate_responses
+    from ..decoding.prompts import template_for
     from ..utils import pick_device
 
     if not common.model:

@@ -22,7 +22,7 @@ def _dtype(name: str | None):
     import torch
 
     if name == "int8":
-        return "int8"  # weight-only int8 quantization, see llmscratch.quantize
+        return "int8"  # weight-only int8 quantization, see llmscratch.kernels.quantize
     return getattr(torch, DTYPES[name]) if name else None
 
 
@@ -100,8 +100,8 @@ def cmd_info(args) -> None:
     """Parameter counts and memory of a preset, a saved model or a classifier folder."""
     from pathlib import Path
 
-    from ..checkpoint import read_run_config
-    from ..model import GPT, GPTConfig
+    from ..checkpoints.run import read_run_config
+    from ..models.gpt import GPT, GPTConfig
 
     run = read_run_config(args.model) if Path(args.model).is_dir() else {}
     if args.model in GPTConfig.presets():
@@ -114,7 +114,7 @@ def cmd_info(args) -> None:
 
         model, _, labels, max_length = load_classifier(args.model, device="meta")
     else:
-        from ..checkpoint import load_model
+        from ..checkpoints.run import load_model
 
         model, _ = load_model(args.model)
     if getattr(model, "is_encoder", False):  # a BERT: cli/encoder.py
@@ -144,8 +144,8 @@ def cmd_info(args) -> None:
 def model_kind(model: str) -> str:
     """One line on what `model` is: random weights (a preset), a base language model, or
     instruction-tuned with its template (`chat.model_kind`)."""
-    from ..chat import model_kind as kind_of
-    from ..prompts import template_for
+    from ..decoding.chat import model_kind as kind_of
+    from ..decoding.prompts import template_for
 
     kind = kind_of(model)
     if kind == "random":
@@ -157,7 +157,7 @@ def model_kind(model: str) -> str:
 
 def warn_if_untrained(model: str) -> None:
     """Say loudly, once, that a preset name means random weights."""
-    from ..chat import model_kind as kind_of
+    from ..decoding.chat import model_kind as kind_of
 
     if kind_of(model) == "random":
         print(f"warning: --model {model} is a preset with RANDOM weights (never trained): expect gibberish. "
@@ -170,9 +170,9 @@ def cmd_generate(args) -> None:
     """Stream a continuation of --prompt to stdout. Sampling settings default to what reads
     best from a small model (see SamplingArgs); --temperature 0 is greedy."""
     cfg = config_from_args(GenerateArgs, args)
-    from ..checkpoint import load_model
-    from ..bert import refuse_encoder
-    from ..generate import check_sampling, stream_text
+    from ..checkpoints.run import load_model
+    from ..models.bert import refuse_encoder
+    from ..decoding.generate import check_sampling, stream_text
     from ..utils import pick_device
 
     if cfg.max_new_tokens < 0:
@@ -258,15 +258,15 @@ def cmd_eval(args) -> None:
         return cmd_eval_tasks(args, cfg)
     if not cfg.model:
         raise UserError("llmscratch eval needs --model (or: eval instruct --responses FILE)")
-    from ..checkpoint import load_model
-    from ..evaluate import evaluate_lm, pretraining_data_of
+    from ..checkpoints.run import load_model
+    from ..evaluation.lm import evaluate_lm, pretraining_data_of
     from ..utils import pick_device
 
     data, val_fraction, what = _eval_data(cfg, pretraining_data_of(cfg.model))
     device = pick_device(cfg.device)
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), kernels=cfg.kernels)
-    from ..bert import refuse_encoder
+    from ..models.bert import refuse_encoder
 
     refuse_encoder(model, "eval lm (next-token loss)")  # a decoder's command
     r = evaluate_lm(model, tokenizer, data, batch_size=cfg.batch_size, context_length=cfg.context_length,
@@ -282,7 +282,7 @@ def cmd_eval(args) -> None:
 def _eval_data(cfg: EvalArgs, own: dict | None) -> tuple[str, float | None, str]:
     """`(data, val_fraction or None for all of it, a description of what is evaluated)`
     for `eval lm`, from --data/--split and the data the model was pretrained on (`own`)."""
-    from ..evaluate import same_data
+    from ..evaluation.lm import same_data
 
     data = cfg.data or (own or {}).get("data")
     if not data:
@@ -308,7 +308,7 @@ def _eval_data(cfg: EvalArgs, own: dict | None) -> tuple[str, float | None, str]
 def cmd_download(args) -> None:
     """Download a checkpoint (Hugging Face format: GPT-2, Llama 3.2, Qwen3, SmolLM2), verify
     and load-check it."""
-    from ..hub import download_model
+    from ..checkpoints.hub import download_model
 
     folder = download_model(args.name, args.out, endpoint=args.endpoint, revision=args.revision)
     print(f"{args.name} checkpoint ready in {folder}")
@@ -320,7 +320,7 @@ def cmd_download(args) -> None:
 
 def cmd_convert(args) -> None:
     """Convert between a Hugging Face folder (GPT-2, Llama, Qwen3, Mistral) and an llmscratch run folder."""
-    from ..hub import convert
+    from ..checkpoints.hub import convert
 
     dst = convert(args.src, args.dst, to=args.to)
     print(f"wrote {dst}")
@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_encoder(sub)  # fill-mask, embed
 
-    from ..hub import MODEL_REPOS
+    from ..checkpoints.hub import MODEL_REPOS
 
     p = add_command(sub, "download", cmd_download, "download GPT-2, Llama 3.2, Qwen3 or SmolLM2 weights", [
         "llmscratch download gpt2-124m",

@@ -1,5 +1,5 @@
 """`llmscratch eval tasks`: zero- and few-shot scores of a model on built-in tasks or task
-files (`llmscratch.tasks`). Thin: parse flags, call the library, print a table.
+files (`llmscratch.evaluation.tasks`). Thin: parse flags, call the library, print a table.
 
 `add_eval_tasks_args(p)` adds the flags to the `eval` parser; `cmd_eval_tasks` runs when
 the task is `tasks`."""
@@ -11,7 +11,7 @@ import argparse
 
 def add_eval_tasks_args(p: argparse.ArgumentParser) -> None:
     """The `eval tasks` flags, added to the existing `eval` parser."""
-    from ..tasks import BUILTIN_TASKS
+    from ..evaluation.tasks import BUILTIN_TASKS
 
     g = p.add_argument_group("eval tasks")
     g.add_argument("--tasks", nargs="+", metavar="NAME_OR_FILE", default=None,
@@ -35,9 +35,9 @@ def format_row(r: dict) -> str:
 def cmd_eval_tasks(args, common) -> None:
     """Score --model on --tasks with each number of --shots; print a table (and write
     --scores-out)."""
-    from ..checkpoint import load_model
+    from ..checkpoints.run import load_model
     from ..errors import UserError
-    from ..tasks import check_shots, evaluate_task, load_task
+    from ..evaluation.tasks import check_shots, evaluate_task, load_task
     from ..utils import pick_device, write_json
 
     if not args.tasks:
@@ -52,7 +52,7 @@ def cmd_eval_tasks(args, common) -> None:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": "int8"}.get(common.dtype or "")  # --dtype
     model, tokenizer = load_model(common.model, device=pick_device(common.device), dtype=dtype, kernels=common.kernels)
-    from ..bert import refuse_encoder
+    from ..models.bert import refuse_encoder
 
     refuse_encoder(model, "eval tasks (log-likelihood scoring)")  # a decoder's command
     print(f"{'task':24s} {'shots':>5s} {'n':>6s}  scores")

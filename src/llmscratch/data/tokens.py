@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..datasets import cache_root
+from .corpora import cache_root
 from ..errors import UserError
 from ..utils import atomic_write, write_json
 from .ids import as_1d, check_length, check_positive
@@ -120,7 +120,7 @@ def tokenize_to_bin(
     atomically, the sidecar last, so a crash never leaves a file that looks complete.
 
     Args:
-        documents: `Document`s (from `llmscratch.datasets.load_text`), strings, or
+        documents: `Document`s (from `llmscratch.data.corpora.load_text`), strings, or
             (name, text) pairs.
         tokenizer: anything with `.encode(text) -> list[int]`, `.vocab_size`, `.eot_id`, `.name`.
         cache_dir: folder for the files (default: `<cache root>/tokens`).

@@ -25,11 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ..bert import is_encoder_config
-from ..checkpoint import FORMAT, read_run_config, save_safetensors
-from ..weights_bert import load_encoder_run
+from ..models.bert import is_encoder_config
+from ..checkpoints.run import FORMAT, read_run_config, save_safetensors
+from ..hf.bert import load_encoder_run
 from ..errors import UserError
-from ..model import GPT, GPTConfig
+from ..models.gpt import GPT, GPTConfig
 from ..train import distributed_setup, rank0_first
 from ..train.state import STATE_FILE
 from ..utils import seed_everything, write_json
@@ -346,7 +346,7 @@ def finetune_classify(cfg: ClassifyConfig, *, stop_after: int | None = None) -> 
     While training, `train_state.safetensors` holds the checkpoint `--resume` continues
     from (after Ctrl-C, SIGTERM or `stop_after` steps); it is removed once the run is done.
     """
-    from ..checkpoint import load_model
+    from ..checkpoints.run import load_model
 
     cfg.validate()
     if cfg.lora_rank:

@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from ..datasets import dataset_names, dataset_path
+from ..data.corpora import dataset_names, dataset_path
 from ..errors import UserError
 
 # Named datasets that hold labeled text, and how to read them: sms-spam is the UCI file,

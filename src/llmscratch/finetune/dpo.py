@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import is_run_dir, read_run_config, save_model
+from ..checkpoints.run import is_run_dir, read_run_config, save_model
 from ..errors import UserError
-from ..prompts import encode_conversation, get_template, read_template
+from ..decoding.prompts import encode_conversation, get_template, read_template
 from ..train.state import STATE_FILE, check_resume
 from ..utils import atomic_write, write_json
 from .classify import set_dropout, set_trainable

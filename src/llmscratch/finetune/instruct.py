@@ -23,13 +23,13 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ..batching import DecodeRow, decode_rows
-from ..checkpoint import save_model
+from ..decoding.batching import DecodeRow, decode_rows
+from ..checkpoints.run import save_model
 from ..errors import UserError
-from ..generate import generate
-from ..model import lm_loss
-from ..prompts import DEFAULT_TEMPLATE, MODEL_TEMPLATE, Template, encode_conversation, get_template, has_own_template
-from ..prompts import TEMPLATES  # noqa: F401  (re-exported: learners import the templates from here)
+from ..decoding.generate import generate
+from ..models.gpt import lm_loss
+from ..decoding.prompts import DEFAULT_TEMPLATE, MODEL_TEMPLATE, Template, encode_conversation, get_template, has_own_template
+from ..decoding.prompts import TEMPLATES  # noqa: F401  (re-exported: learners import the templates from here)
 from ..train import distributed_setup, rank0_first
 from ..train.state import STATE_FILE
 from ..utils import seed_everything, write_json
@@ -138,8 +138,8 @@ def start_decoder_run(cfg, command: str, read_records: Callable[[str], list]) ->
     """The start every decoder fine-tune shares: the processes and device; the records read
     (rank 0 first: it may download them) and split in order; the model, seeded, refused in
     one line if it is an encoder, with the kernels applied when `cfg.kernels`."""
-    from ..bert import refuse_encoder
-    from ..checkpoint import load_model
+    from ..models.bert import refuse_encoder
+    from ..checkpoints.run import load_model
 
     rank, world, device = distributed_setup(cfg.device)
     records = rank0_first(world, rank == 0, lambda: read_records(cfg.data))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..attention import CausalSelfAttention
+from ..models.attention import CausalSelfAttention
 from .blocked_attention import BlockedCausalSelfAttention, blocked_causal_attention
 from .linear_cross_entropy import FusedLMHead, fused_lm_loss, lm_head_loss
 from .malloc import release_freed_memory, reuse_freed_memory

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..attention import CausalSelfAttention
+from ..models.attention import CausalSelfAttention
 
 BLOCK = 256
 BLOCKED_MAX_T = 1024

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model import lm_loss
+from ..models.gpt import lm_loss
 from .split_linear import SplitLinear
 
 

@@ -27,8 +27,8 @@ The parts
                `BackgroundServer`. On a CPU, `serve` divides the cores among the workers
                (`--threads`): oversubscribed intra-op thread teams make batch-1 decoding
                many times slower.
-    Prompt templates come from `llmscratch.prompts` and the streamed text from
-    `llmscratch.streaming`, the same ones `chat` and fine-tuning use.
+    Prompt templates come from `llmscratch.decoding.prompts` and the streamed text from
+    `llmscratch.decoding.streaming`, the same ones `chat` and fine-tuning use.
 
 Chat prompts
     The messages are laid out with the template `prompts.template_for` picks, as `chat`
@@ -55,7 +55,7 @@ Security
     the key; it asks for the key and sends it with every API call.
 """
 
-from ..prompts import (
+from ..decoding.prompts import (
     ALPACA_PREAMBLE,
     TEMPLATES,
     alpaca_prompt,
@@ -65,14 +65,14 @@ from ..prompts import (
     read_template,
     template_stops,
 )
-from ..streaming import StreamDecoder
+from ..decoding.streaming import StreamDecoder
 from .app import DEFAULT_MAX_TOKENS_CHAT, DEFAULT_MAX_TOKENS_COMPLETION, MAX_BODY_BYTES, chat_page_html, create_app
 from .engine import ClientGone, Engine, Event, FairLimiter, SamplingParams, load_engine
 from .schemas import APIError
 from .server import API_KEY_ENV, BackgroundServer, serve
 
 TextAssembler = StreamDecoder
-"""The streaming decoder under the name it had here before `llmscratch.streaming`."""
+"""The streaming decoder under the name it had here before `llmscratch.decoding.streaming`."""
 
 __all__ = [
     "ALPACA_PREAMBLE", "API_KEY_ENV", "APIError", "BackgroundServer", "ClientGone",

@@ -29,8 +29,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from ..generate import SamplingError, check_sampling
-from ..prompts import encode_chat, template_stops
+from ..decoding.generate import SamplingError, check_sampling
+from ..decoding.prompts import encode_chat, template_stops
 from .engine import ClientGone, Engine, SamplingParams
 from .schemas import APIError, ChatRequest, CompletionRequest, validation_error
 from .embeddings import add_embeddings_route, refuse_encoder_completions

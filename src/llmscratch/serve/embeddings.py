@@ -25,8 +25,8 @@ import torch
 from fastapi import Request
 from pydantic import Field
 
-from ..bert import embed
-from ..encoder_tasks import embed_texts
+from ..models.bert import embed
+from ..decoding.encoder import embed_texts
 from .schemas import APIError, _Strict
 
 log = logging.getLogger("llmscratch.serve")

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Literal
 
-from ..batching import BatchDecoder, DecodeRow
+from ..decoding.batching import BatchDecoder, DecodeRow
 from ..errors import UserError
-from ..generate import stream_decode
-from ..prompts import normalize_template, template_for
-from ..streaming import StreamDecoder
+from ..decoding.generate import stream_decode
+from ..decoding.prompts import normalize_template, template_for
+from ..decoding.streaming import StreamDecoder
 from .schemas import APIError
 
 log = logging.getLogger("llmscratch.serve")
@@ -523,7 +523,7 @@ def load_engine(model: str, device=None, dtype=None, template: str | None = None
     The chat template follows `prompts.template_for`, as `chat` does: `template` if given,
     else the run folder's recorded one, else the plain-LM transcript.
     """
-    from ..checkpoint import load_model
+    from ..checkpoints.run import load_model
     from ..utils import pick_device
 
     device = pick_device(device)
@@ -536,7 +536,7 @@ def load_engine(model: str, device=None, dtype=None, template: str | None = None
     name = model_name or (Path(model).name if Path(model).is_dir() else model)
     engine = Engine(net, tokenizer, name or "model", chosen, max_concurrency, max_tokens_limit,
                     max_batch_size, max_queue)
-    from ..chat import model_kind, model_note
+    from ..decoding.chat import model_kind, model_note
 
     # shown by /v1/models and the chat page: "base" and "random" models were never taught to chat
     engine.kind, engine.note = model_kind(model), model_note(model, chosen)

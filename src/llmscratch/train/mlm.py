@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..bert import Bert, BertConfig
-from ..checkpoint import save_model
+from ..models.bert import Bert, BertConfig
+from ..checkpoints.run import save_model
 from ..data import BatchSampler, iter_eval_batches, split_train_val, token_ids
-from ..datasets import load_text
+from ..data.corpora import load_text
 from ..errors import UserError
 from ..tokenizer.wordpiece import WordPieceTokenizer
 from .config import vocab_size_of

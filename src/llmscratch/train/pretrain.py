@@ -38,12 +38,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..checkpoint import save_model
+from ..checkpoints.run import save_model
 from ..data import BatchSampler, iter_eval_batches, split_train_val, token_ids
-from ..datasets import load_text
+from ..data.corpora import load_text
 from ..errors import UserError
 from ..kernels import lm_head_loss
-from ..model import GPT, GPTConfig, lm_loss
+from ..models.gpt import GPT, GPTConfig, lm_loss
 from .config import TrainConfig, budget_calibration, parse_duration, vocab_size_of
 from .loop import Objective, fit, rank0_first
 from .mlm import objective_of, pretrain_mlm
@@ -263,7 +263,7 @@ def _sample(model: GPT, tokenizer, val_ids, n_tokens: int, device, seed: int) ->
     """A continuation of the first tokens of the validation text. Fixed prompt and seed, so
     samples from successive evaluations are comparable; the sampler's private generator
     leaves the training RNG (dropout) untouched, which exact resume depends on."""
-    from ..generate import generate
+    from ..decoding.generate import generate
 
     prompt = torch.tensor([[int(t) for t in val_ids[:8]]], dtype=torch.long, device=device)
     out = generate(model, prompt, n_tokens, temperature=0.8, top_k=40, seed=seed)

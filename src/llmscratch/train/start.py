@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..checkpoint import save_model
+from ..checkpoints.run import save_model
 from ..errors import UserError
 from ..kernels import apply_kernels
 from ..utils import seed_everything

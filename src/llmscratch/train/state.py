@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..checkpoint import model_state
+from ..checkpoints.run import model_state
 from ..errors import UserError
 from ..utils import atomic_write, save_safetensors
 
@@ -105,7 +105,7 @@ def saved_run(out: Path) -> tuple[dict, int]:
     if saved_json is not None:
         saved = json.loads(saved_json)
     else:  # an older pretraining checkpoint: the settings are in config.json
-        from ..checkpoint import read_run_config
+        from ..checkpoints.run import read_run_config
 
         saved = read_run_config(out).get("train", {})
     return saved, int(meta.get("step", 0))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .utils import atomic_write, sha256_file
+from ..errors import UserError
+from ..utils import atomic_write, sha256_file
 
 __all__ = ["ENV_DATA_DIR", "download_file", "extract_member", "reject_unless"]
 

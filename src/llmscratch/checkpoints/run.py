@@ -26,16 +26,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .errors import UserError
-from .kernels import apply_kernels
-from .model import GPT, GPTConfig
-from .quantize import quantize_int8
-from .tokenizer import get_tokenizer, load_tokenizer
-from .utils import save_safetensors, write_json
-from .tokenizer.hf import HFTokenizer
-from .weights import hf_model_type, is_hf_dir, load_hf
-from .bert import is_encoder_config
-from .weights_bert import is_hf_bert_dir, load_encoder_run, load_hf_bert, load_hf_tokenizer
+from ..errors import UserError
+from ..kernels import apply_kernels
+from ..models.gpt import GPT, GPTConfig
+from ..kernels.quantize import quantize_int8
+from ..tokenizer import get_tokenizer, load_tokenizer
+from ..utils import save_safetensors, write_json
+from ..tokenizer.hf import HFTokenizer
+from ..hf.decoders import hf_model_type, is_hf_dir, load_hf
+from ..models.bert import is_encoder_config
+from ..hf.bert import is_hf_bert_dir, load_encoder_run, load_hf_bert, load_hf_tokenizer
 
 __all__ = ["FORMAT", "is_run_dir", "load_model", "load_run_model", "model_state", "read_run_config",
            "save_model", "save_safetensors"]

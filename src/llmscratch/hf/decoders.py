@@ -35,9 +35,9 @@ from typing import Iterator
 
 import torch
 
-from .errors import UserError
-from .model import GPT, GPTConfig, check_rope_scaling
-from .utils import save_safetensors, write_json
+from ..errors import UserError
+from ..models.gpt import GPT, GPTConfig, check_rope_scaling
+from ..utils import save_safetensors, write_json
 
 __all__ = ["load_hf", "save_hf", "is_hf_dir", "load_hf_gpt2", "save_hf_gpt2", "is_hf_gpt2_dir",
            "load_hf_llama", "save_hf_llama", "register_hf_family"]

@@ -19,7 +19,7 @@ import re
 import sys
 from typing import IO, Iterable, Iterator
 
-from .errors import UserError
+from ..errors import UserError
 from .generate import check_sampling, stream_decode
 from .prompts import NO_TEMPLATE, Template, encode_conversation, get_template, read_template, template_for
 from .streaming import StreamDecoder
@@ -35,7 +35,7 @@ def model_kind(model: str) -> str:
     (a pretrained language model: it continues text)."""
     import os
 
-    from .model import GPTConfig
+    from ..models.gpt import GPTConfig
 
     if model in GPTConfig.presets() and not os.path.isdir(model):
         return "random"
@@ -203,8 +203,8 @@ def load_chat(model: str, device=None, template: str | None = None, kernels: boo
     recorded in its config.json unless `template` names one (`prompts.template_for`); the
     speed kernels applied unless `kernels=False` (`load_model`). A model that was never
     instruction-tuned gets `model_note`'s warning as the chat's `note`."""
-    from .bert import refuse_encoder
-    from .checkpoint import load_model
+    from ..models.bert import refuse_encoder
+    from ..checkpoints.run import load_model
 
     chosen = template_for(model, template)  # before loading: a bad name fails fast
     check_sampling(kwargs.get("temperature", 0.0), kwargs.get("top_k"), kwargs.get("top_p"))

@@ -16,9 +16,9 @@ import warnings
 
 import torch
 
-from .bert import Bert, embed
-from .errors import UserError
-from .tokenizer.wordpiece import MASK
+from ..models.bert import Bert, embed
+from ..errors import UserError
+from ..tokenizer.wordpiece import MASK
 
 
 def require_encoder(model, command: str) -> Bert:

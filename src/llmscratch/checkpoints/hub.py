@@ -41,15 +41,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import is_run_dir, load_run_model, save_model
-from .datasets import cache_root
-from .download import download_file, reject_unless
-from .errors import UserError
-from .tokenizer import get_tokenizer, load_tokenizer
-from .tokenizer.base import read_tokenizer_file
-from .tokenizer.hf import HF_TOKENIZER_FILE, HFTokenizer
-from .weights import CONFIG_FILE, SAFETENSORS_FILE, hf_model_type, is_hf_dir, load_hf, save_hf
-from .weights_bert import is_encoder_folder
+from .run import is_run_dir, load_run_model, save_model
+from ..data.corpora import cache_root
+from ..data.download import download_file, reject_unless
+from ..errors import UserError
+from ..tokenizer import get_tokenizer, load_tokenizer
+from ..tokenizer.base import read_tokenizer_file
+from ..tokenizer.hf import HF_TOKENIZER_FILE, HFTokenizer
+from ..hf.decoders import CONFIG_FILE, SAFETENSORS_FILE, hf_model_type, is_hf_dir, load_hf, save_hf
+from ..hf.bert import is_encoder_folder
 
 __all__ = ["GPT2_REPOS", "MODEL_REPOS", "convert", "download_gpt2", "download_model", "gpt2_names",
            "model_names"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import UserError
+from ..errors import UserError
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "

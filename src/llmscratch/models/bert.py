@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import CausalSelfAttention
-from .errors import UserError
+from ..errors import UserError
 
 MODEL_TYPE = "bert"
 """What a run folder's config says to mark an encoder (`config.json`'s `"model_type"`)."""

@@ -45,9 +45,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .attention import KVCache
+from ..models.attention import KVCache
 from .generate import check_sampling, sample
-from .model import kv_cache_bytes
+from ..models.gpt import kv_cache_bytes
 from .streaming import StreamDecoder
 
 

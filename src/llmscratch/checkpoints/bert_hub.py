@@ -12,9 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .checkpoint import is_run_dir, load_model, save_model
-from .errors import UserError
-from .weights_bert import load_hf_bert, load_hf_tokenizer, save_hf_bert
+from .run import is_run_dir, load_model, save_model
+from ..errors import UserError
+from ..hf.bert import load_hf_bert, load_hf_tokenizer, save_hf_bert
 
 HUB_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json")
 """What `hub.download_model` fetches for a BERT."""
@@ -34,7 +34,7 @@ def convert_encoder(src: str | os.PathLike, dst: str | os.PathLike, target: str)
     src, dst = Path(src), Path(dst)
     labels = None
     if is_run_dir(src):
-        from .checkpoint import read_run_config
+        from .run import read_run_config
 
         model, tokenizer = load_model(str(src))
         labels = read_run_config(src).get("labels")

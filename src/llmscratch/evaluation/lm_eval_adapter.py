@@ -9,7 +9,7 @@ command line with the model registered first, taking the same arguments:
     llmscratch-lm-eval --model llmscratch --model_args path=runs/instruct \\
         --tasks hellaswag --num_fewshot 0
 
-(`python -m llmscratch.lm_eval_adapter ...` is the same command)
+(`python -m llmscratch.evaluation.lm_eval_adapter ...` is the same command)
 
 or from Python: `lm_eval.simple_evaluate(model=LLMScratchLM(path=...), tasks=[...])`.
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 
-from .errors import UserError
+from ..errors import UserError
 from .tasks import encode_request, generate_until, loglikelihoods
 
 try:
@@ -61,8 +61,8 @@ class LLMScratchLM(LM):
         if not HAVE_LM_EVAL:
             raise UserError(MISSING)
         super().__init__()
-        from .checkpoint import load_model
-        from .utils import pick_device
+        from ..checkpoints.run import load_model
+        from ..utils import pick_device
 
         if model is None:
             model, tokenizer = load_model(str(path), device=pick_device(device), kernels=_bool(kernels))

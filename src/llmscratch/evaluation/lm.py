@@ -29,21 +29,21 @@ from pathlib import Path
 
 import torch
 
-from .data import split_train_val, token_ids
-from .datasets import load_text
-from .errors import UserError
-from .finetune.common import iter_batches
-from .finetune.instruct import IGNORE_INDEX, collate_instruct, respond_batch
-from .model import lm_loss
-from .prompts import encode_conversation
-from .train import evaluate as mean_lm_loss
-from .train import metrics_from_loss
+from ..data import split_train_val, token_ids
+from ..data.corpora import load_text
+from ..errors import UserError
+from ..finetune.common import iter_batches
+from ..finetune.instruct import IGNORE_INDEX, collate_instruct, respond_batch
+from ..models.gpt import lm_loss
+from ..decoding.prompts import encode_conversation
+from ..train import evaluate as mean_lm_loss
+from ..train import metrics_from_loss
 
 
 def pretraining_data_of(model: str | os.PathLike) -> dict | None:
     """`{"data", "val_fraction"}` of the pretraining run in the folder `model` (from its
     config.json), or None for anything else (a preset, a GPT-2 folder, a fine-tuned run)."""
-    from .checkpoint import read_run_config
+    from ..checkpoints.run import read_run_config
 
     if not Path(model).is_dir():
         return None

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .download import ENV_DATA_DIR, download_file, extract_member, reject_unless
-from .errors import UserError
-from .utils import atomic_write, sha256_file
+from ..errors import UserError
+from ..utils import atomic_write, sha256_file
 
 __all__ = [
     "DATASETS",

@@ -23,8 +23,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import UserError
-from .model import GPT
+from ..errors import UserError
+from ..models.gpt import GPT
 from .streaming import StreamDecoder
 
 

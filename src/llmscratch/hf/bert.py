@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .bert import MODEL_TYPE, Bert, BertConfig, is_encoder_config
-from .errors import UserError
-from .utils import save_safetensors, write_json
-from .weights import _Checkpoint, _find_weights_file, _read_json
+from ..models.bert import MODEL_TYPE, Bert, BertConfig, is_encoder_config
+from ..errors import UserError
+from ..utils import save_safetensors, write_json
+from .decoders import _Checkpoint, _find_weights_file, _read_json
 
 __all__ = ["ARCHITECTURES", "is_hf_bert_dir", "load_hf_bert", "save_hf_bert", "load_encoder_run"]
 
@@ -206,7 +206,7 @@ def load_hf_bert(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
 
 def load_hf_tokenizer(folder: str | os.PathLike):
     """The folder's `vocab.txt` as our `WordPieceTokenizer` (casing from its tokenizer config)."""
-    from .tokenizer.wordpiece import WordPieceTokenizer
+    from ..tokenizer.wordpiece import WordPieceTokenizer
 
     folder = Path(folder)
     if not (folder / "vocab.txt").is_file():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache, RMSNorm, rope_cos_sin, rope_frequencies
-from .errors import UserError
+from ..errors import UserError
 
 # Presets. The GPT-2 sizes are OpenAI's; the small ones are sized to train in minutes on a
 # laptop CPU. The modern decoders carry their real shapes (from each model's config.json);

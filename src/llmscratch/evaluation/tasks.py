@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..errors import UserError
 
 KINDS = ("choice", "generate", "greedy")
 
@@ -199,7 +199,7 @@ def score_choices(model, context: list[int], continuations: list[list[int]]) -> 
 @torch.no_grad()
 def generate_until(model, tokenizer, context: str, stop: str = "\n", max_new_tokens: int = 16) -> str:
     """The greedy continuation of `context`, cut at the first `stop`."""
-    from .generate import generate
+    from ..decoding.generate import generate
 
     device = next(model.parameters()).device
     ids = (tokenizer.encode(context, allowed_special="none") or [tokenizer.eot_id])
@@ -359,7 +359,7 @@ def _example(obj: dict, layout: str, where: str) -> Example:
 def read_task_file(path: str | Path, name: str | None = None) -> Task:
     """A task from a JSONL file (one example a line) or a JSON array, layout detected from
     the first example's fields (see the module docstring)."""
-    from .finetune.data import _read_json_rows
+    from ..finetune.data import _read_json_rows
 
     path = Path(path)
     if path.suffix.lower() not in (".jsonl", ".json"):
@@ -381,7 +381,7 @@ def docs_cloze_task(n: int = 200, seed: int = 0) -> Task:
     """`python-docs-cloze`: sentences from the last tenth of the embedded Python reference
     (the part pretraining holds out for validation), the last word masked; four choices,
     the true word and three last words of other sentences."""
-    from .datasets import python_docs_text
+    from ..data.corpora import python_docs_text
 
     text = python_docs_text()
     tail = text[int(len(text) * 0.9):]

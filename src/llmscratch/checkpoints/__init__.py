@@ -1,0 +1,1 @@
+"""Checkpoints: the run-folder format, `load_model`, downloads from the Hub, `convert`."""

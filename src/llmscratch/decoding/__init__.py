@@ -1,0 +1,1 @@
+"""Decoding: sampling, KV caches, ragged batches, streaming text, chat templates."""

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint folders, both ways, one module per family."""
