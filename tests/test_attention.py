@@ -51,8 +51,12 @@ def test_causal_attention_ignores_the_future():
 
 
 def test_wrapper_concatenates_heads():
-    mha = MultiHeadAttentionWrapper(4, 3, context_length=8, n_head=2)
-    assert mha(torch.randn(2, 5, 4)).shape == (2, 5, 6)
+    mha = MultiHeadAttentionWrapper(4, 3, context_length=8, n_head=2).eval()
+    x = torch.randn(2, 5, 4)
+    out = mha(x)
+    assert out.shape == (2, 5, 6)
+    # the wrapper's output is its heads' outputs side by side, in order
+    assert torch.equal(out, torch.cat([head(x) for head in mha.heads], dim=-1))
 
 
 def _copy_into_fast(naive: MultiHeadAttention, fast: CausalSelfAttention) -> None:

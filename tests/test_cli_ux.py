@@ -149,7 +149,7 @@ def test_generation_defaults_sample():
 # -------------------------------------------------------------------------------- resume
 
 
-def test_resume_takes_the_saved_settings_and_safe_overrides(capsys, base_run, tmp_path):
+def test_resume_takes_the_saved_settings_and_safe_overrides(capsys, base_run, tmp_path, corpus_file):
     import shutil
 
     run = tmp_path / "run"
@@ -162,7 +162,7 @@ def test_resume_takes_the_saved_settings_and_safe_overrides(capsys, base_run, tm
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
     saved = json.loads((run / "config.json").read_text())["train"]
-    assert saved["data"] == TINY.get("data", saved["data"]) and saved["batch_size"] == 4 and saved["max_steps"] == 8
+    assert saved["data"] == str(corpus_file) and saved["batch_size"] == 4 and saved["max_steps"] == 8
 
 
 def test_resume_refuses_unsafe_overrides_by_name(capsys, base_run):

@@ -199,3 +199,40 @@ def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(metrics.read_text().splitlines()) == step + 2
+
+
+class _CopyModel(torch.nn.Module):
+    """A stand-in encoder whose prediction at each position is its input token there, with
+    logit 5 for that token and 0 for every other: loss and accuracy are then known by hand."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def hidden_states(self, inputs):
+        return torch.nn.functional.one_hot(inputs, self.vocab).float()
+
+    def mlm_logits(self, h):
+        return 5.0 * h
+
+
+def test_masked_token_loss_and_accuracy_equal_a_hand_computation():
+    import math
+
+    from llmscratch.train.mlm import evaluate_mlm
+
+    V, W = 10, 6
+    val_ids = torch.arange(4 * W) % V  # four windows, evaluated two per batch
+
+    def masker(x, generator):  # selects positions 0, 2, 3 of every window: 0 and 2 right, 3 wrong
+        labels = torch.full_like(x, IGNORE)
+        labels[:, [0, 2]] = x[:, [0, 2]]
+        labels[:, 3] = (x[:, 3] + 1) % V
+        return x.clone(), labels
+
+    out = evaluate_mlm(_CopyModel(V), val_ids, masker, batch_size=2, window=W, max_batches=None,
+                       device=torch.device("cpu"))
+    z = math.exp(5) + V - 1
+    right, wrong = -math.log(math.exp(5) / z), -math.log(1 / z)
+    assert out["val_mlm_acc"] == pytest.approx(2 / 3)  # 8 of 12 selected tokens predicted right
+    assert out["val_loss"] == pytest.approx((2 * right + wrong) / 3)

@@ -98,4 +98,10 @@ def test_muon_trains_a_tiny_model_and_its_state_round_trips():
     assert losses[-1] < 0.5 * losses[0]
     again = Muon(muon_param_groups(model, 0.0), lr=3e-3)
     again.load_state_dict(opt.state_dict())
-    assert again.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    saved, loaded = opt.state_dict()["state"], again.state_dict()["state"]
+    assert loaded.keys() == saved.keys() and len(saved) > 0
+    for k in saved:  # every buffer (momentum, Adam moments, step counts) comes back by value
+        assert loaded[k].keys() == saved[k].keys()
+        for name, value in saved[k].items():
+            assert torch.equal(torch.as_tensor(loaded[k][name]), torch.as_tensor(value)), (k, name)
+        assert any(torch.as_tensor(v).abs().sum() > 0 for v in saved[k].values())  # not all zero
