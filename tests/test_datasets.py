@@ -26,7 +26,8 @@ from llmscratch.errors import UserError
 from llmscratch.utils import sha256_file
 
 # The download machinery is tested on a file we make: 20 KB of the embedded corpus, served
-# by a local HTTP server. Tests about the named files themselves take `named_dataset`.
+# by a local HTTP server. The registry tests replace each named file by one they make
+# (`own_files`), so none of them needs the data folder or a network.
 PAYLOAD = datasets.python_docs_text().encode("utf-8")[:20_000]
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
@@ -100,7 +101,30 @@ def server(tmp_path_factory):
     httpd.server_close()
 
 
-VERDICT_SHA = DATASETS["the-verdict"].sha256
+
+
+@pytest.fixture
+def own_files(monkeypatch, tmp_path):
+    """Every named dataset replaced by a small file this test makes, with its own sha256.
+
+    The registry is a plain dict, so the download, cache, zip and data-folder mechanics run
+    on a fresh clone with neither the data folder nor a network. Returns name -> the file.
+    """
+    import dataclasses
+
+    folder = tmp_path / "own-files"
+    folder.mkdir()
+    made = {}
+    for name, info in list(DATASETS.items()):
+        if info.archive_member:  # a TSV like the real one: label<TAB>message lines
+            data = "".join(f"{'spam' if i % 5 == 0 else 'ham'}\tmessage {i} for {name}\n" for i in range(50))
+        else:
+            data = f"{name}\n" + PAYLOAD.decode("utf-8")[:5000]
+        path = folder / info.filename
+        path.write_text(data, encoding="utf-8")
+        monkeypatch.setitem(DATASETS, name, dataclasses.replace(info, sha256=hashlib.sha256(data.encode()).hexdigest()))
+        made[name] = path
+    return made
 
 
 # --------------------------------------------------------------------------- downloads
@@ -190,8 +214,8 @@ def test_http_404_is_user_error(server, tmp_path):
         download_file(f"{server.url}/nope.txt", tmp_path / "nope.txt", PAYLOAD_SHA, progress=False)
 
 
-def test_dataset_path_downloads_from_mirror_then_uses_cache(server, tmp_path, monkeypatch, named_dataset):
-    shutil.copy(named_dataset("tinyshakespeare"), server.root / "tinyshakespeare.txt")
+def test_dataset_path_downloads_from_mirror_then_uses_cache(server, tmp_path, monkeypatch, own_files):
+    shutil.copy(own_files["tinyshakespeare"], server.root / "tinyshakespeare.txt")
     monkeypatch.setenv("LLMSCRATCH_DOWNLOAD_BASE", server.url + "/")
     cache = tmp_path / "cache"
     path = dataset_path("tinyshakespeare", cache, progress=False)
@@ -202,22 +226,22 @@ def test_dataset_path_downloads_from_mirror_then_uses_cache(server, tmp_path, mo
     assert len(server.requests) == n  # cache hit: no new request
 
 
-def test_damaged_cache_is_downloaded_again(server, tmp_path, named_dataset):
-    shutil.copy(named_dataset("the-verdict"), server.root / "the-verdict.txt")
+def test_damaged_cache_is_downloaded_again(server, tmp_path, own_files):
+    shutil.copy(own_files["the-verdict"], server.root / "the-verdict.txt")
     cache = tmp_path / "cache"
     bad = cache / "datasets" / "the-verdict.txt"
     bad.parent.mkdir(parents=True)
     bad.write_text("not the verdict")
     path = dataset_path("the-verdict", cache, progress=False, url=f"{server.url}/the-verdict.txt")
-    assert sha256_file(path) == VERDICT_SHA
+    assert sha256_file(path) == DATASETS["the-verdict"].sha256 == sha256_file(own_files["the-verdict"])
     assert len(server.requests) == 1
 
 
-def test_sms_spam_zip_is_extracted_and_verified(server, tmp_path, monkeypatch, named_dataset):
+def test_sms_spam_zip_is_extracted_and_verified(server, tmp_path, monkeypatch, own_files):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     with zipfile.ZipFile(mirror / "sms+spam+collection.zip", "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.write(named_dataset("sms-spam"), "SMSSpamCollection")
+        zf.write(own_files["sms-spam"], "SMSSpamCollection")
         zf.writestr("readme", "the UCI readme")
     server.root = mirror
     monkeypatch.setenv("LLMSCRATCH_DOWNLOAD_BASE", server.url)
@@ -244,11 +268,11 @@ def test_zip_with_wrong_member_content_is_rejected(server, tmp_path, monkeypatch
 # --------------------------------------------------------------------------- data dir, registry
 
 
-def test_data_dir_is_used_without_network(monkeypatch, tmp_path, named_dataset):
+def test_data_dir_is_used_without_network(monkeypatch, tmp_path, own_files):
     data_dir = tmp_path / "data"  # a folder the user filled by hand, with every named file
     data_dir.mkdir()
     for name, info in DATASETS.items():
-        shutil.copy(named_dataset(name), data_dir / info.filename)
+        shutil.copy(own_files[name], data_dir / info.filename)
     monkeypatch.setenv("LLMSCRATCH_DATA_DIR", str(data_dir))
     # A mirror that cannot answer proves no download is attempted.
     monkeypatch.setenv("LLMSCRATCH_DOWNLOAD_BASE", "http://127.0.0.1:9")
@@ -258,18 +282,18 @@ def test_data_dir_is_used_without_network(monkeypatch, tmp_path, named_dataset):
     assert docs == [Document("the-verdict", (data_dir / "the-verdict.txt").read_text())]
 
 
-def test_corrupted_copy_in_data_dir_is_user_error(monkeypatch, tmp_path, named_dataset):
+def test_corrupted_copy_in_data_dir_is_user_error(monkeypatch, tmp_path, own_files):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     copy = data_dir / "the-verdict.txt"
-    shutil.copy(named_dataset("the-verdict"), copy)
+    shutil.copy(own_files["the-verdict"], copy)
     with open(copy, "ab") as f:
         f.write(b"!")
     monkeypatch.setenv("LLMSCRATCH_DATA_DIR", str(data_dir))
     with pytest.raises(UserError) as err:
         dataset_path("the-verdict", tmp_path / "cache")
     msg = str(err.value)
-    assert str(copy) in msg and VERDICT_SHA in msg and sha256_file(copy) in msg
+    assert str(copy) in msg and DATASETS["the-verdict"].sha256 in msg and sha256_file(copy) in msg
 
 
 def test_unknown_name_lists_valid_names():
