@@ -25,6 +25,18 @@ AllowedSpecial = str | Collection[str]
 """`"all"`, `"none"`, or the set of special tokens to recognise in the text."""
 
 
+def valid_unicode(text: str) -> str:
+    """`text` as valid Unicode, by tiktoken's rule: a Python string can hold surrogate code
+    points (U+D800-U+DFFF) that UTF-8 cannot encode; a high+low pair becomes the character it
+    stands for and a lone surrogate becomes U+FFFD. Every tokenizer applies this before
+    encoding, so `"\\ud800"` encodes like `"\\ufffd"` everywhere instead of raising."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 class Tokenizer(ABC):
     """Base class: `train`, `encode`, `decode`, `save`, `load`.
 

@@ -21,7 +21,7 @@ from typing import Any
 import regex
 
 from ..errors import UserError
-from .base import EOT, Tokenizer
+from .base import EOT, Tokenizer, valid_unicode
 from .byte_alphabet import (
     BYTE_DECODER,
     BYTE_ENCODER,
@@ -204,6 +204,7 @@ class BPETokenizer(Tokenizer):
         """
         if not isinstance(text, str):
             raise UserError(f"encode expects a str, got {type(text).__name__}")
+        text = valid_unicode(text)
         cache = self._cache
         ids: list[int] = []
         for word in self._compiled.findall(text):

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 from ..errors import UserError
 from ..utils import write_json
-from .base import Tokenizer
+from .base import Tokenizer, valid_unicode
 
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -156,7 +156,7 @@ class HFTokenizer(Tokenizer):
         no BOS or other post-processing added."""
         self._backend.encode_special_tokens = True
         try:
-            return self._backend.encode(text, add_special_tokens=False).ids
+            return self._backend.encode(valid_unicode(text), add_special_tokens=False).ids
         finally:
             self._backend.encode_special_tokens = False
 

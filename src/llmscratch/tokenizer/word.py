@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import UserError
-from .base import EOT, Tokenizer
+from .base import EOT, Tokenizer, valid_unicode
 
 UNK = "<|unk|>"
 """Stands for any word that is not in the vocabulary."""
@@ -130,7 +130,7 @@ class WordTokenizer(Tokenizer):
             The token ids.
         """
         get, unk = self._ordinary.get, self.unk_id
-        return [get(piece, unk) for piece in split_words(text)]
+        return [get(piece, unk) for piece in split_words(valid_unicode(text))]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Join the tokens of `ids` back into text (whitespace is kept as tokens).

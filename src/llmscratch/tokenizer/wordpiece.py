@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .base import Tokenizer
+from .base import Tokenizer, valid_unicode
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIALS = (PAD, UNK, CLS, SEP, MASK)
@@ -230,7 +230,7 @@ class WordPieceTokenizer(Tokenizer):
 
     def tokenize(self, text: str) -> list[str]:
         """The WordPiece strings of `text` (no special tokens recognised)."""
-        return [p for w in basic_tokenize(text, self.lowercase) for p in wordpiece(w, self.vocab)]
+        return [p for w in basic_tokenize(valid_unicode(text), self.lowercase) for p in wordpiece(w, self.vocab)]
 
     def encode_ordinary(self, text: str) -> list[int]:
         return [self.vocab[p] for p in self.tokenize(text)]
