@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -42,6 +43,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what `atomic_path`'s mkstemp names look like
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files `atomic_path` leaves when its process is killed mid-write
+    (`kill -9`, power loss): `.model.safetensors.k2j4x8ab.tmp` and the like. Call it where a
+    run (re)starts in `folder`, before anything writes there. Returns what was removed."""
+    removed = []
+    for p in Path(folder).iterdir():
+        if p.is_file() and _TEMP_NAME.match(p.name):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..utils import atomic_write, pick_device
+from ..utils import atomic_write, pick_device, remove_stale_temporaries
 from .config import budget_calibration, get_lr, steps_for_budget
 from .state import METRICS_FILE, append_metrics, load_train_state, read_metrics, save_train_state
 
@@ -259,6 +259,8 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
         A `FitResult`; the model holds the weights of the last finished step.
     """
     master = rank == 0
+    if master and out is not None and out.is_dir():
+        remove_stale_temporaries(out)  # left by a process killed in the middle of a write
     batches = objective.batches
     optimizer = configure_optimizer(model, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
