@@ -6,10 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import pytest
 
 from llmscratch.train import TrainConfig, pretrain
 from llmscratch.utils import atomic_write, remove_stale_temporaries
