@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 
-
 from llmscratch.train import TrainConfig, pretrain
 from llmscratch.utils import atomic_write, remove_stale_temporaries
 
