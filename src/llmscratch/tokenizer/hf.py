@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -185,16 +186,105 @@ class HFTokenizer(Tokenizer):
         if not self.chat_template:
             raise UserError("this tokenizer has no chat template (tokenizer_config.json 'chat_template'); "
                             "choose one with --template alpaca, phi3 or plain")
+        import jinja2
+
         template = _compile(self.chat_template)
+        budget = _RenderBudget()
         try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            out, n = [], 0
+            for chunk in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                           bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                           **{_BUDGET: budget}):
+                n += len(chunk)
+                if n > MAX_TEMPLATE_OUTPUT:
+                    raise jinja2.sandbox.SecurityError(f"output longer than {MAX_TEMPLATE_OUTPUT:,} characters")
+                budget.charge(1)
+                out.append(chunk)
+            return "".join(out)
         except _TemplateError as e:
             raise UserError(f"chat template: {e}") from None
+        except jinja2.sandbox.SecurityError as e:
+            raise UserError(f"chat template refused: {e}") from None
+        except (jinja2.TemplateError, TypeError, ValueError, OverflowError, RecursionError) as e:
+            raise UserError(f"chat template failed: {type(e).__name__}: {e}") from None
 
 
 class _TemplateError(Exception):
     pass
+
+
+# A chat template comes with a model folder, which may come from anyone: it renders in
+# jinja2's sandbox (no attribute tricks, no file or code access), and within these bounds,
+# so a template cannot hold a server thread or its memory either.
+MAX_TEMPLATE_OUTPUT = 1_000_000
+"""Characters a chat template may produce (a real one makes a few thousand)."""
+MAX_TEMPLATE_STEPS = 1_000_000
+"""`range` elements, operators and output chunks one rendering may spend."""
+MAX_TEMPLATE_SECONDS = 5.0
+"""Wall-clock time one rendering may take."""
+_BUDGET = "__llmscratch_budget"
+
+
+class _RenderBudget:
+    """The steps and the time one rendering has left."""
+
+    def __init__(self):
+        self.steps = 0
+        self.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+
+    def charge(self, n: int) -> None:
+        from jinja2.sandbox import SecurityError
+
+        self.steps += n
+        if self.steps > MAX_TEMPLATE_STEPS:
+            raise SecurityError(f"more than {MAX_TEMPLATE_STEPS:,} steps")
+        if time.monotonic() > self.deadline:
+            raise SecurityError(f"took longer than {MAX_TEMPLATE_SECONDS:g} s")
+
+
+def _budget_of(context) -> _RenderBudget:
+    budget = context.get(_BUDGET)
+    return budget if isinstance(budget, _RenderBudget) else _RenderBudget()
+
+
+def _sized(value) -> int | None:
+    return len(value) if isinstance(value, (str, list, tuple)) else None
+
+
+def _bounded_sandbox():
+    """jinja2's immutable sandbox with the size of `*`, `**` and `+` results and the
+    length of `range` bounded, and every such operation charged to the rendering's budget."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**", "+"])
+
+        def call_binop(self, context, operator, left, right):
+            _budget_of(context).charge(1)
+            size = None
+            if operator == "*":
+                for seq, k in ((left, right), (right, left)):
+                    if _sized(seq) is not None and isinstance(k, int):
+                        size = len(seq) * k
+            elif operator == "+" and _sized(left) is not None and _sized(right) is not None:
+                size = len(left) + len(right)
+            elif operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)):
+                if abs(left) > 1 and right > 64:
+                    raise SecurityError("power too large")
+            if size is not None and size > MAX_TEMPLATE_OUTPUT:
+                raise SecurityError(f"a result of {size:,} items (at most {MAX_TEMPLATE_OUTPUT:,})")
+            return super().call_binop(context, operator, left, right)
+
+    @jinja2.pass_context
+    def bounded_range(context, *args):
+        r = range(*args)
+        _budget_of(context).charge(len(r))
+        return r
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["range"] = bounded_range
+    return env
 
 
 def _raise(message: str):
@@ -208,10 +298,8 @@ def _compile(source: str):
     """A sandboxed jinja2 template, set up as transformers sets up chat templates."""
     if source not in _COMPILED:
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = _bounded_sandbox()
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
