@@ -4,45 +4,22 @@ DPO, ...) gets by being a loss function + a batch source + an evaluation."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from llmscratch.errors import UserError
-from llmscratch.train import Objective, fit
+from llmscratch.train import LoopSettings, Objective, fit
 
 W_TRUE = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
 
 
-@dataclass
-class Settings:
-    """The settings `fit` reads, for a toy run."""
-
-    max_steps: int = 20
-    """optimizer steps"""
-    lr: float = 0.3
-    """peak learning rate"""
-    min_lr_ratio: float = 0.1
-    """cosine floor, as a fraction of lr"""
-    warmup_steps: int = 3
-    """linear warmup steps"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    beta1: float = 0.9
-    """AdamW beta1"""
-    beta2: float = 0.99
-    """AdamW beta2"""
-    grad_clip: float = 1.0
-    """gradient norm clip"""
-    grad_accum: int = 2
-    """micro-batches per step"""
-    precision: str = "fp32"
-    """fp32 or bf16"""
-    progress: bool = False
-    """no progress bar"""
+def toy_settings(**kw) -> LoopSettings:
+    """The settings `fit` reads, for a toy run: 20 steps of 2 micro-batches, fp32, no bar."""
+    values = dict(max_steps=20, lr=0.3, min_lr_ratio=0.1, warmup_steps=3, weight_decay=0.0, beta1=0.9,
+                  beta2=0.99, grad_clip=1.0, grad_accum=2, precision="fp32", progress=False, eval_every=5)
+    return LoopSettings(**{**values, **kw})
 
 
 class Regressor(nn.Module):
@@ -94,8 +71,8 @@ def run(out=None, stop_after=None, resume=False, **kw):
     model = Regressor()
     source = PointBatches()
     objective = Objective(mse_loss, source, lambda m: mse_eval(m, source))
-    result = fit(model, objective, Settings(**kw), device=torch.device("cpu"), eval_every=5, out=out,
-                 resume=resume, stop_after=stop_after, settings={"lr": 0.05})
+    result = fit(model, objective, toy_settings(resume=resume, stop_after=stop_after, **kw),
+                 device=torch.device("cpu"), out=out, settings={"lr": 0.05})
     return model, result
 
 

@@ -117,7 +117,7 @@ def cmd_info(args) -> None:
         from ..checkpoints.run import load_model
 
         model, _ = load_model(args.model)
-    if getattr(model, "is_encoder", False):  # a BERT: cli/encoder.py
+    if model.kind.can("fill-mask"):  # an encoder (BERT): cli/encoder.py
         from .encoder import encoder_info
 
         return encoder_info(args.model, model)
@@ -171,7 +171,6 @@ def cmd_generate(args) -> None:
     best from a small model (see SamplingArgs); --temperature 0 is greedy."""
     cfg = config_from_args(GenerateArgs, args)
     from ..checkpoints.run import load_model
-    from ..models.bert import refuse_encoder
     from ..decoding.generate import check_sampling, stream_text
     from ..utils import pick_device
 
@@ -182,7 +181,7 @@ def cmd_generate(args) -> None:
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), seed=cfg.seed or 0,
                                   kernels=cfg.kernels)
-    refuse_encoder(model, "generate")
+    model.kind.require("generate", "generate")
     sys.stdout.write(cfg.prompt)
     sys.stdout.flush()
     for piece in stream_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens,
@@ -266,9 +265,7 @@ def cmd_eval(args) -> None:
     device = pick_device(cfg.device)
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), kernels=cfg.kernels)
-    from ..models.bert import refuse_encoder
-
-    refuse_encoder(model, "eval lm (next-token loss)")  # a decoder's command
+    model.kind.require("score", "eval lm (next-token loss)")  # a decoder's command
     r = evaluate_lm(model, tokenizer, data, batch_size=cfg.batch_size, context_length=cfg.context_length,
                     max_batches=cfg.max_batches, encoding_errors=cfg.encoding_errors, device=device,
                     val_fraction=val_fraction, progress=cfg.progress)
