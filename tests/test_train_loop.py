@@ -112,3 +112,27 @@ def test_in_memory_fit_writes_nothing(tmp_path, monkeypatch):
 def test_a_diverging_loss_is_a_user_error():
     with pytest.raises(UserError, match=r"loss became (nan|inf) at step \d+; lower --lr"):
         run(None, lr=1e30, grad_clip=0.0, warmup_steps=0)
+
+
+def test_a_config_hands_the_loop_typed_settings():
+    from llmscratch.finetune.classify import ClassifyConfig
+    from llmscratch.train import TrainConfig
+
+    loop = TrainConfig(optimizer="muon", eval_batches=3).loop_settings(desc="x", stop_after=7)
+    assert (loop.optimizer, loop.eval_batches, loop.max_steps, loop.warmup_steps, loop.precision, loop.desc,
+            loop.stop_after) == ("muon", 3, 240, 50, "auto", "x", 7)
+    ft = ClassifyConfig().loop_settings(eval_every=4)
+    assert (ft.optimizer, ft.lr, ft.beta2, ft.eval_every, ft.precision, ft.compile) == ("adamw", 5e-5, 0.999, 4,
+                                                                                       "fp32", False)
+
+
+def test_the_shared_checks_run_once_for_both_configs():
+    from llmscratch.finetune.classify import ClassifyConfig
+    from llmscratch.train import TrainConfig
+
+    for cfg in (TrainConfig(batch_size=0), ClassifyConfig(batch_size=0)):
+        with pytest.raises(UserError, match="--batch-size must be positive, got 0"):
+            cfg.validate()
+    for cfg in (TrainConfig(precision="fp8"), ClassifyConfig(precision="fp8")):
+        with pytest.raises(UserError, match="--precision must be auto, fp32 or bf16, got 'fp8'"):
+            cfg.validate()
