@@ -27,36 +27,30 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 @dataclass
 class LoopSettings:
-    """How `loop.fit` trains: built by `RunConfig.loop_settings`, or directly for a new objective."""
+    """How `loop.fit` trains: built by `RunConfig.loop_settings`, or directly for a new objective.
 
+    The schedule, optimizer and precision fields mean what the fields of the same name of
+    `RunConfig` and `TrainConfig` mean (documented there); the last group is the loop's own.
+    """
+
+    # the schedule (`config.get_lr`) and when to evaluate and checkpoint
     max_steps: int
-    """optimizer steps to train for (the cosine schedule ends here)"""
     warmup_steps: int
-    """linear warmup steps"""
     eval_every: int
-    """evaluate and checkpoint every this many steps (and at the end)"""
     lr: float = 1e-3
-    """peak learning rate"""
     min_lr_ratio: float = 0.1
-    """cosine decay floor, as a fraction of lr"""
+    # the optimizer (`loop.configure_optimizer`) and the step
     optimizer: Literal["adamw", "muon"] = "adamw"
-    """adamw, or muon for the blocks' weight matrices (`muon.py`)"""
     weight_decay: float = 0.1
-    """AdamW weight decay (matrices only)"""
     beta1: float = 0.9
-    """AdamW beta1"""
     beta2: float = 0.95
-    """AdamW beta2"""
     grad_clip: float = 1.0
-    """clip the global gradient norm to this (0 = off)"""
     grad_accum: int = 1
-    """micro-batches per optimizer step"""
     precision: Precision = "fp32"
-    """fp32, bf16 (autocast) or auto"""
     compile: bool = False
-    """torch.compile the model and its loss"""
-    eval_batches: int = 0
-    """batches per evaluation, for a time budget's estimate of an evaluation's cost (0: unknown)"""
+    eval_batches: int = 0  # per evaluation: a time budget's estimate of its cost (0: unknown)
+    progress: bool = True
+
     resume: bool = False
     """continue from the run folder's checkpoint (the caller checks it is compatible)"""
     stop_after: int | None = None
@@ -65,8 +59,6 @@ class LoopSettings:
     deadline: float | None = None
     """a `time.perf_counter()` time to finish by: at the end of the warmup the step count is
     fixed from the speed of its later steps (`config.budget_calibration`), replacing `max_steps`"""
-    progress: bool = True
-    """show a progress bar"""
     desc: str = "train"
     """the progress bar's label"""
     plot_title: str = ""
