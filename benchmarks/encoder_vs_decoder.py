@@ -91,8 +91,8 @@ def pretrain_decoder(cfg: TrainConfig, shape: BertConfig) -> tuple[float, float]
     def val(m):
         return {"val_loss": evaluate(m, val_ids, cfg.batch_size, T, cfg.eval_batches, device)}
 
-    result = fit(model, Objective(lm_train_loss, batches, val), cfg, device=device, eval_every=cfg.eval_every,
-                 out=out, plot_title="decoder (GPT) on SMS text", desc="pretrain decoder")
+    loop = cfg.loop_settings(plot_title="decoder (GPT) on SMS text", desc="pretrain decoder")
+    result = fit(model, Objective(lm_train_loss, batches, val), loop, device=device, out=out)
     save_model(model, out, tok)
     return result.last_eval.get("val_loss"), time.perf_counter() - t0
 

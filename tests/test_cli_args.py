@@ -208,3 +208,18 @@ def test_finetune_without_model_is_a_one_line_error(capsys):
     assert main(["finetune", "instruct", "--data", "d", "--out", "o"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: --model is required (on the command line or in --config)"
+
+
+def test_shared_fields_keep_each_command_s_flag_order():
+    from llmscratch.finetune.dpo import DPOConfig
+
+    for cls in (TrainConfig, ClassifyConfig, InstructConfig, DPOConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert len(set(cls.FIELD_ORDER)) == len(cls.FIELD_ORDER) and set(cls.FIELD_ORDER) <= names
+    text = _subparser("pretrain").format_help()
+    order = ["--data", "--model", "--out", "--max-steps", "--batch-size", "--lr", "--seed", "--precision",
+             "--progress"]
+    assert [text.index(f + " ") for f in order] == sorted(text.index(f + " ") for f in order)
+    text = _subparser("finetune", "instruct").format_help()
+    order = ["--epochs", "--batch-size", "--lr", "--warmup-fraction", "--lora-rank", "--progress", "--template"]
+    assert [text.index(f + " ") for f in order] == sorted(text.index(f + " ") for f in order)

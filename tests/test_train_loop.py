@@ -4,45 +4,22 @@ DPO, ...) gets by being a loss function + a batch source + an evaluation."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from llmscratch.errors import UserError
-from llmscratch.train import Objective, fit
+from llmscratch.train import LoopSettings, Objective, fit
 
 W_TRUE = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
 
 
-@dataclass
-class Settings:
-    """The settings `fit` reads, for a toy run."""
-
-    max_steps: int = 20
-    """optimizer steps"""
-    lr: float = 0.3
-    """peak learning rate"""
-    min_lr_ratio: float = 0.1
-    """cosine floor, as a fraction of lr"""
-    warmup_steps: int = 3
-    """linear warmup steps"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    beta1: float = 0.9
-    """AdamW beta1"""
-    beta2: float = 0.99
-    """AdamW beta2"""
-    grad_clip: float = 1.0
-    """gradient norm clip"""
-    grad_accum: int = 2
-    """micro-batches per step"""
-    precision: str = "fp32"
-    """fp32 or bf16"""
-    progress: bool = False
-    """no progress bar"""
+def toy_settings(**kw) -> LoopSettings:
+    """The settings `fit` reads, for a toy run: 20 steps of 2 micro-batches, fp32, no bar."""
+    values = dict(max_steps=20, lr=0.3, min_lr_ratio=0.1, warmup_steps=3, weight_decay=0.0, beta1=0.9,
+                  beta2=0.99, grad_clip=1.0, grad_accum=2, precision="fp32", progress=False, eval_every=5)
+    return LoopSettings(**{**values, **kw})
 
 
 class Regressor(nn.Module):
@@ -94,8 +71,8 @@ def run(out=None, stop_after=None, resume=False, **kw):
     model = Regressor()
     source = PointBatches()
     objective = Objective(mse_loss, source, lambda m: mse_eval(m, source))
-    result = fit(model, objective, Settings(**kw), device=torch.device("cpu"), eval_every=5, out=out,
-                 resume=resume, stop_after=stop_after, settings={"lr": 0.05})
+    result = fit(model, objective, toy_settings(resume=resume, stop_after=stop_after, **kw),
+                 device=torch.device("cpu"), out=out, settings={"lr": 0.05})
     return model, result
 
 
@@ -135,3 +112,27 @@ def test_in_memory_fit_writes_nothing(tmp_path, monkeypatch):
 def test_a_diverging_loss_is_a_user_error():
     with pytest.raises(UserError, match=r"loss became (nan|inf) at step \d+; lower --lr"):
         run(None, lr=1e30, grad_clip=0.0, warmup_steps=0)
+
+
+def test_a_config_hands_the_loop_typed_settings():
+    from llmscratch.finetune.classify import ClassifyConfig
+    from llmscratch.train import TrainConfig
+
+    loop = TrainConfig(optimizer="muon", eval_batches=3).loop_settings(desc="x", stop_after=7)
+    assert (loop.optimizer, loop.eval_batches, loop.max_steps, loop.warmup_steps, loop.precision, loop.desc,
+            loop.stop_after) == ("muon", 3, 240, 50, "auto", "x", 7)
+    ft = ClassifyConfig().loop_settings(eval_every=4)
+    assert (ft.optimizer, ft.lr, ft.beta2, ft.eval_every, ft.precision, ft.compile) == ("adamw", 5e-5, 0.999, 4,
+                                                                                       "fp32", False)
+
+
+def test_the_shared_checks_run_once_for_both_configs():
+    from llmscratch.finetune.classify import ClassifyConfig
+    from llmscratch.train import TrainConfig
+
+    for cfg in (TrainConfig(batch_size=0), ClassifyConfig(batch_size=0)):
+        with pytest.raises(UserError, match="--batch-size must be positive, got 0"):
+            cfg.validate()
+    for cfg in (TrainConfig(precision="fp8"), ClassifyConfig(precision="fp8")):
+        with pytest.raises(UserError, match="--precision must be auto, fp32 or bf16, got 'fp8'"):
+            cfg.validate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -123,3 +124,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def fields_in_order(cls) -> list[dataclasses.Field]:
+    """The fields of the dataclass `cls` in the order its `FIELD_ORDER` names them, then
+    the fields it does not name, in declaration order.
+
+    A subclass's fields come after its base's; a config that adds fields to a shared base
+    (`train.settings.RunConfig`) names the order its users see them in (`--help`, the
+    settings a run records) with `FIELD_ORDER`.
+    """
+    order = {name: i for i, name in enumerate(getattr(cls, "FIELD_ORDER", ()))}
+    return sorted(dataclasses.fields(cls), key=lambda f: order.get(f.name, len(order)))

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import UserError
+from ..utils import fields_in_order
 
 __all__ = ["ModelArgs", "Parser", "SamplingArgs", "add_command", "add_config_flags", "config_fields", "config_from_args",
            "field_docs", "given_settings", "load_config_file"]
@@ -70,8 +71,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def config_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of `cls` that are flags: all but the internal ones (`repr=False`)."""
-    return [f for f in dataclasses.fields(cls) if f.repr]
+    """The fields of `cls` that are flags: all but the internal ones (`repr=False`), in the
+    order `cls.FIELD_ORDER` gives, if it has one (`utils.fields_in_order`)."""
+    return [f for f in fields_in_order(cls) if f.repr]
 
 
 def _flag(name: str) -> str:

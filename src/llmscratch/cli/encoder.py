@@ -46,11 +46,11 @@ def _load_encoder(cfg):
 
 def cmd_fill_mask(args) -> None:
     """Print the most likely tokens for each [MASK] in the text, with their probabilities."""
-    from ..decoding.encoder import fill_mask, require_encoder
+    from ..decoding.encoder import fill_mask
 
     cfg = config_from_args(FillMaskArgs, args)
     model, tokenizer = _load_encoder(cfg)
-    require_encoder(model, "fill-mask")
+    model.kind.require("fill-mask", "fill-mask")
     results = fill_mask(model, tokenizer, args.text, cfg.top_k)
     for n, fillings in enumerate(results, 1):
         if len(results) > 1:
@@ -62,7 +62,7 @@ def cmd_fill_mask(args) -> None:
 def cmd_embed(args) -> None:
     """Print one JSON line per text: {"text": ..., "embedding": [...]} (sentence embeddings
     of an encoder)."""
-    from ..decoding.encoder import embed_texts, require_encoder
+    from ..decoding.encoder import embed_texts
 
     cfg = config_from_args(EmbedArgs, args)
     texts = list(args.text)
@@ -74,7 +74,7 @@ def cmd_embed(args) -> None:
     if not texts:
         raise UserError("give a text to embed, or --file FILE with one text per line")
     model, tokenizer = _load_encoder(cfg)
-    require_encoder(model, "embed")
+    model.kind.require("embed", "embed")
     vectors = embed_texts(model, tokenizer, texts, cfg.pooling, cfg.normalize)
     lines = "".join(json.dumps({"text": t, "embedding": [round(x, 6) for x in v.tolist()]}) + "\n"
                     for t, v in zip(texts, vectors))

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import UserError
-from .args import ModelArgs, Parser, SamplingArgs, add_command, add_config_flags, config_from_args, given_settings
+from .args import ModelArgs, Parser, SamplingArgs, add_command, add_config_flags, config_from_args
+from .bench import cmd_bench
+from .info import cmd_info
+from .pretrain import cmd_pretrain
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
 
@@ -95,66 +98,6 @@ class ServeArgs(ModelArgs):
     """PyTorch CPU threads (default: all cores when batching, else cores / max-concurrency)"""
 
 
-# ---------------------------------------------------------------------------- info
-def cmd_info(args) -> None:
-    """Parameter counts and memory of a preset, a saved model or a classifier folder."""
-    from pathlib import Path
-
-    from ..checkpoints.run import read_run_config
-    from ..models.gpt import GPT, GPTConfig
-
-    run = read_run_config(args.model) if Path(args.model).is_dir() else {}
-    if args.model in GPTConfig.presets():
-        import torch
-
-        with torch.device("meta"):  # shapes only: no memory, no init
-            model = GPT(GPTConfig.from_name(args.model))
-    elif run.get("task") == "classify":
-        from ..finetune.classify import load_classifier
-
-        model, _, labels, max_length = load_classifier(args.model, device="meta")
-    else:
-        from ..checkpoints.run import load_model
-
-        model, _ = load_model(args.model)
-    if getattr(model, "is_encoder", False):  # a BERT: cli/encoder.py
-        from .encoder import encoder_info
-
-        return encoder_info(args.model, model)
-    cfg = model.config
-    n = model.num_params()
-    print(f"model        {args.model}")
-    if run.get("task") == "classify":
-        print(f"kind         classifier: {len(labels)} labels {labels}, texts cut to {max_length} tokens; "
-              f"a head of {model.lm_head.weight.numel() + model.lm_head.bias.numel():,} parameters "
-              "on the last token's hidden state")
-    else:
-        print(f"kind         {model_kind(args.model)}")
-    for field, value in cfg.to_dict().items():
-        print(f"  {field:14s} {value}")
-    tied = cfg.tie_weights and model.lm_head.weight is model.wte.weight
-    print(f"parameters   {n:,}" + (" (LM head tied to the token embedding)" if tied else ""))
-    if tied:
-        print(f"  counting the head separately: {model.num_params(count_tied_head=True):,}")
-    print(f"  without embeddings: {model.num_params(include_embeddings=False):,}")
-    print(f"memory       fp32 {n * 4 / 2**20:,.1f} MB   bf16 {n * 2 / 2**20:,.1f} MB")
-    print(f"training     {model.flops_per_token() / 1e9:.2f} GFLOP per token at context {cfg.context_length}")
-
-
-def model_kind(model: str) -> str:
-    """One line on what `model` is: random weights (a preset), a base language model, or
-    instruction-tuned with its template (`chat.model_kind`)."""
-    from ..decoding.chat import model_kind as kind_of
-    from ..decoding.prompts import template_for
-
-    kind = kind_of(model)
-    if kind == "random":
-        return "a preset: random weights, never trained (its text is gibberish)"
-    if kind == "instruct":
-        return f"instruction-tuned (chat template {template_for(model).name})"
-    return "a base language model: it continues text; it was never taught to follow instructions"
-
-
 def warn_if_untrained(model: str) -> None:
     """Say loudly, once, that a preset name means random weights."""
     from ..decoding.chat import model_kind as kind_of
@@ -171,7 +114,6 @@ def cmd_generate(args) -> None:
     best from a small model (see SamplingArgs); --temperature 0 is greedy."""
     cfg = config_from_args(GenerateArgs, args)
     from ..checkpoints.run import load_model
-    from ..models.bert import refuse_encoder
     from ..decoding.generate import check_sampling, stream_text
     from ..utils import pick_device
 
@@ -182,7 +124,7 @@ def cmd_generate(args) -> None:
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), seed=cfg.seed or 0,
                                   kernels=cfg.kernels)
-    refuse_encoder(model, "generate")
+    model.kind.require("generate", "generate")
     sys.stdout.write(cfg.prompt)
     sys.stdout.flush()
     for piece in stream_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens,
@@ -191,56 +133,6 @@ def cmd_generate(args) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-
-
-# ------------------------------------------------------------------------ pretrain
-def cmd_pretrain(args) -> int:
-    """Pretrain a GPT from scratch on a corpus, writing a self-contained run folder."""
-    from ..train import TrainConfig, pretrain
-    from ..kernels import reuse_freed_memory
-
-    given = given_settings(TrainConfig, args)
-    if given.get("resume"):  # the run's own settings, and the safe changes given now
-        cfg = resume_settings(given)
-    else:
-        cfg = config_from_args(TrainConfig, args)
-    reuse_freed_memory()
-    result = pretrain(cfg)
-    out = result.out
-    if result.interrupted:
-        print(f"\ninterrupted at step {result.step}: checkpoint saved in {out}; "
-              f"continue with --resume --out {out}", file=sys.stderr)
-        return 130
-    score = (f"{result.val_bpb:.3f} bits/byte" if result.val_bpb is not None  # an encoder: accuracy
-             else f"masked-token accuracy {result.val_mlm_acc:.3f}")
-    print(f"\ndone: {result.step} steps, {result.tokens_seen:,} tokens; "
-          f"validation loss {result.val_loss:.3f} ({score})")
-    if result.sample:
-        print(f"\nsample (temperature 0.8, top-k 40):\n{result.sample}\n")
-    print(f"run folder:  {out}")
-    print(f"checkpoint:  {out / 'model.safetensors'} (+ train_state.safetensors for --resume)")
-    print(f"loss plot:   {out / 'loss.png'}")
-    print(f"metrics:     {out / 'metrics.jsonl'}")
-    print(f"try:         llmscratch {'generate' if result.val_bpb is not None else 'fill-mask'} --model {out} "
-          f"{'--prompt ' if result.val_bpb is not None else ''}\"...\"")
-    return 0
-
-
-def resume_settings(given: dict):
-    """The config to resume the run in `given["out"]` (`train.resume_config`), saying how a
-    changed --max-steps reshapes the learning-rate schedule."""
-    from ..train.config import TrainConfig, get_lr, resume_config
-    from ..train.state import saved_run
-
-    out = given.get("out", TrainConfig().out)
-    saved, step = saved_run(out)
-    cfg, step = resume_config(out, given)
-    before = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
-    if cfg.max_steps != before.max_steps:
-        print(f"--max-steps {cfg.max_steps} (the run was started for {before.max_steps}): the cosine schedule "
-              f"now decays to step {cfg.max_steps}, so the learning rate at step {step} goes from "
-              f"{get_lr(step, before):.3g} to {get_lr(step, cfg):.3g}")
-    return cfg
 
 
 # ---------------------------------------------------------------------------- eval
@@ -266,9 +158,7 @@ def cmd_eval(args) -> None:
     device = pick_device(cfg.device)
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), kernels=cfg.kernels)
-    from ..models.bert import refuse_encoder
-
-    refuse_encoder(model, "eval lm (next-token loss)")  # a decoder's command
+    model.kind.require("score", "eval lm (next-token loss)")  # a decoder's command
     r = evaluate_lm(model, tokenizer, data, batch_size=cfg.batch_size, context_length=cfg.context_length,
                     max_batches=cfg.max_batches, encoding_errors=cfg.encoding_errors, device=device,
                     val_fraction=val_fraction, progress=cfg.progress)
@@ -324,28 +214,6 @@ def cmd_convert(args) -> None:
 
     dst = convert(args.src, args.dst, to=args.to)
     print(f"wrote {dst}")
-
-
-# ----------------------------------------------------------------------------- bench
-def cmd_bench(args) -> None:
-    """Measure the machine's matmul peak and memory bandwidth, training throughput (with
-    MFU), generation speed, tokenizers and peak memory, against the peers that are installed
-    (transformers; the book's llms-from-scratch package, installed with `pip install --no-deps`).
-    Runs `benchmarks/harness.py` of a source checkout: the harness imports the peers, so it
-    is not part of the installed package."""
-    from pathlib import Path
-
-    from ..utils import pick_device
-
-    pick_device(args.device)  # a wrong --device is one line, before any measuring
-    folder = Path(__file__).resolve().parents[3] / "benchmarks"
-    if not (folder / "harness.py").is_file():
-        raise UserError("llmscratch bench runs benchmarks/harness.py from a source checkout of llmscratch "
-                        "(git clone, then pip install -e \".[bench]\"); this installation has no benchmarks/ folder")
-    sys.path.insert(0, str(folder))  # the harness and its sibling modules, as when run as scripts
-    import harness
-
-    harness.run(args)
 
 
 # ----------------------------------------------------------------------------- serve

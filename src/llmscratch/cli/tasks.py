@@ -52,9 +52,7 @@ def cmd_eval_tasks(args, common) -> None:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": "int8"}.get(common.dtype or "")  # --dtype
     model, tokenizer = load_model(common.model, device=pick_device(common.device), dtype=dtype, kernels=common.kernels)
-    from ..models.bert import refuse_encoder
-
-    refuse_encoder(model, "eval tasks (log-likelihood scoring)")  # a decoder's command
+    model.kind.require("score", "eval tasks (log-likelihood scoring)")  # a decoder's command
     print(f"{'task':24s} {'shots':>5s} {'n':>6s}  scores")
     results = []
     for task in tasks:

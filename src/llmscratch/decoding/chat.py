@@ -203,12 +203,11 @@ def load_chat(model: str, device=None, template: str | None = None, kernels: boo
     recorded in its config.json unless `template` names one (`prompts.template_for`); the
     speed kernels applied unless `kernels=False` (`load_model`). A model that was never
     instruction-tuned gets `model_note`'s warning as the chat's `note`."""
-    from ..models.bert import refuse_encoder
     from ..checkpoints.run import load_model
 
     chosen = template_for(model, template)  # before loading: a bad name fails fast
     check_sampling(kwargs.get("temperature", 0.0), kwargs.get("top_k"), kwargs.get("top_p"))
     m, tok = load_model(model, device=device, kernels=kernels)
-    refuse_encoder(m, "chat")
+    m.kind.require("chat", "chat")
     kwargs.setdefault("note", model_note(model, chosen.name))
     return Chat(m, tok, chosen, **kwargs)

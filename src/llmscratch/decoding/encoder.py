@@ -16,17 +16,9 @@ import warnings
 
 import torch
 
-from ..models.bert import Bert, embed
+from ..models.bert import embed
 from ..errors import UserError
 from ..tokenizer.wordpiece import MASK
-
-
-def require_encoder(model, command: str) -> Bert:
-    """`model` if it is an encoder, else a one-line UserError naming `command`."""
-    if not getattr(model, "is_encoder", False):
-        raise UserError(f"{command} needs an encoder (a BERT-style model: `llmscratch pretrain --model bert-tiny`, "
-                        f"or a Hugging Face BERT folder); this model is a decoder (GPT)")
-    return model
 
 
 def encode_batch(tokenizer, texts: list[str], max_length: int,
@@ -62,7 +54,7 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
     """For each `[MASK]` in `text`, in order, the `top_k` `(token, probability)` fillings."""
-    model = require_encoder(model, "fill-mask")
+    model.kind.require("fill-mask", "fill-mask")
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if MASK not in text:
@@ -82,7 +74,7 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[st
 def embed_texts(model, tokenizer, texts: list[str], pooling: str = "mean", normalize: bool = True,
                 batch_size: int = 32) -> torch.Tensor:
     """`(len(texts), n_embd)` sentence embeddings (see the module docstring), on the CPU."""
-    model = require_encoder(model, "embed")
+    model.kind.require("embed", "embed")
     if not texts:
         raise UserError("no text to embed")
     out = []

@@ -75,7 +75,7 @@ def add_classification_head(model: GPT, num_classes: int) -> GPT:
 
     The config's `tie_weights` becomes False: the head no longer shares the embedding.
     """
-    if getattr(model, "is_encoder", False):  # an encoder: a head on the pooled [CLS] vector (bert.py)
+    if model.kind.can("classify-cls"):  # an encoder: a head on the pooled [CLS] vector (bert.py)
         model.add_classifier(num_classes)
         return model
     if num_classes < 2:
@@ -151,7 +151,7 @@ def classifier_logits(model: GPT, idx: torch.Tensor, lengths: torch.Tensor) -> t
     Returns:
         `(B, n_classes)` logits.
     """
-    if getattr(model, "is_encoder", False):  # the pooled [CLS] position, padding masked out
+    if model.kind.can("classify-cls"):  # the pooled [CLS] position, padding masked out
         return model.class_logits(idx, key_mask=torch.arange(idx.shape[1], device=idx.device) < lengths[:, None])
     logits = model(idx)  # (B, T, n_classes)
     rows = torch.arange(idx.shape[0], device=idx.device)
@@ -383,7 +383,7 @@ def finetune_classify(cfg: ClassifyConfig, *, stop_after: int | None = None) -> 
     train_ex, val_ex, test_ex = encode(train), encode(val), encode(test)
     set_dropout(model, cfg.dropout)
     add_classification_head(model, len(labels))
-    head = (model.classifier, model.pooler) if getattr(model, "is_encoder", False) else (model.lm_head,)
+    head = (model.classifier, model.pooler) if model.kind.can("classify-cls") else (model.lm_head,)
     params_line = set_trainable(model, cfg.trainable, cfg.lora_rank, cfg.lora_alpha, extra=head)
     if master:
         print(f"{len(train_ex)} train / {len(val_ex)} val / {len(test_ex)} test examples, "

@@ -10,9 +10,8 @@ AdamW, warmup + cosine decay, clipping, accumulation, bf16 autocast, DDP, exact 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,62 +19,34 @@ import torch
 
 from ..errors import UserError
 from ..train import FitResult, Objective, check_resume, fit
+from ..train.settings import RunConfig
 from ..train.state import STATE_FILE
 
 
 @dataclass
-class FinetuneConfig:
-    """Optimisation settings shared by `finetune classify` and `finetune instruct`.
-
-    The field names match `train.TrainConfig`'s where they mean the same thing, so the
-    loop (`train.fit`, `get_lr`, `configure_optimizer`) reads this config unchanged.
+class FinetuneConfig(RunConfig):
+    """Optimisation settings shared by `finetune classify`, `instruct` and `dpo`: the fields
+    every training run has (`train.RunConfig`, whose defaults are fine-tuning's), plus the
+    epochs, the warmup share and LoRA. `fit_examples` turns them into the loop's settings.
     """
 
     epochs: int = 5
     """passes over the training set"""
-    batch_size: int = 8
-    """examples per micro-batch (global, all processes together)"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step"""
-    lr: float = 5e-5
-    """peak learning rate"""
-    min_lr_ratio: float = 0.1
-    """cosine decay floor, as a fraction of lr"""
     warmup_fraction: float = 0.05
     """share of all steps spent warming the learning rate up linearly"""
-    weight_decay: float = 0.1
-    """AdamW weight decay (matrices only)"""
-    beta1: float = 0.9
-    """AdamW beta1"""
-    beta2: float = 0.999
-    """AdamW beta2"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm to this (0 = off)"""
-    eval_every: int = 0
-    """evaluate and checkpoint every N steps (default 0: at the end of every epoch)"""
-    seed: int = 123
-    """seed for the data split, the shuffling, the head's init and dropout"""
-    device: str = "auto"
-    """cpu, cuda, cuda:N, mps or auto"""
-    precision: str = "fp32"
-    """fp32, bf16 (autocast) or auto"""
     lora_rank: int = 0
     """LoRA rank (implies --trainable lora)"""
     lora_alpha: float = 16.0
     """LoRA scale numerator (update x alpha/rank)"""
-    dropout: float = 0.0
-    """dropout while fine-tuning"""
     overwrite: bool = False
     """replace an existing model (or unfinished run) in --out"""
-    kernels: bool = True
-    """swap in the speed kernels (llmscratch.kernels); --no-kernels fine-tunes the plain reference model"""
-    resume: bool = False
-    """continue the run in --out from its last checkpoint (after Ctrl-C or a kill)"""
-    progress: bool = True
-    """show a progress bar"""
-    # filled in by `fit_examples` from the data size, read by `get_lr`
-    max_steps: int = field(default=0, repr=False)
-    warmup_steps: int = field(default=0, repr=False)
+
+    FIELD_ORDER = ("epochs", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_fraction", "weight_decay",
+                   "beta1", "beta2", "grad_clip", "eval_every", "seed", "device", "precision", "lora_rank",
+                   "lora_alpha", "dropout", "overwrite", "kernels", "resume", "progress", "max_steps",
+                   "warmup_steps")
+    POSITIVE = ("epochs", "batch_size", "grad_accum")
+    NOT_RECORDED = ("progress", "resume")
 
     # Changing these between a run and its resume would silently train something else.
     # (The fields of both tasks; a name a task lacks is skipped.)
@@ -84,23 +55,12 @@ class FinetuneConfig:
                     "format", "val_data", "test_data", "balance", "split_seed", "template", "mask_prompt")
 
     def validate(self) -> None:
-        """Raise `UserError` for a setting no run can use."""
-        for name in ("epochs", "batch_size", "grad_accum"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        """Raise `UserError` for a setting no run can use (the shared checks, then fine-tuning's)."""
+        super().validate()
         if not 0 <= self.warmup_fraction < 1:
             raise UserError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.eval_every < 0:
             raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
-
-    def settings(self) -> dict:
-        """The settings worth recording (not the derived schedule or the progress bar)."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("max_steps", "warmup_steps", "progress", "resume")}
 
 
 def iter_batches(examples: Sequence, batch_size: int, collate: Callable):
@@ -171,10 +131,10 @@ def check_out_folder(out: Path, cfg: FinetuneConfig) -> None:
     `--resume`, check the run in `out` was started with the same settings."""
     if cfg.resume:
         check_resume(out, cfg.settings(), FinetuneConfig.RESUME_FIXED)
-    elif (out / STATE_FILE).exists() and not getattr(cfg, "overwrite", False):
+    elif (out / STATE_FILE).exists() and not cfg.overwrite:
         raise UserError(f"{out} holds an unfinished run; pass --resume to continue it, --overwrite "
                         "to start again, or pick another --out")
-    elif (out / "config.json").exists() and not getattr(cfg, "overwrite", False):
+    elif (out / "config.json").exists() and not cfg.overwrite:
         raise UserError(f"{out} already holds a model; pick another --out or pass --overwrite")
 
 
@@ -205,9 +165,9 @@ def fit_examples(model: torch.nn.Module, loss: Callable, examples: Sequence, col
     cfg.max_steps = math.ceil(batches.per_epoch * cfg.epochs / cfg.grad_accum)
     cfg.warmup_steps = int(cfg.warmup_fraction * cfg.max_steps)
     eval_every = cfg.eval_every or math.ceil(batches.per_epoch / cfg.grad_accum)
-    return fit(model, Objective(loss, batches, evaluate), cfg, device=device, eval_every=eval_every,
-               out=out, resume=cfg.resume, settings=cfg.settings(), rank=rank, world=world,
-               stop_after=stop_after, plot_title=title, desc=desc)
+    loop = cfg.loop_settings(eval_every=eval_every, stop_after=stop_after, plot_title=title, desc=desc)
+    return fit(model, Objective(loss, batches, evaluate), loop, device=device, out=out, settings=cfg.settings(),
+               rank=rank, world=world)
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

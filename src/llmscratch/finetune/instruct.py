@@ -138,7 +138,6 @@ def start_decoder_run(cfg, command: str, read_records: Callable[[str], list]) ->
     """The start every decoder fine-tune shares: the processes and device; the records read
     (rank 0 first: it may download them) and split in order; the model, seeded, refused in
     one line if it is an encoder, with the kernels applied when `cfg.kernels`."""
-    from ..models.bert import refuse_encoder
     from ..checkpoints.run import load_model
 
     rank, world, device = distributed_setup(cfg.device)
@@ -146,7 +145,7 @@ def start_decoder_run(cfg, command: str, read_records: Callable[[str], list]) ->
     train, val, test = split_in_order(records, parse_split(cfg.split))
     seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg.model, device=device)
-    refuse_encoder(model, command)  # a decoder's command
+    model.kind.require("generate", command)  # a decoder's command
     if cfg.kernels:
         from ..kernels import apply_kernels
 

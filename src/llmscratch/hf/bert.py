@@ -110,8 +110,8 @@ def _config_from_hf(hf: dict, source: Path) -> tuple[BertConfig, int]:
         config = BertConfig(
             vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 512),
             n_embd=hf["hidden_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-            intermediate_size=hf.get("intermediate_size", 0), type_vocab_size=hf.get("type_vocab_size", 2),
-            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)), pad_token_id=hf.get("pad_token_id", 0) or 0)
+            intermediate_size=hf.get("intermediate_size"), type_vocab_size=hf.get("type_vocab_size", 2),
+            norm_eps=float(hf.get("layer_norm_eps", 1e-12)), pad_token_id=hf.get("pad_token_id", 0) or 0)
     except KeyError as e:
         raise UserError(f"{source}: config.json lacks {e.args[0]!r}") from None
     except UserError as e:
@@ -128,9 +128,9 @@ def _config_to_hf(model: Bert, architecture: str, labels: list[str] | None) -> d
     hf = {
         "architectures": [architecture], "model_type": MODEL_TYPE, "vocab_size": c.vocab_size,
         "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-        "intermediate_size": c.ffn_dim, "hidden_act": "gelu", "hidden_dropout_prob": c.dropout,
+        "intermediate_size": c.mlp_width, "hidden_act": "gelu", "hidden_dropout_prob": c.dropout,
         "attention_probs_dropout_prob": c.dropout, "max_position_embeddings": c.context_length,
-        "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.layer_norm_eps,
+        "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.norm_eps,
         "pad_token_id": c.pad_token_id, "initializer_range": 0.02, "position_embedding_type": "absolute",
         "tie_word_embeddings": True, "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
     }

@@ -10,11 +10,12 @@ Read top to bottom, this file retraces how attention is usually taught:
 4. `MultiHeadAttentionWrapper` — several causal heads side by side, outputs concatenated.
 5. `MultiHeadAttention` — the same thing done with one projection and a reshape, so all
    heads run in one batched matmul.
-6. `CausalSelfAttention` — what `GPT` uses: the Q, K and V projections fused into one
+6. `FusedSelfAttention` — what the models use: the Q, K and V projections fused into one
    matrix (`c_attn`, GPT-2's name), `scaled_dot_product_attention` (flash / memory-efficient
-   kernels where the device has them), and an optional `KVCache` for generation. A
-   `causal=False` switch makes it bidirectional (BERT's encoder), and a key mask hides
-   padding (ragged batches, padded encoder inputs).
+   kernels where the device has them), and an optional `KVCache` for generation. Causal for
+   the decoders (`GPT`); `causal=False` makes it bidirectional (BERT's encoder); a key mask
+   hides padding (ragged batches, padded encoder inputs). `CausalSelfAttention`, its name
+   before the encoder shared it, still imports.
 
 Beside it: `RMSNorm` and rotary position embeddings (`rope_frequencies`, `apply_rope`), the
 pieces of the Llama/Qwen-style decoders, and grouped-query attention as an option of step 6.
@@ -259,8 +260,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention as GPT-2 computes it, causal by default.
+class FusedSelfAttention(nn.Module):
+    """Multi-head self-attention as GPT-2 computes it (fused Q/K/V), causal by default.
 
     One fused `c_attn` projection yields Q, K and V (one matmul instead of three), and
     `scaled_dot_product_attention` does mask + softmax + weighted sum in one kernel.
@@ -381,3 +382,8 @@ class CausalSelfAttention(nn.Module):
         itself = torch.zeros(T, S, dtype=torch.bool, device=key_mask.device)
         itself[torch.arange(T), torch.arange(P, S)] = True
         return allowed | itself
+
+
+CausalSelfAttention = FusedSelfAttention
+"""The name `FusedSelfAttention` had while only the decoder used it (kept for notebooks and
+`kernels`, which swap it by type)."""

@@ -1,4 +1,4 @@
-"""The encoder half: a BERT-style model, beside the GPT in `model.py`.
+"""The encoder half: a BERT-style model, beside the GPT in `gpt.py`.
 
 Reads top to bottom like BERT itself: token + position + token-type embeddings -> LayerNorm
 -> n_layer blocks of (bidirectional self-attention -> residual -> LayerNorm, GELU MLP ->
@@ -10,12 +10,12 @@ residual -> LayerNorm) -> the final hidden states. On top of them:
   BERT's classifiers read.
 
 What is shared with the GPT and what is not. The attention is the same layer
-(`attention.CausalSelfAttention` with `causal=False`: every token sees every other, and a
+(`attention.FusedSelfAttention` with `causal=False`: every token sees every other, and a
 key mask hides padding). The blocks differ: BERT normalises *after* each residual addition
 (post-LN) where GPT-2 normalises before (pre-LN), and BERT's GELU is the exact (erf) one
 where GPT-2 uses the tanh approximation; so `BertBlock` and `BertMLP` are BERT's own. With
 those two details and the fused Q/K/V, logits equal `transformers`' `BertForMaskedLM` (see
-`weights_bert.py`, `tests/test_bert.py`).
+`hf/bert.py`, `tests/test_bert.py`).
 
 Reference rule as for the GPT: `nn.Linear`, `nn.LayerNorm` and
 `scaled_dot_product_attention` only.
@@ -30,7 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import CausalSelfAttention
+from .attention import FusedSelfAttention
+from .configs import config_from_dict, config_from_name
+from .kind import ENCODER
 from ..errors import UserError
 
 MODEL_TYPE = "bert"
@@ -54,9 +56,9 @@ class BertConfig:
     n_embd: int = 768  # hidden size
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads (n_embd must divide evenly)
-    intermediate_size: int = 0  # MLP width; 0 means 4 * n_embd
+    intermediate_size: int | None = None  # MLP width; None = 4 * n_embd
     type_vocab_size: int = 2  # token types: sentence A / sentence B
-    layer_norm_eps: float = 1e-12  # BERT's (GPT-2's LayerNorm uses 1e-5)
+    norm_eps: float = 1e-12  # the LayerNorms' epsilon: BERT's (GPT-2's is 1e-5)
     dropout: float = 0.0  # embeddings, attention weights, residual branches
     pad_token_id: int = 0  # [PAD]'s id (the id padding uses; not otherwise special)
     model_type: str = MODEL_TYPE  # marks the family in a run folder's config
@@ -68,16 +70,20 @@ class BertConfig:
                 raise UserError(f"BertConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise UserError(f"BertConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not isinstance(self.intermediate_size, int) or self.intermediate_size < 0:
-            raise UserError(f"BertConfig.intermediate_size must be >= 0, got {self.intermediate_size!r}")
+        size = self.intermediate_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+            raise UserError(f"BertConfig.intermediate_size must be a positive integer or None, got {size!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"BertConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.model_type != MODEL_TYPE:
             raise UserError(f"BertConfig.model_type must be {MODEL_TYPE!r}, got {self.model_type!r}")
 
     @property
-    def ffn_dim(self) -> int:
+    def mlp_width(self) -> int:
+        """The MLP's hidden width: `intermediate_size`, or 4 x `n_embd`."""
         return self.intermediate_size or 4 * self.n_embd
+
+    ffn_dim = mlp_width  # the name earlier versions used
 
     @property
     def head_dim(self) -> int:
@@ -90,21 +96,18 @@ class BertConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> BertConfig:
         """A preset by name with fields overridden: `from_name("bert-tiny", vocab_size=2000)`."""
-        if name not in _PRESETS:
-            raise UserError(f"unknown encoder preset {name!r}; choose one of: {', '.join(_PRESETS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(overrides) - fields
-        if unknown:
-            raise UserError(f"unknown BertConfig field(s) {sorted(unknown)}; valid: {sorted(fields)}")
-        return cls(**{**_PRESETS[name], **overrides})
+        return config_from_name(cls, _PRESETS, name, overrides, what="encoder")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> BertConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        """The config saved by `to_dict`, or by an earlier version (`layer_norm_eps` for
+        `norm_eps`, `intermediate_size` 0 for None); UserError for a key that is no field."""
+        if d.get("intermediate_size") == 0:  # earlier versions wrote 0 for "4 x n_embd"
+            d = {**d, "intermediate_size": None}
+        return config_from_dict(cls, d, renamed={"layer_norm_eps": "norm_eps"})
 
 
 def is_encoder_config(d: dict) -> bool:
@@ -117,8 +120,8 @@ class BertMLP(nn.Module):
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.ffn_dim)
-        self.c_proj = nn.Linear(config.ffn_dim, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,10 +133,10 @@ class BertBlock(nn.Module):
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, causal=False)
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = FusedSelfAttention(config.n_embd, config.n_head, config.dropout, causal=False)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = BertMLP(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.ln_1(x + self.attn(x, key_mask=key_mask))
@@ -147,7 +150,7 @@ class MLMHead(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(config.n_embd, config.n_embd)
-        self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.decoder = nn.Linear(config.n_embd, config.vocab_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -157,7 +160,8 @@ class MLMHead(nn.Module):
 class Bert(nn.Module):
     """A BERT encoder with its MLM head and pooler."""
 
-    is_encoder = True
+    kind = ENCODER
+    """what it can do (`kind.py`): fill masks, embed, classify from [CLS]"""
     tied_weights = {"mlm.decoder.weight": "wte.weight"}
     """state-dict keys that are another parameter (the token embedding): not saved, restored
     from the parameter they are"""
@@ -168,7 +172,7 @@ class Bert(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token
         self.wpe = nn.Embedding(config.context_length, config.n_embd)  # position
         self.wtt = nn.Embedding(config.type_vocab_size, config.n_embd)  # token type (segment)
-        self.ln_emb = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln_emb = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(BertBlock(config) for _ in range(config.n_layer))
         self.mlm = MLMHead(config)
@@ -269,10 +273,3 @@ def embed(model: Bert, idx: torch.Tensor, key_mask: torch.Tensor | None = None,
         raise UserError(f"unknown pooling {pooling!r}; use 'mean' or 'cls'")
     return F.normalize(v, dim=-1) if normalize else v
 
-
-def refuse_encoder(model, command: str) -> None:
-    """A one-line UserError if `model` is an encoder given to a decoder's `command`
-    (generate, chat, a completions server)."""
-    if getattr(model, "is_encoder", False):
-        raise UserError(f"{command} needs a decoder (GPT); this model is an encoder (BERT), which fills "
-                        "in [MASK]s rather than continuing text: use `llmscratch fill-mask` or `llmscratch embed`")

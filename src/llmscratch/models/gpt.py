@@ -4,13 +4,13 @@ Reads top to bottom like GPT-2 itself: token + position embeddings -> n_layer bl
 (LayerNorm -> causal self-attention -> residual, LayerNorm -> MLP -> residual) -> final
 LayerNorm -> linear head back to the vocabulary. Parameter names follow GPT-2's (`wte`,
 `wpe`, `h.N.attn.c_attn`, `c_proj`, `ln_f`), so loading OpenAI's weights is a name map
-plus a transpose (see `weights.py`).
+plus a transpose (see `hf/decoders.py`).
 
 The same classes build the modern decoders (Llama 3, Qwen3, SmolLM2, Mistral) from config
 options rather than copies: RMSNorm instead of LayerNorm, rotary positions (no `wpe`), a
 gated SwiGLU MLP, grouped-query attention (`n_kv_head`), QK-norm, no biases, an untied head.
 Their Hugging Face tensors (`q_proj`/`k_proj`/`v_proj`, `gate_proj`/`up_proj`) are
-concatenated into our fused `c_attn` / `c_fc` on load (`weights.py`).
+concatenated into our fused `c_attn` / `c_fc` on load (`hf/decoders.py`).
 
 This is the reference model: `nn.Linear`, `nn.LayerNorm` / `RMSNorm` and `scaled_dot_product_attention`
 only. `llmscratch.kernels.apply_kernels(model)` swaps faster CPU kernels into a built model
@@ -28,7 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import CausalSelfAttention, KVCache, RMSNorm, rope_cos_sin, rope_frequencies
+from .attention import FusedSelfAttention, KVCache, RMSNorm, rope_cos_sin, rope_frequencies
+from .configs import config_from_dict, config_from_name
+from .kind import DECODER
 from ..errors import UserError
 
 # Presets. The GPT-2 sizes are OpenAI's; the small ones are sized to train in minutes on a
@@ -148,21 +150,15 @@ class GPTConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPTConfig":
         """A preset by name, with any field overridden: `from_name("tiny", vocab_size=512)`."""
-        if name not in _PRESETS:
-            raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join(_PRESETS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(overrides) - fields
-        if unknown:
-            raise UserError(f"unknown GPTConfig field(s) {sorted(unknown)}; valid: {sorted(fields)}")
-        return cls(**{**_PRESETS[name], **overrides})
+        return config_from_name(cls, _PRESETS, name, overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        """The config saved by `to_dict` (UserError for a key that is no field)."""
+        return config_from_dict(cls, d)
 
 
 def check_rope_scaling(scaling, where: str) -> None:
@@ -223,7 +219,7 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(
+        self.attn = FusedSelfAttention(
             config.n_embd, config.n_head, config.dropout, config.qkv_bias,
             n_kv_head=config.n_kv_head, head_dim=config.head_size, qk_norm=config.qk_norm,
             bias=config.bias, norm_eps=config.norm_eps)
@@ -240,6 +236,9 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """A GPT-2-style decoder-only transformer language model."""
+
+    kind = DECODER
+    """what it can do (`kind.py`): generate, chat, score text, classify from the last token"""
 
     def __init__(self, config: GPTConfig):
         super().__init__()

@@ -47,7 +47,6 @@ class EmbeddingRequest(_Strict):
 class EncoderEngine:
     """An encoder and its tokenizer behind the server (the parts of `Engine` the routes use)."""
 
-    is_encoder = True
     template = "no"  # "serving NAME (no chat template)": an encoder does not chat
     batched = False
     max_tokens_limit = 0
@@ -129,7 +128,7 @@ def add_embeddings_route(app, engine, dependencies, parse_request) -> None:
     @app.post("/v1/embeddings", dependencies=dependencies)
     async def embeddings(request: Request):
         req = await parse_request(request, EmbeddingRequest, engine)
-        if not getattr(engine, "is_encoder", False):
+        if not engine.model.kind.can("embed"):
             raise APIError(400, f"'{engine.model_id}' is a decoder (GPT): embeddings need an encoder (BERT) "
                                 "model; serve one with llmscratch serve --model ENCODER_RUN", param="model",
                            code="unsupported_model")
@@ -154,6 +153,6 @@ def add_embeddings_route(app, engine, dependencies, parse_request) -> None:
 
 def refuse_encoder_completions(engine) -> None:
     """The completion routes' check: an encoder does not continue text (400)."""
-    if getattr(engine, "is_encoder", False):
+    if not engine.model.kind.can("generate"):
         raise APIError(400, f"'{engine.model_id}' is an encoder (BERT): it serves /v1/embeddings, not completions",
                        param="model", code="unsupported_model")

@@ -528,7 +528,7 @@ def load_engine(model: str, device=None, dtype=None, template: str | None = None
 
     device = pick_device(device)
     net, tokenizer = load_model(model, device=device, dtype=dtype, kernels=kernels)
-    if getattr(net, "is_encoder", False):  # an encoder serves /v1/embeddings (serve/embeddings.py)
+    if net.kind.can("embed"):  # an encoder serves /v1/embeddings (serve/embeddings.py)
         from .embeddings import EncoderEngine
 
         return EncoderEngine(net, tokenizer, model_name or (Path(model).name if Path(model).is_dir() else model))

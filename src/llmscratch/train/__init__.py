@@ -1,7 +1,9 @@
 """Training: one loop (`loop.fit`) that every objective runs, and pretraining on it.
 
+- `settings.py`: `RunConfig` (the settings pretraining and fine-tuning share, with their
+  checks) and `LoopSettings` (what `fit` reads).
 - `config.py`: `TrainConfig` (the pretraining settings) and the schedule `get_lr`.
-- `loop.py`: `fit(model, Objective(loss, batches, evaluate), cfg, ...)`: AdamW, schedule,
+- `loop.py`: `fit(model, Objective(loss, batches, evaluate), settings, ...)`: AdamW, schedule,
   accumulation, clipping, autocast, DDP, checkpoints, Ctrl-C/SIGTERM, metrics, the plot.
 - `state.py`: the resume file (weights, optimizer, RNG, step) and `metrics.jsonl`.
 - `pretrain.py`: the language-model objective, its data, and `pretrain(cfg)`.
@@ -33,13 +35,16 @@ from .pretrain import (
     prepare_data,
     pretrain,
 )
+from .settings import LoopSettings, RunConfig
 from .state import check_resume, load_train_state, save_train_state
 
 __all__ = [
     "BatchSource",
     "FitResult",
     "LMBatches",
+    "LoopSettings",
     "Objective",
+    "RunConfig",
     "StopFlag",
     "TrainConfig",
     "TrainResult",

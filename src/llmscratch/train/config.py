@@ -1,4 +1,5 @@
-"""Pretraining settings (`TrainConfig`) and the learning-rate schedule (`get_lr`)."""
+"""Pretraining settings (`TrainConfig`, on the shared `settings.RunConfig`) and the learning-rate
+schedule (`get_lr`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import UserError
+from .settings import LoopSettings, Precision, RunConfig
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything a pretraining run needs. Each field is also a `llmscratch pretrain` flag: its
     type, default and the string under it become the flag, its parsing and its help
-    (`llmscratch.cli.args`)."""
+    (`llmscratch.cli.args`). The settings fine-tuning shares come from `RunConfig`
+    (`settings.py`); those re-declared here have pretraining's defaults and docs."""
 
     data: str = "python-stdlib"
     """dataset name, text file, or folder of .txt files"""
@@ -51,21 +54,13 @@ class TrainConfig:
     dropout: float = 0.1
     """dropout on embeddings, attention and residual branches"""
     lr: float = 1e-3
-    """peak learning rate"""
-    min_lr_ratio: float = 0.1
-    """cosine decay floor, as a fraction of lr"""
     warmup_steps: int = 50
     """linear warmup steps"""
     optimizer: Literal["adamw", "muon"] = "adamw"
     """adamw, or muon: orthogonalised momentum for the blocks' weight matrices, AdamW for the rest"""
     weight_decay: float = 0.1
     """AdamW weight decay (matrices only, not biases/norms)"""
-    beta1: float = 0.9
-    """AdamW beta1"""
     beta2: float = 0.95
-    """AdamW beta2"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm to this (0 = off)"""
     eval_every: int = 40
     """evaluate, sample and checkpoint every N steps"""
     eval_batches: int = 20
@@ -76,9 +71,7 @@ class TrainConfig:
     """tokens generated at each evaluation (0 = none)"""
     seed: int = 1337
     """seed for init, data order and dropout"""
-    device: str = "auto"
-    """cpu, cuda, cuda:N, mps or auto"""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     """fp32, bf16 (autocast, fp32 master weights) or auto"""
     compile: bool = False
     """torch.compile the model and its loss"""
@@ -90,8 +83,15 @@ class TrainConfig:
     """undecodable bytes in local text: strict, replace or ignore"""
     resume: bool = False
     """continue the run in --out from its last checkpoint"""
-    progress: bool = True
-    """show a progress bar"""
+
+    FIELD_ORDER = ("data", "model", "n_layer", "n_head", "n_embd", "objective", "whole_word_masking", "out",
+                   "tokenizer", "max_steps", "time_budget", "batch_size", "grad_accum", "context_length",
+                   "dropout", "lr", "min_lr_ratio", "warmup_steps", "optimizer", "weight_decay", "beta1",
+                   "beta2", "grad_clip", "eval_every", "eval_batches", "val_fraction", "sample_tokens", "seed",
+                   "device", "precision", "compile", "kernels", "gradient_checkpointing", "encoding_errors",
+                   "resume", "progress")
+    POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "context_length",
+                "n_layer", "n_head", "n_embd")
 
     def model_overrides(self) -> dict:
         """The preset fields this config changes: its shape flags and --context-length."""
@@ -99,15 +99,8 @@ class TrainConfig:
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def validate(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("context_length", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        """Raise `UserError` for a setting no run can use (the shared checks, then pretraining's)."""
+        super().validate()
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.warmup_steps < 0:
@@ -119,8 +112,6 @@ class TrainConfig:
                                 f"steps, which must be warmup steps (whose learning rate does not depend on "
                                 f"the step count); raise --warmup-steps from {self.warmup_steps} to at least "
                                 f"{BUDGET_CALIBRATION_STEPS}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     # Changing these between a run and its resume would silently train something else.
     RESUME_FIXED = ("data", "model", "n_layer", "n_head", "n_embd", "tokenizer", "batch_size", "grad_accum",
@@ -155,13 +146,11 @@ def resume_config(out, given: dict) -> tuple[TrainConfig, int]:
             change mid-run (each named, with its saved value); or the run already reached
             `max_steps`.
     """
-    import dataclasses
-
     from .state import saved_run
 
     saved, step = saved_run(out)
     # a setting the run's checkpoint predates had its default value
-    values = dataclasses.asdict(TrainConfig())
+    values = TrainConfig().settings()
     values.update({k: v for k, v in saved.items() if k in values})
     refused = [f"--{k.replace('_', '-')} ({values[k]!r} -> {v!r})" for k, v in sorted(given.items())
                if k not in TrainConfig.RESUME_SAFE and values.get(k) != v]
@@ -217,7 +206,7 @@ def steps_for_budget(seconds_left: float, step_seconds: float, steps_done: int, 
     return max(steps_done + 1, steps_done + more)
 
 
-def get_lr(step: int, cfg) -> float:
+def get_lr(step: int, cfg: LoopSettings | RunConfig) -> float:
     """Linear warmup to `cfg.lr`, then cosine decay to `cfg.lr * cfg.min_lr_ratio` at max_steps.
 
     A pure function of the step (and the settings `lr`, `min_lr_ratio`, `warmup_steps`,

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..utils import atomic_write, pick_device, remove_stale_temporaries
 from .config import budget_calibration, get_lr, steps_for_budget
+from .settings import LoopSettings
 from .state import METRICS_FILE, append_metrics, load_train_state, read_metrics, save_train_state
 
 
@@ -85,12 +86,12 @@ class FitResult:
 # ------------------------------------------------------------------------------ setup
 
 
-def configure_optimizer(model: torch.nn.Module, cfg, device: torch.device):
+def configure_optimizer(model: torch.nn.Module, cfg: LoopSettings, device: torch.device):
     """AdamW over the parameters that require grad, weight decay on matrices only: decaying
     biases and LayerNorm gains toward zero only hurts. The fused kernel is used where the
-    device has one. Reads `cfg.lr`, `weight_decay`, `beta1`, `beta2`, and `cfg.optimizer`
-    where the config has one: "muon" gives the blocks' weight matrices Muon (`muon.py`)."""
-    if getattr(cfg, "optimizer", "adamw") == "muon":
+    device has one. Reads `cfg.lr`, `weight_decay`, `beta1`, `beta2` and `optimizer`:
+    "muon" gives the blocks' weight matrices Muon (`muon.py`)."""
+    if cfg.optimizer == "muon":
         from .muon import Muon, muon_param_groups
 
         return Muon(muon_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -103,8 +104,8 @@ def configure_optimizer(model: torch.nn.Module, cfg, device: torch.device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def _budget_steps(cfg, step: int, timed: int, seconds: float, seconds_left: float, eval_every: int,
-                  world: int, device: torch.device, eval_seconds: float | None = None) -> int:
+def _budget_steps(cfg: LoopSettings, step: int, timed: int, seconds: float, seconds_left: float, world: int,
+                  device: torch.device, eval_seconds: float | None = None) -> int:
     """The step count that fits the time left after `step`, from `timed` steps that took
     `seconds` of training (rank 0's figure, broadcast, so every process stops at the same
     step); an evaluation with its checkpoint takes `eval_seconds` (measured if one fell
@@ -112,8 +113,8 @@ def _budget_steps(cfg, step: int, timed: int, seconds: float, seconds_left: floa
     step_seconds = seconds / timed
     if eval_seconds is None:
         # an evaluation is forward passes only, about a third of a training step's work per batch
-        eval_seconds = step_seconds * getattr(cfg, "eval_batches", 0) / cfg.grad_accum / 3
-    total = steps_for_budget(0.97 * seconds_left, step_seconds, step, eval_every, eval_seconds)
+        eval_seconds = step_seconds * cfg.eval_batches / cfg.grad_accum / 3
+    total = steps_for_budget(0.97 * seconds_left, step_seconds, step, cfg.eval_every, eval_seconds)
     if world > 1:
         flag = torch.tensor([total], dtype=torch.long, device=device)
         dist.broadcast(flag, src=0)
@@ -226,34 +227,26 @@ class _LossModule(torch.nn.Module):
 # ------------------------------------------------------------------------------- fit
 
 
-def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.device, eval_every: int,
-        out: Path | None = None, resume: bool = False, settings: dict | None = None, rank: int = 0,
-        world: int = 1, stop_after: int | None = None, on_checkpoint: Callable[[int], None] | None = None,
-        plot_title: str = "", desc: str = "train", deadline: float | None = None,
+def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, device: torch.device,
+        out: Path | None = None, settings: dict | None = None, rank: int = 0, world: int = 1,
+        on_checkpoint: Callable[[int], None] | None = None,
         on_max_steps: Callable[[int], None] | None = None) -> FitResult:
     """Train the parameters of `model` that require grad on `objective` for `cfg.max_steps`.
 
     Args:
         model: on `device`, built (and seeded) the same way for a fresh run and a resume.
         objective: loss, batches and evaluation (see the module docstring).
-        cfg: a settings dataclass with `max_steps`, `lr`, `min_lr_ratio`, `warmup_steps`,
-            `weight_decay`, `beta1`, `beta2`, `grad_clip`, `grad_accum`, `precision` and
-            `progress` (and optionally `compile`), e.g. `TrainConfig` or `FinetuneConfig`.
-        eval_every: evaluate and checkpoint every this many steps (and at the end).
+        cfg: the schedule, optimizer, precision, evaluation interval, resume, stop and
+            display settings (`LoopSettings`, e.g. from `TrainConfig.loop_settings()`). With
+            `cfg.deadline` (a time budget), the step count fixed at the end of the warmup
+            (whose learning rate does not depend on `max_steps`; at most 50 steps) replaces
+            `cfg.max_steps` and is passed to `on_max_steps`.
         out: the run folder for `train_state.safetensors`, `metrics.jsonl` and `loss.png`;
             None keeps everything in memory (no checkpoints, no resume).
-        resume: continue from `out`'s checkpoint (the caller checks it is compatible).
         settings: stored in the checkpoint, for `state.check_resume`.
         rank, world: this process and the process count (`distributed_setup`).
-        stop_after: behave as if interrupted once this step is done (checkpoint, then
-            return with `interrupted=True`); the schedule still follows `cfg.max_steps`.
         on_checkpoint: called on rank 0 after each checkpoint with the step (e.g. to
             write the inference weights beside it).
-        plot_title, desc: the loss plot's title and the progress bar's label.
-        deadline: a `time.perf_counter()` time to finish by: at the end of the warmup
-            (whose learning rate does not depend on `max_steps`; at most 50 steps) the step
-            count is fixed from the speed of its later steps (`config.budget_calibration`),
-            replacing `cfg.max_steps`, and passed to `on_max_steps`.
 
     Returns:
         A `FitResult`; the model holds the weights of the last finished step.
@@ -267,7 +260,7 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
     metrics_path = out / METRICS_FILE if out is not None else None
     step, seen = 0, 0
     records: list[dict] = []
-    if resume:
+    if cfg.resume:
         step, seen = load_train_state(out, model, optimizer)
         if master:
             records = read_metrics(metrics_path, step)
@@ -283,7 +276,7 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    if getattr(cfg, "compile", False):
+    if cfg.compile:
         fwd = torch.compile(fwd)
 
     def evaluate() -> dict:
@@ -298,9 +291,9 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
             save_train_state(out, model, optimizer, step, seen, settings)
             if on_checkpoint is not None:
                 on_checkpoint(step)
-            plot_losses(records, out / "loss.png", plot_title, x=batches.unit)
+            plot_losses(records, out / "loss.png", cfg.plot_title, x=batches.unit)
 
-    budget_open = deadline is not None and not resume
+    budget_open = cfg.deadline is not None and not cfg.resume
     if budget_open:  # train "forever" until the first steps have been timed
         cfg = dataclasses.replace(cfg, max_steps=10**9)
     t_calibration = None
@@ -310,7 +303,7 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
     interrupted = False
     # while a time budget is still timing its first steps the total is unknown: no bar, a count
     bar = tqdm(total=None if budget_open else cfg.max_steps, initial=step, disable=not (cfg.progress and master),
-               desc=desc, unit="step", dynamic_ncols=True)
+               desc=cfg.desc, unit="step", dynamic_ncols=True)
     t_last, seen_last = time.perf_counter(), seen
     model.train()
     with StopFlag() as stop:
@@ -352,7 +345,7 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
             elif budget_open and step == calib_at:
                 cfg = dataclasses.replace(cfg, max_steps=_budget_steps(cfg, step, calib_at - calib_from,
                                                                        now - t_calibration - t_aside,
-                                                                       deadline - now, eval_every, world,
+                                                                       cfg.deadline - now, world,
                                                                        device, eval_measured))
                 budget_open = False
                 bar.total = cfg.max_steps
@@ -361,12 +354,12 @@ def fit(model: torch.nn.Module, objective: Objective, cfg, *, device: torch.devi
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", **{f"{batches.unit[:3]}_s": f"{rate:,.0f}"})
 
-            stop_now = stop.set or step == stop_after
+            stop_now = stop.set or step == cfg.stop_after
             if world > 1:  # every rank must agree to stop at the same step
                 flag = torch.tensor([int(stop_now)], device=device)
                 dist.all_reduce(flag)
                 stop_now = bool(flag.item())
-            boundary = step % eval_every == 0 or step == cfg.max_steps or stop_now
+            boundary = step % cfg.eval_every == 0 or step == cfg.max_steps or stop_now
             t_boundary = time.perf_counter()
             if boundary and objective.evaluate is not None:
                 last_eval = evaluate()

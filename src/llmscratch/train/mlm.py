@@ -40,7 +40,7 @@ from ..data import BatchSampler, iter_eval_batches, split_train_val, token_ids
 from ..data.corpora import load_text
 from ..errors import UserError
 from ..tokenizer.wordpiece import WordPieceTokenizer
-from .config import vocab_size_of
+from .config import TrainConfig, vocab_size_of
 from .loop import FitResult, Objective, fit, rank0_first
 from .start import build_model, start_run
 
@@ -48,10 +48,10 @@ IGNORE = -100
 """The label of positions without a loss (not selected for masking)."""
 
 
-def objective_of(cfg) -> str:
+def objective_of(cfg: TrainConfig) -> str:
     """"mlm" or "lm" for a `TrainConfig`: `--objective`, or with `auto` the model's kind
     (an encoder preset such as `bert-tiny` -> mlm). UserError for an impossible pair."""
-    objective = getattr(cfg, "objective", "auto")
+    objective = cfg.objective
     encoder = cfg.model in BertConfig.presets()
     if objective == "auto":
         return "mlm" if encoder else "lm"
@@ -238,14 +238,14 @@ def build_wordpiece(spec: str, documents) -> WordPieceTokenizer:
     return tok
 
 
-def pretrain_mlm(cfg, *, stop_after: int | None = None) -> tuple[Path, FitResult]:
+def pretrain_mlm(cfg: TrainConfig, *, stop_after: int | None = None) -> tuple[Path, FitResult]:
     """Run (or resume) masked-LM pretraining of an encoder as described by a `TrainConfig`.
 
     Returns:
         `(run folder, FitResult)`.
     """
     for flag in ("time_budget", "gradient_checkpointing"):
-        if getattr(cfg, flag, None):
+        if getattr(cfg, flag):
             raise UserError(f"--{flag.replace('_', '-')} is not supported for an encoder yet (GPT pretraining only)")
     run = start_run(cfg, type(cfg).RESUME_FIXED + ("objective", "whole_word_masking"))
     rank, world, device, master, out, settings = run.rank, run.world, run.device, run.master, run.out, run.settings
@@ -268,7 +268,7 @@ def pretrain_mlm(cfg, *, stop_after: int | None = None) -> tuple[Path, FitResult
     tokenizer, model_cfg, window, train_ids, val_ids = rank0_first(world, master, load_data)
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    masker = MaskedWindows(tokenizer, MaskingRule(whole_word=getattr(cfg, "whole_word_masking", False)))
+    masker = MaskedWindows(tokenizer, MaskingRule(whole_word=cfg.whole_word_masking))
     batches = MLMBatches(BatchSampler(train_ids, cfg.batch_size, window, seed=cfg.seed), cfg.grad_accum,
                          masker, cfg.seed)
 
@@ -291,9 +291,9 @@ def pretrain_mlm(cfg, *, stop_after: int | None = None) -> tuple[Path, FitResult
         return evaluate_mlm(m, val_ids, masker, cfg.batch_size, window, cfg.eval_batches, device, amp,
                             cfg.seed, rank, world)
 
-    result = fit(model, Objective(mlm_loss, batches, evaluate_fn), cfg, device=device,
-                 eval_every=cfg.eval_every, out=out, resume=cfg.resume, settings=settings, rank=rank,
-                 world=world, stop_after=stop_after,
-                 on_checkpoint=lambda step: save_model(model, out, tokenizer, extra=run_info),
-                 plot_title=f"{cfg.model} (masked LM) on {cfg.data}", desc="pretrain mlm")
+    loop = cfg.loop_settings(stop_after=stop_after, plot_title=f"{cfg.model} (masked LM) on {cfg.data}",
+                             desc="pretrain mlm")
+    result = fit(model, Objective(mlm_loss, batches, evaluate_fn), loop, device=device, out=out,
+                 settings=settings, rank=rank, world=world,
+                 on_checkpoint=lambda step: save_model(model, out, tokenizer, extra=run_info))
     return out, result

@@ -33,6 +33,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -231,22 +232,26 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
 
     evaluate_fn = partial(evaluate_pretraining, val_ids=val_ids, bytes_per_token=bytes_per_token, cfg=cfg,
                           device=device, amp=amp, rank=rank, world=world, tokenizer=tokenizer)
-    result = fit(model, Objective(lm_train_loss, batches, evaluate_fn), cfg, device=device,
-                 eval_every=cfg.eval_every, out=out, resume=cfg.resume, settings=settings, rank=rank,
-                 world=world, stop_after=stop_after,
+    deadline, on_max_steps = _time_budget(cfg, started, settings, master)
+    loop = cfg.loop_settings(stop_after=stop_after, deadline=deadline, plot_title=f"{cfg.model} on {cfg.data}",
+                             desc="pretrain")
+    result = fit(model, Objective(lm_train_loss, batches, evaluate_fn), loop, device=device, out=out,
+                 settings=settings, rank=rank, world=world,
                  on_checkpoint=lambda step: save_model(model, out, tokenizer, extra=run_info),
-                 plot_title=f"{cfg.model} on {cfg.data}", desc="pretrain", **_time_budget(cfg, started, settings, master))
+                 on_max_steps=on_max_steps)
     ev = result.last_eval
     return TrainResult(out, result.step, result.seen, ev.get("val_loss"), ev.get("val_bpb"),
                        result.interrupted, ev.get("sample", ""))
 
 
-def _time_budget(cfg: TrainConfig, started: float, settings: dict, master: bool) -> dict:
-    """`fit`'s deadline arguments for `--time-budget` (none on a resume: the run's step
-    count was fixed when it started). The step count it fixes goes into `settings`, which
-    the checkpoints and `config.json` store, so `--max-steps N` repeats the run."""
+def _time_budget(cfg: TrainConfig, started: float, settings: dict,
+                 master: bool) -> tuple[float | None, Callable[[int], None] | None]:
+    """`(deadline, on_max_steps)` for `fit` under `--time-budget`; `(None, None)` without
+    one or on a resume (the run's step count was fixed when it started). The step count it
+    fixes goes into `settings`, which the checkpoints and `config.json` store, so
+    `--max-steps N` repeats the run."""
     if cfg.time_budget is None or cfg.resume:
-        return {}
+        return None, None
 
     first, last = budget_calibration(cfg.warmup_steps)
 
@@ -256,7 +261,7 @@ def _time_budget(cfg: TrainConfig, started: float, settings: dict, master: bool)
             tqdm.write(f"--time-budget {cfg.time_budget}: {n} steps fit (timed over warmup steps {first + 1}-"
                        f"{last}); saved as max_steps in config.json, so --max-steps {n} repeats this run")
 
-    return {"deadline": started + parse_duration(cfg.time_budget), "on_max_steps": fixed}
+    return started + parse_duration(cfg.time_budget), fixed
 
 
 def _sample(model: GPT, tokenizer, val_ids, n_tokens: int, device, seed: int) -> str:

@@ -5,7 +5,6 @@ saved, so the run folder loads from step 0."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,6 +16,7 @@ from ..checkpoints.run import save_model
 from ..errors import UserError
 from ..kernels import apply_kernels
 from ..utils import seed_everything
+from .config import TrainConfig
 from .loop import autocast_dtype, distributed_setup
 from .state import STATE_FILE, check_resume
 
@@ -35,13 +35,13 @@ class RunStart:
         return self.rank == 0
 
 
-def start_run(cfg, resume_fixed: tuple[str, ...]) -> RunStart:
+def start_run(cfg: TrainConfig, resume_fixed: tuple[str, ...]) -> RunStart:
     """Validate `cfg`, set up the processes and seed. A resume must keep every setting in
     `resume_fixed`; a fresh run must not land on another run's checkpoint (UserError)."""
     cfg.validate()
     rank, world, device = distributed_setup(cfg.device)
     out = Path(cfg.out)
-    settings = dataclasses.asdict(cfg)
+    settings = cfg.settings()
     if cfg.resume:
         check_resume(out, settings, resume_fixed)
     elif (out / STATE_FILE).exists():
@@ -50,7 +50,7 @@ def start_run(cfg, resume_fixed: tuple[str, ...]) -> RunStart:
     return RunStart(rank, world, device, out, settings)
 
 
-def build_model(make: Callable[[], nn.Module], cfg, run: RunStart, tokenizer, run_info: dict
+def build_model(make: Callable[[], nn.Module], cfg: TrainConfig, run: RunStart, tokenizer, run_info: dict
                 ) -> tuple[nn.Module, torch.dtype | None]:
     """`make()` seeded by `cfg.seed` and moved to the run's device, with the kernels if
     `cfg.kernels`; a fresh run saves it (with `tokenizer` and `run_info`) before its first
