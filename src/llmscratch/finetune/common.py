@@ -80,13 +80,16 @@ class EpochBatches:
     (fine-tuning sets are small; dropping it would waste data). Under DDP, rank r of W
     takes rows r, r + W, ... of each batch, and DDP averages the ranks' mean losses: the
     same as one process wherever the ranks hold equally many rows and the loss is a mean
-    over rows (classification). A loss averaged over a varying number of tokens per rank
-    (instruction tuning) weighs the tokens of the two halves a little differently.
+    over rows (classification, DPO). A loss over tokens, whose number differs from rank to
+    rank (instruction tuning), passes `weigh(batch) -> count`: each batch then carries one
+    more item, the count over ALL ranks' rows divided by W, and the loss divides its sum by
+    it, so DDP's average of the ranks' gradients is one process's mean over every token.
     """
 
     unit = "examples"
 
-    def __init__(self, examples: Sequence, batch_size: int, collate: Callable, seed: int, grad_accum: int = 1):
+    def __init__(self, examples: Sequence, batch_size: int, collate: Callable, seed: int, grad_accum: int = 1,
+                 weigh: Callable | None = None):
         if not examples:
             raise UserError("the training set is empty")
         self.examples = examples
@@ -94,6 +97,7 @@ class EpochBatches:
         self.collate = collate
         self.seed = seed
         self.grad_accum = grad_accum
+        self.weigh = weigh
         self.per_epoch = math.ceil(len(examples) / batch_size)
         self._orders: dict[int, list[int]] = {}
 
@@ -114,9 +118,17 @@ class EpochBatches:
 
     def get(self, step: int, micro: int, rank: int, world: int, device: torch.device):
         rows = self.rows(step, micro)
+        batch = self._collate_share(rows, rank, world)
+        batch = tuple(t.to(device) for t in batch)
+        if self.weigh is None:
+            return batch
+        total = sum(self.weigh(self._collate_share(rows, r, world)) if r != rank else self.weigh(batch)
+                    for r in range(world))
+        return (*batch, max(total, 1) / world)
+
+    def _collate_share(self, rows: list[int], rank: int, world: int):
         mine = rows[rank::world] or rows[-1:]  # a rank left without a row repeats the last one
-        batch = self.collate([self.examples[i] for i in mine])
-        return tuple(t.to(device) for t in batch)
+        return self.collate([self.examples[i] for i in mine])
 
     def seen(self, step: int) -> int:
         full, k = divmod(step * self.grad_accum, self.per_epoch)
@@ -141,7 +153,7 @@ def check_out_folder(out: Path, cfg: FinetuneConfig) -> None:
 def fit_examples(model: torch.nn.Module, loss: Callable, examples: Sequence, collate: Callable,
                  cfg: FinetuneConfig, *, device: torch.device, evaluate: Callable | None = None,
                  out: Path | None = None, rank: int = 0, world: int = 1, stop_after: int | None = None,
-                 title: str = "fine-tuning loss", desc: str = "fine-tune") -> FitResult:
+                 title: str = "fine-tuning loss", desc: str = "fine-tune", weigh: Callable | None = None) -> FitResult:
     """Train `model` on `examples` for `cfg.epochs` epochs with the one loop (`train.fit`).
 
     Args:
@@ -153,13 +165,14 @@ def fit_examples(model: torch.nn.Module, loss: Callable, examples: Sequence, col
             (or every `cfg.eval_every` steps).
         out: folder for the checkpoint, `metrics.jsonl` and `loss.png`; None: in memory.
         stop_after: stop (checkpointed, `interrupted=True`) once this step is done.
+        weigh: for a loss summed over tokens, `weigh(batch) -> count` (see `EpochBatches`).
 
     Returns:
         The loop's `FitResult`: `records` holds one record per step (`train_loss`, `lr`,
         `examples`) with the evaluation's metrics and `epoch` on evaluation steps.
     """
     cfg.validate()
-    batches = EpochBatches(examples, cfg.batch_size, collate, cfg.seed, cfg.grad_accum)
+    batches = EpochBatches(examples, cfg.batch_size, collate, cfg.seed, cfg.grad_accum, weigh)
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     cfg.max_steps = math.ceil(batches.per_epoch * cfg.epochs / cfg.grad_accum)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..decoding.batching import DecodeRow, decode_rows
@@ -89,11 +90,22 @@ def masked_lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.
     return lm_loss(logits, targets)
 
 
-def instruction_loss(model, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def instruction_loss(model, batch: tuple) -> torch.Tensor:
     """The instruction-tuning objective: `masked_lm_loss` of a batch `(inputs, targets)`
-    from `collate_instruct`."""
-    inputs, targets = batch
-    return masked_lm_loss(model, inputs, targets)
+    from `collate_instruct`. A batch `(inputs, targets, norm)` (training under
+    `fit_examples(..., weigh=count_targets)`) gives the loss summed over its targets divided
+    by `norm`, the batch's target count over all processes / their number."""
+    inputs, targets, *norm = batch
+    if not norm:
+        return masked_lm_loss(model, inputs, targets)
+    logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum") / norm[0]
+
+
+def count_targets(batch: tuple) -> int:
+    """The number of target tokens of a `collate_instruct` batch (`fit_examples`' `weigh`)."""
+    return int((batch[1] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -289,7 +301,7 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
     collate = partial(collate_instruct, pad_id=pad_id, mask_prompt=cfg.mask_prompt, max_length=max_length)
     evaluate = partial(evaluate_instruct, examples=val_ex, collate=collate, batch_size=cfg.batch_size)
     result = fit_examples(model, instruction_loss, train_ex, collate, cfg, device=device, evaluate=evaluate,
-                          out=out, rank=rank, world=world, stop_after=stop_after,
+                          out=out, rank=rank, world=world, stop_after=stop_after, weigh=count_targets,
                           title="instruction fine-tuning loss", desc="instruct")
     merge_lora(model)
 
