@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
-from ..hf.common import (CONFIG_FILE, TOKENIZER_COPY, has_hf_tokenizer, is_hf_dir, load_hf, load_hf_tokenizer,
-                         save_hf)
+from ..hf.common import CONFIG_FILE, TOKENIZER_COPY
+from ..hf.registry import has_hf_tokenizer, is_hf_dir, load_hf, load_hf_tokenizer, save_hf
 from ..tokenizer import get_tokenizer, load_tokenizer
 from ..tokenizer.base import read_tokenizer_file
 from .run import is_run_dir, load_run_model, read_run_config, save_model

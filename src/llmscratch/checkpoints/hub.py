@@ -39,7 +39,8 @@ from pathlib import Path
 from ..data.corpora import cache_root
 from ..data.download import download_file, reject_unless
 from ..errors import UserError
-from ..hf.common import CONFIG_FILE, SAFETENSORS_FILE, load_hf
+from ..hf.common import CONFIG_FILE, SAFETENSORS_FILE
+from ..hf.registry import load_hf
 from .run import is_run_dir
 
 __all__ = ["GPT2_REPOS", "MODEL_REPOS", "download_gpt2", "download_model", "gpt2_names", "model_names"]

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..hf.common import is_hf_dir, load_hf, load_hf_tokenizer
+from ..hf.registry import is_hf_dir, load_hf, load_hf_tokenizer
 from ..kernels import apply_kernels
 from ..kernels.quantize import quantize_int8
 from ..models.bert import Bert, BertConfig, is_encoder_config

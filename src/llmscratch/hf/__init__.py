@@ -1,14 +1,15 @@
-"""Hugging Face checkpoint folders, both ways: one module per family on one shared reader
-and writer (`common`), registered in one table (`HF_FAMILIES`) that `load_hf` and `save_hf`
-dispatch on.
+"""Hugging Face checkpoint folders, both ways: one module per family (`gpt2`, `llama`,
+`bert`) on one shared reader and writer (`common`), in one table (`registry.HF_FAMILIES`)
+that `load_hf` and `save_hf` dispatch on.
 
     model = load_hf("checkpoints/Qwen3-0.6B")   # by config.json's model_type
     save_hf(model, "export/qwen3")             # by the model's family
 
-A new family is one module here that calls `register_hf_family`, imported below.
+A new family is one module here whose `HFFamily` is listed in `registry.FAMILIES`.
 """
 
-from .common import HF_FAMILIES, HFFamily, hf_model_type, is_hf_dir, load_hf, register_hf_family, save_hf
+from .common import HFFamily, hf_model_type
+from .registry import HF_FAMILIES, is_hf_dir, load_hf, register_hf_family, save_hf
 from .gpt2 import load_hf_gpt2, save_hf_gpt2
 from .llama import load_hf_llama, save_hf_llama
 from .bert import load_hf_bert, save_hf_bert

@@ -14,8 +14,8 @@ returned `missing`), everything it has is checked for shape, and anything unknow
 error. `save_hf_bert` writes the parts of the chosen class only, so `from_pretrained` loads
 it without a missing/unexpected-weights warning.
 
-The family registers as `bert` in `common.HF_FAMILIES` (so `load_hf`, `save_hf`, `download`
-and `convert` reach it); its folders carry their own tokenizer, the WordPiece `vocab.txt`.
+The family (`BERT`, in `registry.HF_FAMILIES`, so `load_hf`, `save_hf`, `download` and
+`convert` reach it): its folders carry their own tokenizer, the WordPiece `vocab.txt`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from ..errors import UserError
 from ..models.bert import MODEL_TYPE, Bert, BertConfig
-from .common import CONFIG_FILE, Checkpoint, HFFamily, find_weights_file, read_json, register_hf_family, write_folder
+from .common import CONFIG_FILE, Checkpoint, HFFamily, find_weights_file, read_json, write_folder
 
 __all__ = ["ARCHITECTURES", "BERT", "is_hf_bert_dir", "load_hf_bert", "save_hf_bert", "load_bert_tokenizer"]
 
@@ -260,6 +260,6 @@ def _save(model: Bert, path, tokenizer=None, labels=None) -> Path:
     return save_hf_bert(model, path, tokenizer=tokenizer, labels=labels)
 
 
-BERT = register_hf_family(HFFamily(
+BERT = HFFamily(
     name="bert", model_types=(MODEL_TYPE,), load=_load, save=_save, claims=lambda model: isinstance(model, Bert),
-    tokenizer=load_bert_tokenizer, tokenizer_files=("vocab.txt",)))
+    tokenizer=load_bert_tokenizer, tokenizer_files=("vocab.txt",))

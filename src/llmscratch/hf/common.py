@@ -1,16 +1,14 @@
-"""What every Hugging Face checkpoint family shares: the folder, the reader, the writer and
-the one table of families that `load_hf` / `save_hf` dispatch on.
+"""What every Hugging Face checkpoint family shares: the folder, the reader and the writer.
 
 A Hugging Face checkpoint is a folder with `config.json` (its `model_type` names the
 family) and the tensors in `model.safetensors` (or a sharded index, or the older pickled
 `pytorch_model.bin`). This module reads such folders safely (`Checkpoint`: lazily, one
 tensor at a time, never unpickling code), writes them (`write_folder`: weights first,
-config last, each file atomically), and keeps the family table:
+config last, each file atomically), and says what a family is (`HFFamily`).
 
-    HF_FAMILIES["llama"]    # -> the HFFamily that loads, saves and tokenizes Llama folders
-
-Each family module (`gpt2.py`, `llama.py`, `bert.py`) registers itself with
-`register_hf_family`; adding a family is one more such module, imported by `hf/__init__.py`.
+Each family module (`gpt2.py`, `llama.py`, `bert.py`) builds on this one and describes
+itself as an `HFFamily`; `registry.py` keeps the table of them that `load_hf` / `save_hf`
+dispatch on. Calls go one way: registry -> family -> common.
 """
 
 from __future__ import annotations
@@ -26,13 +24,11 @@ import torch
 
 from ..errors import UserError
 from ..models.gpt import GPT, GPTConfig
-from ..tokenizer import get_tokenizer, load_tokenizer
 from ..utils import save_safetensors, write_json
 
 __all__ = ["CONFIG_FILE", "SAFETENSORS_FILE", "PYTORCH_FILE", "TOKENIZER_COPY", "Checkpoint", "HFFamily",
-           "HF_FAMILIES", "register_hf_family", "family_of_folder", "hf_model_type", "is_hf_dir", "load_hf",
-           "save_hf", "load_hf_tokenizer", "has_hf_tokenizer", "read_json", "find_weights_file",
-           "checked_folder", "writable_folder", "write_folder", "empty_gpt", "listing", "shape_text"]
+           "hf_model_type", "read_json", "find_weights_file", "checked_folder", "writable_folder", "write_folder",
+           "empty_gpt", "listing", "shape_text"]
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -236,7 +232,7 @@ def empty_gpt(config: GPTConfig, device: torch.device, dtype: torch.dtype) -> GP
 
 
 
-# --------------------------------------------------------------------------- the family table
+# --------------------------------------------------------------------------- families
 
 
 @dataclass(frozen=True)
@@ -264,17 +260,6 @@ class HFFamily:
     tokenizer_files: tuple[str, ...] = ()
 
 
-HF_FAMILIES: dict[str, HFFamily] = {}
-"""`config.json`'s `model_type` -> its family, in registration order."""
-
-
-def register_hf_family(family: HFFamily) -> HFFamily:
-    """Add `family` to the table `load_hf`, `save_hf` and `is_hf_dir` dispatch on."""
-    for model_type in family.model_types:
-        HF_FAMILIES[model_type] = family
-    return family
-
-
 def hf_model_type(path: str | os.PathLike) -> str | None:
     """`config.json`'s `model_type` in `path` (GPT-2's when absent), or None if there is no
     readable config. Never raises."""
@@ -286,61 +271,3 @@ def hf_model_type(path: str | os.PathLike) -> str | None:
         return None
     value = hf.get("model_type", "gpt2")
     return value if isinstance(value, str) else None
-
-
-def is_hf_dir(path: str | os.PathLike) -> bool:
-    """True for a Hugging Face checkpoint folder of a supported `model_type` with weights."""
-    return hf_model_type(path) in HF_FAMILIES and find_weights_file(Path(path)) is not None
-
-
-def family_of_folder(path: str | os.PathLike) -> HFFamily:
-    """The family of the Hugging Face folder `path` (UserError: no config, unknown type)."""
-    folder = checked_folder(path)
-    model_type = read_json(folder / CONFIG_FILE).get("model_type", "gpt2")
-    if model_type not in HF_FAMILIES:
-        raise UserError(f"{folder / CONFIG_FILE}: model_type is {model_type!r}, which is not supported "
-                        f"(supported: {', '.join(HF_FAMILIES)})")
-    return HF_FAMILIES[model_type]
-
-
-def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-            device: str | torch.device | None = None):
-    """Load any supported Hugging Face checkpoint folder, dispatching on `config.json`'s
-    `model_type`: `gpt2`, `llama`, `qwen3`, `mistral`, `bert` (and families registered later).
-
-    Raises:
-        UserError: no such folder, no config.json, or an unsupported `model_type`.
-    """
-    return family_of_folder(path).load(Path(path), dtype=dtype, device=device)
-
-
-def save_hf(model, path: str | os.PathLike, *, tokenizer=None, labels: list[str] | None = None) -> Path:
-    """Write `model` as a Hugging Face folder of its family (the first registered family
-    that claims it): GPT-2 for the GPT-2 block, Llama or Qwen3 for the rotary one, BERT for
-    an encoder. A `tokenizer` of the family's own kind is written with it."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
-    for family in dict.fromkeys(HF_FAMILIES.values()):
-        if family.claims(model):
-            return family.save(model, path, tokenizer=tokenizer, labels=labels)
-    names = ", ".join(f.name for f in dict.fromkeys(HF_FAMILIES.values()))
-    raise UserError(f"save_hf needs a llmscratch model of a Hugging Face family ({names}), "
-                    f"got {type(model).__name__}")
-
-
-def has_hf_tokenizer(path: str | os.PathLike) -> bool:
-    """True if the Hugging Face folder `path` holds its family's own tokenizer files."""
-    family = HF_FAMILIES.get(hf_model_type(path))
-    return family is not None and any((Path(path) / f).is_file() for f in family.tokenizer_files)
-
-
-def load_hf_tokenizer(path: str | os.PathLike):
-    """The tokenizer of a Hugging Face folder: its family's own (a Llama's `tokenizer.json`,
-    a BERT's `vocab.txt`), else the run tokenizer an export kept (`TOKENIZER_COPY`), else
-    GPT-2's."""
-    folder = Path(path)
-    own = family_of_folder(folder).tokenizer(folder)
-    if own is not None:
-        return own
-    if (folder / TOKENIZER_COPY).is_file():
-        return load_tokenizer(folder / TOKENIZER_COPY)
-    return get_tokenizer("gpt2")

@@ -12,7 +12,7 @@ Every tensor is checked against the shape our model expects before it is copied,
 missing or unexpected tensors are an error: a half-loaded model would silently generate
 garbage, which is far harder to debug than a one-line message naming the tensor.
 
-The family registers as `gpt2` in `common.HF_FAMILIES`, so `load_hf` / `save_hf` reach it.
+The family is `GPT2` in `registry.HF_FAMILIES`, so `load_hf` / `save_hf` reach it.
 
 Example::
 
@@ -34,7 +34,7 @@ import torch
 from ..errors import UserError
 from ..models.gpt import GPT, GPTConfig
 from .common import (CONFIG_FILE, Checkpoint, HFFamily, checked_folder, empty_gpt, find_weights_file, listing,
-                     read_json, register_hf_family, shape_text, write_folder)
+                     read_json, shape_text, write_folder)
 
 __all__ = ["load_hf_gpt2", "save_hf_gpt2", "is_hf_gpt2_dir", "GPT2"]
 
@@ -340,6 +340,6 @@ def _save(model: GPT, path, tokenizer=None, labels=None) -> Path:
     return save_hf_gpt2(model, path)
 
 
-GPT2 = register_hf_family(HFFamily(
+GPT2 = HFFamily(
     name="gpt2", model_types=("gpt2",), load=load_hf_gpt2, save=_save, claims=_claims,
-    tokenizer=lambda folder: None))
+    tokenizer=lambda folder: None)

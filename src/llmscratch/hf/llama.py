@@ -8,8 +8,8 @@ map plus two concatenations: q/k/v into our fused `c_attn`, gate/up into `c_fc` 
 splits back on save). The rotary embedding uses the half-split layout our `apply_rope`
 uses, so no permutation of the query/key rows is needed.
 
-The family registers `llama`, `qwen3` and `mistral` in `common.HF_FAMILIES`; its folders
-carry their own tokenizer (`tokenizer.json`, read as an `HFTokenizer`).
+The family (`LLAMA`, in `registry.HF_FAMILIES`) reads `llama`, `qwen3` and `mistral`
+folders; they carry their own tokenizer (`tokenizer.json`, read as an `HFTokenizer`).
 
 Example::
 
@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..models.gpt import GPT, GPTConfig, check_rope_scaling
 from ..tokenizer.hf import HF_TOKENIZER_FILE, HFTokenizer
 from .common import (CONFIG_FILE, Checkpoint, HFFamily, checked_folder, empty_gpt, listing, read_json,
-                     register_hf_family, shape_text, write_folder)
+                     shape_text, write_folder)
 
 __all__ = ["LLAMA_FAMILY", "load_hf_llama", "save_hf_llama", "llama_family_of", "LLAMA"]
 
@@ -307,6 +307,6 @@ def _tokenizer(folder: Path) -> HFTokenizer | None:
     return HFTokenizer.from_folder(folder) if (folder / HF_TOKENIZER_FILE).is_file() else None
 
 
-LLAMA = register_hf_family(HFFamily(
+LLAMA = HFFamily(
     name="llama", model_types=LLAMA_FAMILY, load=load_hf_llama, save=save_hf_llama, claims=_claims,
-    tokenizer=_tokenizer, tokenizer_files=(HF_TOKENIZER_FILE,)))
+    tokenizer=_tokenizer, tokenizer_files=(HF_TOKENIZER_FILE,))
