@@ -201,14 +201,13 @@ def static_path(package: Path, entry: tuple[str, str]) -> dict:
 
 def static_child() -> None:
     """In the measured tree's interpreter: the static walk from its `convert`."""
-    import importlib.util
-
     import llmscratch
 
     package = Path(llmscratch.__file__).resolve().parent
-    module = next(m for m in ("llmscratch.checkpoints.convert", "llmscratch.checkpoints.hub", "llmscratch.hub")
-                  if importlib.util.find_spec(m) is not None and (package.parent / (m.replace(".", "/") + ".py")).is_file()
-                  and "def convert(" in (package.parent / (m.replace(".", "/") + ".py")).read_text())
+    # where `convert` lives: checkpoints/convert.py now, checkpoints/hub.py before
+    candidates = ("checkpoints/convert.py", "checkpoints/hub.py", "hub.py")
+    home = next(c for c in candidates if (package / c).is_file() and "def convert(" in (package / c).read_text())
+    module = "llmscratch." + home.removesuffix(".py").replace("/", ".")
     print(json.dumps(static_path(package, (module, "convert"))))
 
 
