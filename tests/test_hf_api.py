@@ -134,3 +134,12 @@ def test_convert_an_encoder_both_ways_through_the_one_convert(tmp_path):
     assert (hf / "vocab.txt").is_file() and not (hf / "llmscratch_tokenizer.json").exists()
     run = convert(hf, tmp_path / "run2")
     _same_weights(encoder, load_run_model(run), skip=("pooler.",))  # a BertForMaskedLM has none
+
+
+def test_a_llama_folder_without_its_tokenizer_loads_only_through_convert(tmp_path):
+    folder = save_hf(GPT(GPTConfig.from_name("llama-tiny", vocab_size=64)), tmp_path / "hf")
+    with pytest.raises(UserError, match="no tokenizer.json \\(the model's tokenizer\\)"):
+        load_model(str(folder))
+    with pytest.warns(UserWarning, match="gpt2 tokenizer has 50257 ids but the model only 64"):
+        run = convert(folder, tmp_path / "run")  # as before: GPT-2's, with a warning
+    assert load_model(str(run))[1].name == "gpt2"

@@ -131,7 +131,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     else:
         model = load_hf(src)
         tok_file = src / TOKENIZER_COPY
-        tokenizer = load_hf_tokenizer(src)
+        tokenizer = load_hf_tokenizer(src, gpt2_fallback=True)
     tok_file = tok_file if tok_file.is_file() else None
     if tokenizer.vocab_size > model.config.vocab_size:
         warnings.warn(

@@ -231,7 +231,6 @@ def empty_gpt(config: GPTConfig, device: torch.device, dtype: torch.dtype) -> GP
     return model
 
 
-
 # --------------------------------------------------------------------------- families
 
 

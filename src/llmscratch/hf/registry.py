@@ -90,14 +90,18 @@ def has_hf_tokenizer(path: str | os.PathLike) -> bool:
     return family is not None and any((Path(path) / f).is_file() for f in family.tokenizer_files)
 
 
-def load_hf_tokenizer(path: str | os.PathLike):
+def load_hf_tokenizer(path: str | os.PathLike, *, gpt2_fallback: bool = False):
     """The tokenizer of a Hugging Face folder: its family's own (a Llama's `tokenizer.json`,
     a BERT's `vocab.txt`), else the run tokenizer an export kept (`TOKENIZER_COPY`), else
-    GPT-2's."""
+    GPT-2's, which a GPT-2 folder implies and other families take only with `gpt2_fallback`
+    (`convert` does, warning when the vocabularies differ)."""
     folder = Path(path)
-    own = family_of_folder(folder).tokenizer(folder)
+    family = family_of_folder(folder)
+    own = family.tokenizer(folder)
     if own is not None:
         return own
     if (folder / TOKENIZER_COPY).is_file():
         return load_tokenizer(folder / TOKENIZER_COPY)
+    if family.tokenizer_files and not gpt2_fallback:
+        raise UserError(f"{folder}: no {family.tokenizer_files[0]} (the model's tokenizer)")
     return get_tokenizer("gpt2")
