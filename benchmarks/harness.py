@@ -325,7 +325,7 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
         except ImportError:
             GPT2LMHeadModel = None
         if GPT2LMHeadModel is not None:
-            from llmscratch.hf.decoders import save_hf_gpt2
+            from llmscratch.hf import save_hf_gpt2
 
             with tempfile.TemporaryDirectory() as d:
                 save_hf_gpt2(ours, d)

@@ -156,7 +156,7 @@ def test_template_errors_are_user_errors(tmp_path, docs_text):
 def make_llama_folder(folder, docs_text, kind="llama3"):
     """A random tiny Llama-format checkpoint with its own tokenizer and chat template."""
     from llmscratch.models.gpt import GPT, GPTConfig
-    from llmscratch.hf.decoders import save_hf
+    from llmscratch.hf import save_hf
 
     build_tokenizer_folder(folder, kind, docs_text)
     torch.manual_seed(0)
@@ -200,7 +200,7 @@ def test_download_a_modern_repo_id_from_the_fake_hub(tmp_path, docs_text, monkey
 
     from llmscratch.checkpoints.run import load_model
     from llmscratch.checkpoints.hub import download_model
-    from llmscratch.hf.decoders import load_hf
+    from llmscratch.hf import load_hf
 
     folder = make_llama_folder(tmp_path / "src", docs_text, "qwen3")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")

@@ -23,10 +23,11 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from llmscratch.checkpoints import hub  # noqa: E402
 from llmscratch.checkpoints.run import is_run_dir, load_model, save_model  # noqa: E402
 from llmscratch.errors import UserError  # noqa: E402
-from llmscratch.checkpoints.hub import convert, download_gpt2  # noqa: E402
+from llmscratch.checkpoints.convert import convert
+from llmscratch.checkpoints.hub import download_gpt2  # noqa: E402
 from llmscratch.models.gpt import GPT, GPTConfig  # noqa: E402
 from llmscratch.tokenizer import GPT2Tokenizer, WordTokenizer, load_tokenizer  # noqa: E402
-from llmscratch.hf.decoders import is_hf_gpt2_dir, load_hf_gpt2  # noqa: E402
+from llmscratch.hf.gpt2 import is_hf_gpt2_dir, load_hf_gpt2  # noqa: E402
 
 REPO = "openai-community/gpt2"  # what gpt2-124m maps to
 TINY = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)

@@ -270,7 +270,7 @@ def test_int8_and_bf16_inference_stay_close_to_fp32():
 def test_pretrain_llama_tiny_in_bf16_with_kernels_then_generate_and_export(tmp_path, corpus_file):
     from llmscratch.checkpoints.run import load_model
     from llmscratch.train import TrainConfig, pretrain
-    from llmscratch.hf.decoders import load_hf, save_hf
+    from llmscratch.hf import load_hf, save_hf
 
     res = pretrain(TrainConfig(model="llama-tiny", tokenizer="bpe:320", data=str(corpus_file), context_length=32,
                                batch_size=4, max_steps=12, eval_every=6, eval_batches=2, sample_tokens=4,

@@ -13,10 +13,10 @@ transformers = pytest.importorskip("transformers")
 
 from llmscratch.errors import UserError  # noqa: E402
 from llmscratch.decoding.generate import generate  # noqa: E402
-from llmscratch.checkpoints.hub import convert  # noqa: E402
+from llmscratch.checkpoints.convert import convert  # noqa: E402
 from llmscratch.checkpoints.run import load_run_model  # noqa: E402
 from llmscratch.models.gpt import GPT, GPTConfig  # noqa: E402
-from llmscratch.hf.decoders import is_hf_dir, load_hf, save_hf  # noqa: E402
+from llmscratch.hf import is_hf_dir, load_hf, save_hf  # noqa: E402
 
 V = 211
 COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

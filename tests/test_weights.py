@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from llmscratch.errors import UserError  # noqa: E402
 from llmscratch.decoding.generate import generate  # noqa: E402
 from llmscratch.models.gpt import GPT, GPTConfig  # noqa: E402
-from llmscratch.hf.decoders import is_hf_gpt2_dir, load_hf_gpt2, save_hf_gpt2  # noqa: E402
+from llmscratch.hf.gpt2 import is_hf_gpt2_dir, load_hf_gpt2, save_hf_gpt2  # noqa: E402
 
 # name -> GPT2Config kwargs. bos/eos must lie inside a small vocabulary or transformers warns.
 SHAPES = {

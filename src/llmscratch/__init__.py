@@ -2,13 +2,17 @@
 
 The package follows the pipeline: `tokenizer` -> `data` / `datasets` -> `attention` ->
 `model` -> `train` -> `generate` -> `weights` (GPT-2 checkpoints) -> `cli`.
+
+Checkpoints from the top: `load_model(run_folder_hf_folder_or_preset)` gives `(model,
+tokenizer)`; `load_hf` / `save_hf` read and write Hugging Face folders of every family.
 """
 
 from .errors import UserError
 from .decoding.generate import generate, sample, stream_text
 from .models.gpt import GPT, GPTConfig, lm_loss
 from .tokenizer import BPETokenizer, GPT2Tokenizer, WordTokenizer, get_tokenizer, load_tokenizer
-from .hf.decoders import load_hf_gpt2, save_hf_gpt2
+from .hf import load_hf, load_hf_gpt2, save_hf, save_hf_gpt2
+from .checkpoints.run import load_model
 
 __version__ = "0.1.0"
 
@@ -22,9 +26,12 @@ __all__ = [
     "generate",
     "get_tokenizer",
     "lm_loss",
+    "load_hf",
     "load_hf_gpt2",
+    "load_model",
     "load_tokenizer",
     "sample",
+    "save_hf",
     "save_hf_gpt2",
     "stream_text",
 ]

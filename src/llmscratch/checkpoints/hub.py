@@ -1,9 +1,11 @@
-"""OpenAI's GPT-2 weights from the Hugging Face Hub, and converting between checkpoint formats.
+"""Checkpoints from the Hugging Face Hub: GPT-2's sizes, modern decoders and BERT.
 
 `download_gpt2("gpt2-124m")` fetches `config.json` and `model.safetensors` of one of the four
-GPT-2 sizes into a cache folder and returns it; `load_hf_gpt2` (or `--model <folder>`) then
-loads it. The download goes through `download.download_file`, so it resumes a broken
-transfer, verifies a checksum and renames only a verified file into place.
+GPT-2 sizes into a cache folder and returns it; `load_hf` (or `--model <folder>`) then
+loads it. `download_model` does the same for every name in `MODEL_REPOS`, with the files
+each family needs (a modern decoder's `tokenizer.json`, a BERT's `vocab.txt`). The
+download goes through `download.download_file`, so it resumes a broken transfer, verifies
+a checksum and renames only a verified file into place.
 
 Where the checksum comes from: the Hub stores big files with Git LFS and answers a `HEAD`
 on a file's `resolve` URL with the file's sha256 in the `X-Linked-Etag` header (a small,
@@ -16,24 +18,17 @@ Environment variables, as `huggingface_hub` reads them:
 - `HF_ENDPOINT`: another Hub (a mirror, or a local server in the tests);
 - `HF_HUB_OFFLINE=1`: no network at all; only files already downloaded are used.
 
-`convert(src, dst)` turns a Hugging Face GPT-2 folder into one of our run folders (weights +
-tokenizer + config) and back.
-
 Example::
 
     folder = download_gpt2("gpt2-124m")              # ~/.cache/llmscratch/models/gpt2-124m
-    convert(folder, "runs/gpt2")                      # a run folder for `--model runs/gpt2`
-    convert("runs/my-finetune", "export/my-gpt2")    # loadable by GPT2LMHeadModel.from_pretrained
+    model = load_hf(folder)                          # or convert(folder, "runs/gpt2"): convert.py
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,18 +36,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .run import is_run_dir, load_run_model, save_model
 from ..data.corpora import cache_root
 from ..data.download import download_file, reject_unless
 from ..errors import UserError
-from ..tokenizer import get_tokenizer, load_tokenizer
-from ..tokenizer.base import read_tokenizer_file
-from ..tokenizer.hf import HF_TOKENIZER_FILE, HFTokenizer
-from ..hf.decoders import CONFIG_FILE, SAFETENSORS_FILE, hf_model_type, is_hf_dir, load_hf, save_hf
-from ..hf.bert import is_encoder_folder
+from ..hf.common import CONFIG_FILE, SAFETENSORS_FILE
+from ..hf.registry import load_hf
+from .run import is_run_dir
 
-__all__ = ["GPT2_REPOS", "MODEL_REPOS", "convert", "download_gpt2", "download_model", "gpt2_names",
-           "model_names"]
+__all__ = ["GPT2_REPOS", "MODEL_REPOS", "download_gpt2", "download_model", "gpt2_names", "model_names"]
 
 GPT2_REPOS: dict[str, str] = {
     "gpt2-124m": "openai-community/gpt2",
@@ -69,10 +60,10 @@ MODEL_REPOS: dict[str, str] = {
     "qwen3-0.6b": "Qwen/Qwen3-0.6B",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "bert-base-uncased": "google-bert/bert-base-uncased",  # an encoder (bert_hub.py)
+    "bert-base-uncased": "google-bert/bert-base-uncased",  # an encoder
 }
-"""Every checkpoint `download_model` knows: GPT-2's sizes and the modern decoders whose
-shapes are presets (`GPTConfig.from_name`)."""
+"""Every checkpoint `download_model` knows: GPT-2's sizes, the modern decoders whose
+shapes are presets (`GPTConfig.from_name`) and BERT."""
 
 # The Hub's own names are accepted too ("gpt2-medium", "openai-community/gpt2-medium",
 # "Qwen/Qwen3-0.6B"), in any case.
@@ -90,10 +81,8 @@ ENV_OFFLINE = "HF_HUB_OFFLINE"
 HUB_FILES = (CONFIG_FILE, SAFETENSORS_FILE)
 # A modern decoder also needs its own tokenizer and chat template (GPT-2's is built in).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# A run folder's tokenizer, copied into an exported Hugging Face folder under this name
-# (a `tokenizer.json` there would be taken for a `tokenizers` file by transformers).
-TOKENIZER_COPY = "llmscratch_tokenizer.json"
-RUN_TOKENIZER = "tokenizer.json"
+# A BERT needs its WordPiece vocabulary and its casing.
+BERT_FILES = ("vocab.txt", "tokenizer_config.json")
 
 _TIMEOUT_S = 60
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -233,6 +222,14 @@ def _download_verified(url: str, dest: Path, *, progress: bool) -> None:
 # --------------------------------------------------------------------------- download
 
 
+def _tokenizer_files(name: str) -> tuple[str, ...]:
+    """The files beside the weights that checkpoint `name` needs: none for GPT-2 (its
+    tokenizer is built in), the vocabulary for BERT, `tokenizer.json` for the others."""
+    if name in GPT2_REPOS:
+        return ()
+    return BERT_FILES if name.startswith("bert-") else TOKENIZER_FILES
+
+
 def _model_folder(name: str, revision: str) -> Path:
     """`<cache>/models/<name>`; another revision than main gets its own folder."""
     if revision == "main":
@@ -272,11 +269,12 @@ def download_model(
 
     Returns:
         The folder, holding `config.json` and `model.safetensors` (and for a modern decoder
-        `tokenizer.json` + `tokenizer_config.json`); load it with `load_hf(folder)`.
+        `tokenizer.json` + `tokenizer_config.json`, for BERT `vocab.txt` +
+        `tokenizer_config.json`); load it with `load_hf(folder)`.
 
     Raises:
         UserError: unknown name, `HF_HUB_OFFLINE` set while files are missing, a network
-            or HTTP error, a checksum mismatch, or files that do not load as GPT-2.
+            or HTTP error, a checksum mismatch, or files that do not load as the model named.
     """
     canonical = _canonical_name(name)
     repo = MODEL_REPOS[canonical]
@@ -289,9 +287,7 @@ def download_model(
     if is_run_dir(folder):
         raise UserError(f"{folder}: is an llmscratch run folder; download {canonical} into another folder")
 
-    files = HUB_FILES if canonical in GPT2_REPOS else HUB_FILES + TOKENIZER_FILES
-    if canonical.startswith("bert-"):  # an encoder: weights, vocab.txt and casing
-        from .bert_hub import HUB_FILES as files
+    files = HUB_FILES + _tokenizer_files(canonical)
     missing = [f for f in files if not (folder / f).is_file()]
     if not missing:
         return folder
@@ -312,12 +308,7 @@ def download_model(
     try:
         # On the meta device: every tensor's name and shape is checked against config.json
         # without holding the weights in memory (GPT-2 XL is 6 GB in float32).
-        if canonical.startswith("bert-"):
-            from .bert_hub import check_download
-
-            check_download(folder)
-        else:
-            load_hf(folder, device="meta")
+        load_hf(folder, device="meta")
     except UserError as e:
         raise UserError(
             f"{folder}: the downloaded files are not a usable "
@@ -325,124 +316,3 @@ def download_model(
             "delete the folder and check the endpoint and revision"
         ) from None
     return folder
-
-
-# --------------------------------------------------------------------------- convert
-
-
-def _folder_kind(src: Path) -> str:
-    """'run' or 'hf' for a checkpoint folder; a UserError naming what is wrong otherwise."""
-    if not src.exists():
-        raise UserError(f"{src}: no such folder")
-    if not src.is_dir():
-        raise UserError(f"{src}: expected a checkpoint folder, got a file")
-    if is_run_dir(src):
-        return "run"
-    if is_hf_dir(src) or (src / CONFIG_FILE).is_file():
-        # A config.json that is not ours: let load_hf say exactly what is off with it.
-        return "hf"
-    raise UserError(
-        f"{src}: neither an llmscratch run folder nor a Hugging Face GPT-2 folder "
-        f"(no {CONFIG_FILE})"
-    )
-
-
-def _check_dst(dst: Path) -> None:
-    if dst.exists():
-        if not dst.is_dir():
-            raise UserError(f"{dst}: exists and is not a folder")
-        if any(dst.iterdir()):
-            raise UserError(f"{dst}: folder is not empty; choose a new folder")
-
-
-def _is_gpt2_tokenizer_file(path: Path) -> bool:
-    return read_tokenizer_file(path).get("type") == "gpt2"
-
-
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None) -> Path:
-    """Convert a checkpoint between Hugging Face's GPT-2 format and our run folder.
-
-    - Hugging Face -> run: `config.json` + `model.safetensors` + `tokenizer.json`. The
-      tokenizer is GPT-2's, unless the folder carries an `llmscratch_tokenizer.json`
-      (written by the opposite conversion), which is used instead.
-    - run -> Hugging Face: `config.json` + `model.safetensors` that
-      `GPT2LMHeadModel.from_pretrained` loads, plus the run's tokenizer as
-      `llmscratch_tokenizer.json`. A tokenizer other than GPT-2's is kept but warned
-      about: Hugging Face tools will assume GPT-2's.
-
-    The new folder is written under a temporary name next to `dst` and renamed at the
-    end, so an interrupted conversion leaves no half-written `dst`.
-
-    Args:
-        src: a Hugging Face GPT-2 folder or an llmscratch run folder (detected).
-        dst: the folder to create; it must not exist or be empty.
-        to: "hf" or "run" to choose the output format; default the other one from `src`'s.
-            The same format as `src` re-writes the checkpoint (e.g. a `pytorch_model.bin`
-            folder becomes safetensors).
-
-    Returns:
-        `dst` as a Path.
-
-    Raises:
-        UserError: a bad `to`, a `src` that is neither kind or does not load, or a
-            non-empty `dst`.
-    """
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if to is not None and to not in ("hf", "run"):
-        raise UserError(f"to={to!r} is not valid; use 'hf' or 'run'")
-    kind = _folder_kind(src)
-    target = to or ("hf" if kind == "run" else "run")
-    _check_dst(dst)
-    if is_encoder_folder(src):  # a BERT: its own formats (bert_hub.py)
-        from .bert_hub import convert_encoder
-
-        return convert_encoder(src, dst, target)
-
-    # The tokenizer file to carry over (None: GPT-2's, which needs no file in an HF folder).
-    hf_tokenizer = None  # a modern decoder's own tokenizer.json (+ chat template)
-    if kind == "run":
-        model = load_run_model(src)
-        tok_file = src / RUN_TOKENIZER
-    else:
-        model = load_hf(src)
-        tok_file = src / TOKENIZER_COPY
-        if hf_model_type(src) != "gpt2" and (src / HF_TOKENIZER_FILE).is_file():
-            hf_tokenizer = HFTokenizer.from_folder(src)
-    tok_file = tok_file if tok_file.is_file() else None
-    tokenizer = hf_tokenizer or (load_tokenizer(tok_file) if tok_file else get_tokenizer("gpt2"))
-    if tokenizer.vocab_size > model.config.vocab_size:
-        warnings.warn(
-            f"{src}: the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the model only "
-            f"{model.config.vocab_size}; ids past the model's vocabulary will fail",
-            stacklevel=2,
-        )
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        # mkdtemp makes the folder private (0700); give it a plain mkdir's permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        if target == "run":
-            save_model(model, tmp, tokenizer, extra={"converted_from": str(src)})
-        else:
-            save_hf(model, tmp)
-            if isinstance(tokenizer, HFTokenizer):  # back to tokenizer.json + tokenizer_config.json
-                tokenizer.save_hf(tmp)
-            elif tok_file is not None:
-                if not _is_gpt2_tokenizer_file(tok_file):
-                    warnings.warn(
-                        f"{src}: the model uses a {tokenizer.name} tokenizer, not GPT-2's; Hugging Face "
-                        f"tools will assume GPT-2's. It is saved as {dst / TOKENIZER_COPY}",
-                        stacklevel=2,
-                    )
-                shutil.copyfile(tok_file, tmp / TOKENIZER_COPY)
-        if dst.exists():
-            dst.rmdir()  # checked empty above
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
-        raise
-    return dst

@@ -10,11 +10,15 @@ plus, for a training run, `train_state.safetensors` (everything `--resume` needs
 `metrics.jsonl` and `loss.png` (see `train.py`). Every file is written atomically, and
 weights are never pickled.
 
-`load_model` accepts a run folder, a Hugging Face folder (GPT-2, Llama, Qwen3, Mistral: the
-model's own `tokenizer.json` with it) or a preset name, so every
-command that takes `--model` takes any of the three. Imports go one way: this module uses
-`weights` (Hugging Face folders) and `tokenizer`; neither of them imports this one (the atomic
-safetensors writer both need lives in `utils`).
+A run folder's `"model"` section says the family: an encoder's carries `"model_type":
+"bert"` (a `Bert`), any other is a `GPTConfig` (a `GPT`). `load_run_model` reads both with the
+same checks: every tensor present, none unknown, every shape as the config says.
+
+`load_model` accepts a run folder, a Hugging Face folder (any family in `hf.HF_FAMILIES`,
+with the folder's own tokenizer) or a preset name, so every command that takes `--model`
+takes any of the three. Imports go one way: this module uses `hf` (Hugging Face folders)
+and `tokenizer`; neither of them imports this one (the atomic safetensors writer both need
+lives in `utils`).
 """
 
 from __future__ import annotations
@@ -27,15 +31,13 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import UserError
+from ..hf.registry import is_hf_dir, load_hf, load_hf_tokenizer
 from ..kernels import apply_kernels
-from ..models.gpt import GPT, GPTConfig
 from ..kernels.quantize import quantize_int8
+from ..models.bert import Bert, BertConfig, is_encoder_config
+from ..models.gpt import GPT, GPTConfig
 from ..tokenizer import get_tokenizer, load_tokenizer
 from ..utils import save_safetensors, write_json
-from ..tokenizer.hf import HFTokenizer
-from ..hf.decoders import hf_model_type, is_hf_dir, load_hf
-from ..models.bert import is_encoder_config
-from ..hf.bert import is_hf_bert_dir, load_encoder_run, load_hf_bert, load_hf_tokenizer
 
 __all__ = ["FORMAT", "is_run_dir", "load_model", "load_run_model", "model_state", "read_run_config",
            "save_model", "save_safetensors"]
@@ -46,9 +48,7 @@ FORMAT = "llmscratch"
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
     """The weights to save: contiguous CPU tensors, a tied head left out (it *is* wte)."""
     sd = model.state_dict()
-    if getattr(model.config, "tie_weights", False):
-        sd.pop("lm_head.weight", None)
-    for key in getattr(model, "tied_weights", ()):  # an encoder's decoder is its token embedding
+    for key in _tied_weights(model):  # a GPT's tied head, an encoder's MLM decoder: the embedding
         sd.pop(key, None)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
@@ -91,27 +91,41 @@ def is_run_dir(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_run_model(path: str | os.PathLike, device=None, dtype=None) -> GPT:
-    """A `GPT` from one of our run folders."""
+def load_run_model(path: str | os.PathLike, device=None, dtype=None, *, classifier: bool = False):
+    """The model of one of our run folders: a `GPT`, or a `Bert` for an encoder's.
+
+    Every weight the config implies must be in `model.safetensors` with its shape, and no
+    other; a tied copy (a GPT's `lm_head`, an encoder's MLM decoder) is the embedding.
+
+    Args:
+        classifier: accept a classifier folder (`finetune classify`): an encoder's comes
+            back with its classifier head; a decoder's is for `load_classifier` only.
+    """
     cfg = read_run_config(path)
-    if cfg.get("task") == "classify":
+    if cfg.get("task") == "classify" and not classifier:
         raise UserError(f"{path} holds a text classifier, not a language model; "
                         f"use `llmscratch classify --model {path} TEXT`")
-    if is_encoder_config(cfg.get("model")):  # the config says which model family
-        return load_encoder_run(path, cfg, device, dtype)
+    model_class, config_class = (Bert, BertConfig) if is_encoder_config(cfg.get("model")) else (GPT, GPTConfig)
     try:
-        config = GPTConfig.from_dict(cfg["model"])
+        config = config_class.from_dict(cfg["model"])
     except (KeyError, TypeError) as e:
         raise UserError(f"{Path(path) / 'config.json'}: bad \"model\" section ({e})") from None
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{path}: no model.safetensors in the run folder")
-    with torch.device("meta"):
-        model = GPT(config)  # no memory, no random init: the weights come from the file
     state = load_file(str(weights))
-    if config.tie_weights:
-        state.setdefault("lm_head.weight", state.get("wte.weight"))
-    expected = set(model.state_dict())
+    with torch.device("meta"):
+        model = model_class(config)  # no memory, no random init: the weights come from the file
+        if "classifier.weight" in state and hasattr(model, "add_classifier"):
+            model.add_classifier(state["classifier.weight"].shape[0])
+    if any(True for _ in model.buffers()):  # assign would leave buffers on meta: build it for real
+        model = model_class(config)
+        if "classifier.weight" in state and hasattr(model, "add_classifier"):
+            model.add_classifier(state["classifier.weight"].shape[0])
+    tied = _tied_weights(model)
+    for key in tied:
+        state.pop(key, None)
+    expected = {k for k in model.state_dict() if k not in tied}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise UserError(
@@ -119,17 +133,26 @@ def load_run_model(path: str | os.PathLike, device=None, dtype=None) -> GPT:
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     for k, t in model.state_dict().items():
-        if state[k].shape != t.shape:
+        if k in state and state[k].shape != t.shape:
             raise UserError(f"{weights}: {k} has shape {tuple(state[k].shape)}, config needs {tuple(t.shape)}")
-    model.load_state_dict(state, assign=True)
-    if config.tie_weights:
-        model.lm_head.weight = model.wte.weight  # assign=True replaced the shared Parameter
+    model.load_state_dict(state, strict=False, assign=True)
+    for key, source in tied.items():  # assign=True replaced the shared Parameter
+        owner, _, name = key.rpartition(".")
+        setattr(model.get_submodule(owner), name, model.get_parameter(source))
     model.to(device=device, dtype=dtype)
     return model.eval()
 
 
+def _tied_weights(model) -> dict[str, str]:
+    """state-dict key -> the parameter it is (not stored in a run folder)."""
+    tied = dict(getattr(model, "tied_weights", {}))
+    if getattr(model.config, "tie_weights", False):
+        tied["lm_head.weight"] = "wte.weight"
+    return tied
+
+
 def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0, kernels: bool = False):
-    """A model and its tokenizer from a run folder, a Hugging Face GPT-2 folder or a preset.
+    """A model and its tokenizer from a run folder, a Hugging Face folder or a preset.
 
     Args:
         name_or_path: run folder, HF folder (`config.json` + weights), or a preset name
@@ -163,12 +186,8 @@ def _load_model(name_or_path: str, device, dtype, seed: int):
             tok_file = path / "tokenizer.json"
             tokenizer = load_tokenizer(tok_file) if tok_file.is_file() else get_tokenizer("gpt2")
             return model, tokenizer
-        if is_hf_dir(path):  # GPT-2, Llama, Qwen3, Mistral
-            model = load_hf(path, dtype=dtype, device=device).eval()
-            gpt2 = hf_model_type(path) == "gpt2"
-            return model, get_tokenizer("gpt2") if gpt2 else HFTokenizer.from_folder(path)
-        if is_hf_bert_dir(path):
-            return load_hf_bert(path, dtype=dtype, device=device)[0], load_hf_tokenizer(path)
+        if is_hf_dir(path):  # any registered family: GPT-2, Llama, Qwen3, Mistral, BERT
+            return load_hf(path, dtype=dtype, device=device).eval(), load_hf_tokenizer(path)
         raise UserError(f"{path}: neither an llmscratch run folder nor a Hugging Face GPT-2 folder")
     if name_or_path in GPTConfig.presets():
         torch.manual_seed(seed)

@@ -209,8 +209,8 @@ def cmd_download(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    """Convert between a Hugging Face folder (GPT-2, Llama, Qwen3, Mistral) and an llmscratch run folder."""
-    from ..checkpoints.hub import convert
+    """Convert between a Hugging Face folder (GPT-2, Llama, Qwen3, Mistral, BERT) and an llmscratch run folder."""
+    from ..checkpoints.convert import convert
 
     dst = convert(args.src, args.dst, to=args.to)
     print(f"wrote {dst}")

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..models.bert import is_encoder_config
-from ..checkpoints.run import FORMAT, read_run_config, save_safetensors
-from ..hf.bert import load_encoder_run
+from ..checkpoints.run import FORMAT, load_run_model, read_run_config, save_safetensors
 from ..errors import UserError
 from ..models.gpt import GPT, GPTConfig
 from ..train import distributed_setup, rank0_first
@@ -452,7 +451,7 @@ def load_classifier(path: str | Path, device=None):
     if cfg.get("task") != TASK or "labels" not in cfg:
         raise UserError(f"{path}: not a classifier folder (make one with `llmscratch finetune classify`)")
     if is_encoder_config(cfg["model"]):  # an encoder with its classifier (weights_bert.py)
-        return (load_encoder_run(path, cfg, device), load_tokenizer(path / "tokenizer.json"), list(cfg["labels"]),
+        return (load_run_model(path, device, classifier=True), load_tokenizer(path / "tokenizer.json"), list(cfg["labels"]),
                 int(cfg["max_length"]))
     config = GPTConfig.from_dict(cfg["model"])
     labels = list(cfg["labels"])

@@ -1,4 +1,4 @@
-"""BERT weights in Hugging Face's format, both ways, and encoder run folders.
+"""BERT weights in Hugging Face's format, both ways.
 
 A Hugging Face BERT folder (`BertForMaskedLM`, `BertModel` or
 `BertForSequenceClassification`) holds `config.json` (`"model_type": "bert"`), the tensors
@@ -14,9 +14,8 @@ returned `missing`), everything it has is checked for shape, and anything unknow
 error. `save_hf_bert` writes the parts of the chosen class only, so `from_pretrained` loads
 it without a missing/unexpected-weights warning.
 
-Run folders of an encoder are the GPT's (`config.json` + `model.safetensors` +
-`tokenizer.json`); their `"model"` section carries `"model_type": "bert"`, which is how
-`checkpoint.load_model` tells the families apart (`load_encoder_run`).
+The family (`BERT`, in `registry.HF_FAMILIES`, so `load_hf`, `save_hf`, `download` and
+`convert` reach it): its folders carry their own tokenizer, the WordPiece `vocab.txt`.
 """
 
 from __future__ import annotations
@@ -27,14 +26,12 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from ..models.bert import MODEL_TYPE, Bert, BertConfig, is_encoder_config
 from ..errors import UserError
-from ..utils import save_safetensors, write_json
-from .decoders import _Checkpoint, _find_weights_file, _read_json
+from ..models.bert import MODEL_TYPE, Bert, BertConfig
+from .common import CONFIG_FILE, Checkpoint, HFFamily, find_weights_file, read_json, write_folder
 
-__all__ = ["ARCHITECTURES", "is_hf_bert_dir", "load_hf_bert", "save_hf_bert", "load_encoder_run"]
+__all__ = ["ARCHITECTURES", "BERT", "is_hf_bert_dir", "load_hf_bert", "save_hf_bert", "load_bert_tokenizer"]
 
 ARCHITECTURES = ("BertForMaskedLM", "BertModel", "BertForSequenceClassification")
 
@@ -150,7 +147,7 @@ def is_hf_bert_dir(path: str | os.PathLike) -> bool:
     try:
         folder = Path(path)
         hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        return isinstance(hf, dict) and hf.get("model_type") == MODEL_TYPE and _find_weights_file(folder) is not None
+        return isinstance(hf, dict) and hf.get("model_type") == MODEL_TYPE and find_weights_file(folder) is not None
     except (OSError, ValueError):
         return False
 
@@ -167,11 +164,8 @@ def load_hf_bert(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
-    config, num_labels = _config_from_hf(_read_json(folder / "config.json"), folder / "config.json")
-    weights = _find_weights_file(folder)
-    if weights is None:
-        raise UserError(f"{folder}: no weights file (model.safetensors or pytorch_model.bin)")
-    ckpt = _Checkpoint(folder, weights)
+    config, num_labels = _config_from_hf(read_json(folder / CONFIG_FILE), folder / CONFIG_FILE)
+    ckpt, weights = Checkpoint.of(folder)
     keys = {_canonical(k): k for k in ckpt.keys()}
     prefix = "bert." if any(k.startswith("bert.") for k in keys) else ""
     model = Bert(config)
@@ -204,7 +198,7 @@ def load_hf_bert(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     return model.eval(), missing
 
 
-def load_hf_tokenizer(folder: str | os.PathLike):
+def load_bert_tokenizer(folder: str | os.PathLike):
     """The folder's `vocab.txt` as our `WordPieceTokenizer` (casing from its tokenizer config)."""
     from ..tokenizer.wordpiece import WordPieceTokenizer
 
@@ -245,51 +239,27 @@ def save_hf_bert(model: Bert, path: str | os.PathLike, architecture: str | None 
                 tensors[name] = part.contiguous()
         else:
             tensors[theirs] = t.contiguous()
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: exists and is not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    if tokenizer is not None and hasattr(tokenizer, "save_vocab"):
+    if tokenizer is not None and not hasattr(tokenizer, "save_vocab"):
+        raise UserError(f"its {tokenizer.name} tokenizer is not WordPiece; a BERT folder needs a vocab.txt")
+    folder = write_folder(path, tensors, _config_to_hf(model, architecture, labels))
+    if tokenizer is not None:
         tokenizer.save_vocab(folder)
-    write_json(folder / "config.json", _config_to_hf(model, architecture, labels))
     return folder
 
 
-# ------------------------------------------------------------------------ run folders
+# ------------------------------------------------------------------------ the family
 
 
-def load_encoder_run(path: str | os.PathLike, cfg: dict, device=None, dtype=None) -> Bert:
-    """A `Bert` from one of our run folders whose config (`cfg`, already read) is an encoder's."""
-    if not is_encoder_config(cfg.get("model")):
-        raise UserError(f"{path}: not an encoder run folder")
-    try:
-        config = BertConfig.from_dict(cfg["model"])
-    except TypeError as e:
-        raise UserError(f"{Path(path) / 'config.json'}: bad \"model\" section ({e})") from None
-    weights = Path(path) / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{path}: no model.safetensors in the run folder")
-    state = load_file(str(weights))
-    model = Bert(config)
-    if "classifier.weight" in state:
-        model.add_classifier(state["classifier.weight"].shape[0])
-    expected = {k for k in model.state_dict() if k not in Bert.tied_weights}
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise UserError(f"{weights}: weights do not match config.json "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{weights}: {str(e).splitlines()[-1].strip()}") from None
-    return model.to(device=device, dtype=dtype).eval()
+def _load(path, *, dtype=None, device=None) -> Bert:
+    """`load_hf`'s BERT reader: the model only (see `load_hf_bert` for what it lacked)."""
+    return load_hf_bert(path, dtype=dtype, device=device)[0]
 
 
-def is_encoder_folder(path: str | os.PathLike) -> bool:
-    """A Hugging Face BERT folder or one of our encoder run folders. Never raises."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and (cfg.get("model_type") == MODEL_TYPE or is_encoder_config(cfg.get("model")))
+def _save(model: Bert, path, tokenizer=None, labels=None) -> Path:
+    """`save_hf`'s BERT writer: the class the model's heads say, with its `vocab.txt`."""
+    return save_hf_bert(model, path, tokenizer=tokenizer, labels=labels)
+
+
+BERT = HFFamily(
+    name="bert", model_types=(MODEL_TYPE,), load=_load, save=_save, claims=lambda model: isinstance(model, Bert),
+    tokenizer=load_bert_tokenizer, tokenizer_files=("vocab.txt",))
