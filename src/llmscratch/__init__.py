@@ -5,7 +5,9 @@ The package follows the pipeline: `tokenizer` -> `data` / `datasets` -> `attenti
 """
 
 from .errors import UserError
-from .decoding.generate import generate, sample, stream_text
+from .decoding.engine import Engine
+from .decoding.generate import generate, stream_text
+from .decoding.sampling import Sampling, sample
 from .models.gpt import GPT, GPTConfig, lm_loss
 from .tokenizer import BPETokenizer, GPT2Tokenizer, WordTokenizer, get_tokenizer, load_tokenizer
 from .hf.decoders import load_hf_gpt2, save_hf_gpt2
@@ -16,6 +18,7 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "BPETokenizer",
+    "Engine",
     "GPT2Tokenizer",
     "WordTokenizer",
     "UserError",
@@ -24,6 +27,7 @@ __all__ = [
     "lm_loss",
     "load_hf_gpt2",
     "load_tokenizer",
+    "Sampling",
     "sample",
     "save_hf_gpt2",
     "stream_text",
