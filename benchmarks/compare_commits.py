@@ -43,6 +43,16 @@ def import_old(checkout: Path):
     return importlib.import_module("llmscratch_old")
 
 
+def import_first(names: list[str]):
+    """The first of `names` that imports (a module that moved between the two checkouts)."""
+    for name in names[:-1]:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            pass
+    return importlib.import_module(names[-1])
+
+
 def old_train_step(old, cfg: GPTConfig, B: int, T: int, amp):
     """The old checkout's own training step: its bench's `ours_train_step` where it has one."""
     bench = importlib.import_module("llmscratch_old.bench")
@@ -90,8 +100,8 @@ def main() -> None:
                        {"old": old_train_step(old, cfg, B, T, amp), "new": new_fn})
 
     if "generate" in args.what:
-        old_generate = importlib.import_module("llmscratch_old.generate").generate
-        old_quantize = importlib.import_module("llmscratch_old.quantize").quantize_int8
+        old_generate = old.generate  # the public API: the same name in every layout of the tree
+        old_quantize = import_first(["llmscratch_old.kernels.quantize", "llmscratch_old.quantize"]).quantize_int8
         cfg = GPTConfig.from_name("gpt2-124m")
         torch.manual_seed(0)
         ref = GPT(cfg).eval()

@@ -17,7 +17,7 @@ import torch
 from llmscratch.checkpoints.run import save_model
 from llmscratch.cli import build_parser, main
 from llmscratch.errors import UserError
-from llmscratch.decoding.generate import SamplingError, check_sampling, sample
+from llmscratch.decoding.sampling import SamplingError, check_sampling, sample
 from llmscratch.models.gpt import GPT, GPTConfig
 from llmscratch.tokenizer import get_tokenizer
 from llmscratch.train import TrainConfig, pretrain

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from llmscratch.decoding.generate import generate, sample
+from llmscratch.decoding.generate import generate
+from llmscratch.decoding.sampling import sample
 from llmscratch.models.gpt import GPT, GPTConfig
 
 

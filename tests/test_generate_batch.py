@@ -10,8 +10,9 @@ import torch
 
 from llmscratch import get_tokenizer
 from llmscratch.decoding import batching
-from llmscratch.decoding.batching import BatchDecoder, DecodeRow, generate_batch, kv_bytes_per_row
-from llmscratch.decoding.generate import SamplingError, generate, stream_text
+from llmscratch.decoding.batching import BatchDecoder, DecodeRow, kv_bytes_per_row
+from llmscratch.decoding.generate import generate, generate_batch, stream_text
+from llmscratch.decoding.sampling import SamplingError
 from llmscratch.models.gpt import GPT, GPTConfig
 
 V = 101

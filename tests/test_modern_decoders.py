@@ -300,7 +300,7 @@ def test_int8_linear_is_right_at_any_width(width):
 
 
 def test_ragged_batch_of_a_gqa_rope_model_equals_each_row_alone():
-    from llmscratch.decoding.batching import generate_batch
+    from llmscratch.decoding.generate import generate_batch
 
     torch.manual_seed(0)
     model = GPT(llama(n_kv_head=1, qk_norm=True)).eval()

@@ -8,7 +8,9 @@ tokenizer)`; `load_hf` / `save_hf` read and write Hugging Face folders of every 
 """
 
 from .errors import UserError
-from .decoding.generate import generate, sample, stream_text
+from .decoding.engine import Engine
+from .decoding.generate import generate, stream_text
+from .decoding.sampling import Sampling, sample
 from .models.gpt import GPT, GPTConfig, lm_loss
 from .tokenizer import BPETokenizer, GPT2Tokenizer, WordTokenizer, get_tokenizer, load_tokenizer
 from .hf import load_hf, load_hf_gpt2, save_hf, save_hf_gpt2
@@ -20,6 +22,7 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "BPETokenizer",
+    "Engine",
     "GPT2Tokenizer",
     "WordTokenizer",
     "UserError",
@@ -30,6 +33,7 @@ __all__ = [
     "load_hf_gpt2",
     "load_model",
     "load_tokenizer",
+    "Sampling",
     "sample",
     "save_hf",
     "save_hf_gpt2",

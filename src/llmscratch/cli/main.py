@@ -114,12 +114,13 @@ def cmd_generate(args) -> None:
     best from a small model (see SamplingArgs); --temperature 0 is greedy."""
     cfg = config_from_args(GenerateArgs, args)
     from ..checkpoints.run import load_model
-    from ..decoding.generate import check_sampling, stream_text
+    from ..decoding.generate import stream_text
+    from ..decoding.sampling import Sampling
     from ..utils import pick_device
 
     if cfg.max_new_tokens < 0:
         raise UserError("--max-new-tokens must be >= 0")
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    Sampling(cfg.temperature, cfg.top_k, cfg.top_p)  # a bad setting fails before the model loads
     device = pick_device(cfg.device)
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), seed=cfg.seed or 0,

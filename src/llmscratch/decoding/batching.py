@@ -1,12 +1,12 @@
 """Ragged batches: prompts of different lengths decoded together, rows joining and leaving.
 
-`generate.generate_stream` decodes a rectangular batch: every row starts together and has
-the same length. Real traffic is ragged: prompts differ in length, replies end at different
+`engine.Engine.steps` decodes a rectangular batch: every row starts together and has the
+same length. Real traffic is ragged: prompts differ in length, replies end at different
 times, and new requests arrive while others are half done. `BatchDecoder` decodes such a
 batch one token boundary at a time: `add` prefills newcomers, `step` samples one token for
 every row, retires the rows that finished and runs one joint forward pass for the others.
-`generate_batch` runs a list of prompts through it (a `batch_size` bound turns it into
-continuous batching: a finished row's place goes to the next prompt at once); the server's
+`Engine.decode` runs a list of rows through it (a `batch_size` bound turns it into
+continuous batching: a finished row's place goes to the next row at once); the server's
 scheduler (`serve.engine`) feeds it requests as they arrive.
 
 Each row's output equals decoding its prompt alone (greedy: the same tokens; sampled with a
@@ -39,15 +39,14 @@ hundreds of rows, not here.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..models.attention import KVCache
-from .generate import check_sampling, sample
 from ..models.gpt import kv_cache_bytes
+from .sampling import Sampling
 from .streaming import StreamDecoder
 
 
@@ -58,15 +57,18 @@ class DecodeRow:
     Args:
         prompt: token ids (1 to `context_length` of them).
         max_new_tokens: the most tokens to add.
-        temperature / top_k / top_p: sampling settings (`generate.sample`); 0 is greedy.
-        seed: seeds this row's own generator (the same tokens as `generate` with this seed).
-        eos_id: ends the row when produced (an id or several); the id is kept in `tokens`.
-        decoder: a `StreamDecoder` the tokens are pushed to: its stop strings and eos end
-            the row, and `step` reports the text pieces it releases.
+        temperature / top_k / top_p / seed: the row's `sampling.Sampling` (checked when
+            the row is made, so a bad row never fails a shared batch); seeded, the row has
+            its own generator (the same tokens as `generate` with this seed).
+        eos_id: ends the row when produced (an id or several); the id is kept in `tokens`
+            but never decoded into text.
+        decoder: a `StreamDecoder` the other tokens are pushed to: its stop strings end the
+            row, and `step` reports the text pieces it releases.
         tag: anything the caller wants to find the row by (the server's request).
 
-    Filled in by decoding: `tokens` (the new ids) and `finish_reason` — "stop" (eos or a
-    stop string), "length" (`max_new_tokens` reached) or "cancelled".
+    Filled in by decoding: `tokens` (the new ids) and `finish_reason`, the one signal of how
+    a row ended: "stop" (eos or a stop string), "length" (`max_new_tokens` reached),
+    "cancelled" or "error" (set by whoever took the row out).
     """
 
     prompt: list[int]
@@ -82,8 +84,8 @@ class DecodeRow:
     finish_reason: str | None = None
 
     def __post_init__(self):
-        # checked here, not at the first `sample`: a bad row must never fail a shared batch
-        check_sampling(self.temperature, self.top_k, self.top_p)
+        # checked here, not at the first token: a bad row must never fail a shared batch
+        self.sampling = Sampling(self.temperature, self.top_k, self.top_p, self.seed)
         self.prompt = [int(t) for t in self.prompt]
         eos = self.eos_id
         self._eos = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
@@ -97,22 +99,33 @@ class DecodeRow:
         return self.finish_reason is not None
 
     @property
+    def n_tokens(self) -> int:
+        """The reply's length in tokens (its usage count): `tokens` without a final eos."""
+        return len(self.tokens) - bool(self.tokens and self.tokens[-1] in self._eos)
+
+    @property
     def text(self) -> str:
         """The reply's text so far (with a `decoder`): the pieces released, which end before
         a stop string."""
         return "".join(self._pieces)
 
-    def _push(self, token: int) -> str:
+    def finish_empty(self) -> bool:
+        """Finish a row asked for no tokens at all ("length"); return whether it is done."""
+        if self.max_new_tokens <= 0 and self.finish_reason is None:
+            self.finish_reason = "length"
+        return self.done
+
+    def push(self, token: int) -> str:
         """Record a sampled token; return the text it released; finish the row if it ends it."""
         self.tokens.append(token)
         self._ids.append(token)
         piece = ""
-        if self.decoder is not None:
+        if token in self._eos:
+            self.finish_reason = "stop"
+        elif self.decoder is not None:
             piece = self.decoder.push(token)
             if self.decoder.stopped:
                 self.finish_reason = "stop"
-        if token in self._eos:
-            self.finish_reason = "stop"
         if self.finish_reason is None and len(self.tokens) >= self.max_new_tokens:
             self.finish_reason = "length"
         if self.finish_reason is not None and self.decoder is not None:
@@ -251,7 +264,7 @@ class BatchDecoder:
     def add(self, new: Sequence[DecodeRow]) -> None:
         """Prefill `new` rows (one forward pass, left-padded) so that the next `step`
         samples their first tokens. Rows with `max_new_tokens <= 0` finish at once."""
-        new = [r for r in new if not self._finish_empty(r)]
+        new = [r for r in new if not r.finish_empty()]
         if not new:
             return
         if len(new) > self.free:
@@ -281,15 +294,8 @@ class BatchDecoder:
         logits = self.model.lm_head(hidden[:, -1])  # (k, V)
         for i, r in enumerate(new):
             r._logits = logits[i: i + 1]
-            if r.seed is not None:
-                r._generator = torch.Generator(device=self.device).manual_seed(r.seed)
+            r._generator = r.sampling.generator(self.device)
             self.rows.append(r)
-
-    @staticmethod
-    def _finish_empty(r: DecodeRow) -> bool:
-        if r.max_new_tokens <= 0 and r.finish_reason is None:
-            r.finish_reason = "length"
-        return r.done
 
     @torch.inference_mode()
     def step(self) -> list[tuple[DecodeRow, int, str]]:
@@ -302,10 +308,9 @@ class BatchDecoder:
         """
         events = []
         for r in self.rows + self.windowed:
-            tok = int(sample(r._logits, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                             generator=r._generator)[0])
+            tok = int(r.sampling.pick(r._logits, r._generator)[0])
             r._logits = None
-            events.append((r, tok, r._push(tok)))
+            events.append((r, tok, r.push(tok)))
         for i in reversed(range(len(self.rows))):
             if self.rows[i].done:
                 self._remove(i)
@@ -347,87 +352,3 @@ class BatchDecoder:
         for r in self.windowed:
             window = torch.tensor([r._ids[-self.ctx:]], device=self.device)
             r._logits = self.model.lm_head(self.model.hidden_states(window)[:, -1])
-
-
-def decode_rows(model, rows: Sequence[DecodeRow], batch_size: int | None = None
-                ) -> Iterator[tuple[DecodeRow, int, str]]:
-    """Decode `rows` with at most `batch_size` at once (default: all), yielding `step`'s
-    `(row, token, piece)` events; a finished row's slot goes to the next waiting row."""
-    waiting = list(rows)
-    dec = BatchDecoder(model, max(1, min(batch_size or len(waiting), len(waiting))))
-    while waiting or dec.active:
-        take = min(dec.free, len(waiting))
-        if take:
-            dec.add(waiting[:take])
-            waiting = waiting[take:]
-        if dec.active:
-            yield from dec.step()
-
-
-def _per_row(value, n: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name}: {len(value)} values for {n} prompts")
-        return list(value)
-    return [value] * n
-
-
-def generate_batch(
-    model,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int | Sequence[int],
-    temperature: float | Sequence[float] = 0.0,
-    top_k: int | None | Sequence[int | None] = None,
-    top_p: float | None | Sequence[float | None] = None,
-    eos_id: int | Sequence[int] | None = None,
-    seed: int | None | Sequence[int | None] = None,
-    stop: Sequence[str] = (),
-    tokenizer=None,
-    batch_size: int | None = None,
-) -> list[DecodeRow]:
-    """Continue prompts of different lengths as one ragged batch.
-
-    Each row's tokens equal `generate` on that prompt alone with the same settings (greedy,
-    or sampled with the same seed): see the module docstring for why.
-
-    Args:
-        model: a `GPT` (switched to eval mode for the call).
-        prompts: token-id lists, of any lengths; one longer than the context window is
-            left-truncated with a warning (as `generate` does).
-        max_new_tokens, temperature, top_k, top_p, seed: one value for every row, or a list
-            with one per prompt.
-        eos_id: ends a row when produced (kept as its last token).
-        stop: stop strings ending a row (needs `tokenizer`); `row.text` is then the reply.
-        tokenizer: decodes each row's text as it is generated (`DecodeRow.text`).
-        batch_size: rows decoded at once (default: all); more prompts wait for a free slot.
-
-    Returns:
-        One finished `DecodeRow` per prompt, in order: `.tokens`, `.finish_reason`, `.text`.
-    """
-    if stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer to decode the text")
-    n = len(prompts)
-    ctx = model.config.context_length
-    settings = [_per_row(v, n, name) for v, name in ((max_new_tokens, "max_new_tokens"),
-                                                      (temperature, "temperature"), (top_k, "top_k"),
-                                                      (top_p, "top_p"), (seed, "seed"))]
-    rows = []
-    for i, p in enumerate(prompts):
-        p = [int(t) for t in p]
-        if not p:
-            raise ValueError("generate needs a prompt of at least one token")
-        if len(p) > ctx:
-            warnings.warn(f"prompt of {len(p)} tokens is longer than the context length {ctx}; "
-                          f"keeping its last {ctx} tokens", stacklevel=2)
-            p = p[-ctx:]
-        decoder = StreamDecoder(tokenizer, stop, None) if tokenizer is not None else None
-        m, t, k, tp, s = (col[i] for col in settings)
-        rows.append(DecodeRow(p, m, t, k, tp, s, eos_id, decoder))
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in decode_rows(model, rows, batch_size):
-            pass
-    finally:
-        model.train(was_training)
-    return rows

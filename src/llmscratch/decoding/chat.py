@@ -2,8 +2,8 @@
 
 `Chat` keeps the conversation, lays it out with the model's prompt template (`prompts`:
 the one recorded in its run folder by `finetune instruct`, else the plain transcript, the
-same rule `serve` follows) and streams each reply token by token (`generate.stream_decode`),
-ending it at `<|endoftext|>` or the template's stop strings. The model only sees
+same rule `serve` follows) and streams each reply token by token through the decoding
+engine (`engine.Engine.stream`), ending it at `<|endoftext|>` or the template's stop strings. The model only sees
 `context_length` tokens, so before each reply the oldest exchanges are dropped until the
 prompt plus the reply fit the window.
 
@@ -20,9 +20,9 @@ import sys
 from typing import IO, Iterable, Iterator
 
 from ..errors import UserError
-from .generate import check_sampling, stream_decode
+from .engine import Engine
 from .prompts import NO_TEMPLATE, Template, encode_conversation, get_template, read_template, template_for
-from .streaming import StreamDecoder
+from .sampling import Sampling
 
 HELP = "commands: /reset forgets the conversation, /exit quits"
 _BLANK_LINES = re.compile(r"\n(?:[ \t]*\n){2,}")  # more than one blank line
@@ -73,19 +73,18 @@ class Chat:
             that the model was never instruction-tuned); `chat_loop` prints it once.
 
     Raises:
-        SamplingError: a sampling setting out of range (`generate.check_sampling`).
+        SamplingError: a sampling setting out of range (`sampling.Sampling`).
     """
 
     def __init__(self, model, tokenizer, template: Template | str, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, system: str | None = None, note: str | None = None):
-        check_sampling(temperature, top_k, top_p)
+        self.sampling = Sampling(temperature, top_k, top_p, seed)
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.engine = Engine(self.model, tokenizer)
         self.template = get_template(template)
         self.max_new_tokens = max_new_tokens
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.seed = seed
         self.system = system
         self.note = note
         self.history: list[dict] = []  # user/assistant messages, oldest first
@@ -116,15 +115,11 @@ class Chat:
 
     def send(self, text: str) -> Iterator[str]:
         """Stream the reply to `text` as text pieces; the exchange joins the history."""
-        ids = self.prompt_ids(text)
-        try:
-            eot = self.tokenizer.eot_id
-        except UserError:  # a word-level tokenizer without <|endoftext|>: length and stops only
-            eot = None
-        decoder = StreamDecoder(self.tokenizer, self.template.stops, eot)
+        engine = self.engine
+        row = engine.row(self.prompt_ids(text), self.max_new_tokens, self.sampling, engine.eos_id,
+                         self.template.stops)
         parts: list[str] = []
-        for piece in stream_decode(self.model, decoder, ids, self.max_new_tokens, seed=self.seed,
-                                   **self.sampling):
+        for piece in engine.stream(row):
             if piece:
                 parts.append(piece)
                 yield piece
@@ -206,7 +201,7 @@ def load_chat(model: str, device=None, template: str | None = None, kernels: boo
     from ..checkpoints.run import load_model
 
     chosen = template_for(model, template)  # before loading: a bad name fails fast
-    check_sampling(kwargs.get("temperature", 0.0), kwargs.get("top_k"), kwargs.get("top_p"))
+    Sampling(kwargs.get("temperature", 0.0), kwargs.get("top_k"), kwargs.get("top_p"))  # fails before loading
     m, tok = load_model(model, device=device, kernels=kernels)
     m.kind.require("chat", "chat")
     kwargs.setdefault("note", model_note(model, chosen.name))

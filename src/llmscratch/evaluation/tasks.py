@@ -198,18 +198,16 @@ def score_choices(model, context: list[int], continuations: list[list[int]]) -> 
 
 @torch.no_grad()
 def generate_until(model, tokenizer, context: str, stop: str = "\n", max_new_tokens: int = 16) -> str:
-    """The greedy continuation of `context`, cut at the first `stop`."""
-    from ..decoding.generate import generate
+    """The greedy continuation of `context`, cut at the first `stop` (the decoding engine's
+    stop string) or at `<|endoftext|>`."""
+    from ..decoding.engine import Engine
 
-    device = next(model.parameters()).device
+    engine = Engine(model, tokenizer)
     ids = (tokenizer.encode(context, allowed_special="none") or [tokenizer.eot_id])
     ids = ids[-(model.config.context_length - max_new_tokens):] if max_new_tokens < model.config.context_length else ids[-1:]
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    new = generate(model, idx, max_new_tokens, eos_id=tokenizer.eot_id)[0, len(ids):].tolist()
-    if tokenizer.eot_id in new:
-        new = new[:new.index(tokenizer.eot_id)]
-    text = tokenizer.decode(new)
-    return text.split(stop)[0] if stop else text
+    row = engine.row(ids, max_new_tokens, eos_id=tokenizer.eot_id, stop=[stop] if stop else ())
+    with engine.evaluating():
+        return "".join(engine.stream(row))
 
 
 def evaluate_task(model, tokenizer, task: Task, shots: int = 0, seed: int = 1234, limit: int | None = None,

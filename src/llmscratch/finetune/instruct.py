@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..decoding.batching import DecodeRow, decode_rows
 from ..checkpoints.run import save_model
+from ..decoding.engine import Engine
+from ..decoding.sampling import Sampling
 from ..errors import UserError
-from ..decoding.generate import generate
 from ..models.gpt import lm_loss
 from ..decoding.prompts import DEFAULT_TEMPLATE, MODEL_TEMPLATE, Template, encode_conversation, get_template, has_own_template
 from ..decoding.prompts import TEMPLATES  # noqa: F401  (re-exported: learners import the templates from here)
@@ -189,21 +189,14 @@ def record_fields(messages: list[dict]) -> dict:
 @torch.no_grad()
 def respond(model, tokenizer, template: Template, messages: list[dict], max_new_tokens: int = 256,
             temperature: float = 0.0, top_k: int | None = None, seed: int | None = None) -> str:
-    """The model's reply to a conversation that ends with a user turn (stops at `<|endoftext|>`)."""
+    """The model's reply to a conversation that ends with a user turn (stops at `<|endoftext|>`),
+    decoded alone (`engine.Engine.stream`)."""
+    engine = Engine(model, tokenizer)
     ids, _ = encode_conversation(tokenizer, template, messages, for_generation=True)
-    device = next(model.parameters()).device
-    ctx = model.config.context_length
-    ids = ids[-ctx:]  # the start of a prompt longer than the window cannot be seen anyway
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                   eos_id=tokenizer.eot_id, seed=seed)[0, len(ids):].tolist()
-    return _reply_text(tokenizer, out)
-
-
-def _reply_text(tokenizer, out: list[int]) -> str:
-    if tokenizer.eot_id in out:
-        out = out[:out.index(tokenizer.eot_id)]
-    return tokenizer.decode(out).strip()
+    ids = ids[-model.config.context_length:]  # the start of a prompt longer than the window cannot be seen anyway
+    row = engine.row(ids, max_new_tokens, Sampling(temperature, top_k, None, seed), tokenizer.eot_id)
+    with engine.evaluating():
+        return "".join(engine.stream(row)).strip()
 
 
 RESPONSE_BATCH_SIZE = 16
@@ -216,20 +209,16 @@ def respond_batch(model, tokenizer, template: Template, conversations: list[list
                   progress: bool = False) -> list[str]:
     """`respond` to many conversations as one ragged batch (`batching`): at most
     `batch_size` replies are generated at once, and a finished reply's row goes to the next
-    conversation. Each reply equals `respond` on its conversation alone."""
-    ctx = model.config.context_length
-    rows = [DecodeRow(encode_conversation(tokenizer, template, m, for_generation=True)[0][-ctx:],
-                      max_new_tokens, temperature, top_k, None, seed, tokenizer.eot_id)
-            for m in conversations]
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=len(rows), desc="test responses", disable=not progress, dynamic_ncols=True) as bar:
-            for row, _, _ in decode_rows(model, rows, batch_size):
-                bar.update(row.done)
-    finally:
-        model.train(was_training)
-    return [_reply_text(tokenizer, r.tokens) for r in rows]
+    conversation. Each reply equals `respond` on its conversation alone (the decoding engine's
+    ragged batch, `engine.Engine.run`)."""
+    engine, ctx = Engine(model, tokenizer), model.config.context_length
+    sampling = Sampling(temperature, top_k, None, seed)
+    # the start of a prompt longer than the window cannot be seen anyway: cut it silently
+    rows = [engine.row(encode_conversation(tokenizer, template, m, for_generation=True)[0][-ctx:],
+                       max_new_tokens, sampling, tokenizer.eot_id) for m in conversations]
+    with tqdm(total=len(rows), desc="test responses", disable=not progress, dynamic_ncols=True) as bar:
+        engine.run(rows, batch_size, on_done=lambda _: bar.update(1))
+    return [r.text.strip() for r in rows]
 
 
 @dataclass

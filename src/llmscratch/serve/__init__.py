@@ -15,12 +15,13 @@ Request parameters: `max_tokens`, `temperature`, `top_p`, `top_k` (an extension)
 carry `usage` token counts.
 
 The parts
-    `engine`   the model, the generation slots and the fair queue (`Engine`, `FairLimiter`),
-               off the event loop: continuous batching (`Scheduler`: requests join and
-               leave one running batch at token boundaries, `--max-batch-size`), or one
-               worker thread per request with `--max-batch-size 1`; a full queue answers
-               429 with Retry-After; a client that disconnects, queued or mid-stream,
-               cancels its generation.
+    `engine`   the model, the generation slots and the fair queue (`Engine`, `FairLimiter`);
+               a full queue answers 429 with Retry-After; a client that disconnects,
+               queued or mid-stream, cancels its generation.
+    `scheduler` the decoding threads, off the event loop, on the decoding engine's ragged
+               batches: continuous batching (requests join and leave one running batch at
+               token boundaries, `--max-batch-size`), or with `--max-batch-size 1` one
+               single-row scheduler per slot.
     `schemas`  the OpenAI wire format: request models and the error body (`APIError`).
     `app`      the routes (`create_app`).
     `server`   process start-up: `serve()` (uvicorn, `llmscratch serve`) and
@@ -67,7 +68,8 @@ from ..decoding.prompts import (
 )
 from ..decoding.streaming import StreamDecoder
 from .app import DEFAULT_MAX_TOKENS_CHAT, DEFAULT_MAX_TOKENS_COMPLETION, MAX_BODY_BYTES, chat_page_html, create_app
-from .engine import ClientGone, Engine, Event, FairLimiter, SamplingParams, load_engine
+from .engine import ClientGone, Engine, FairLimiter, load_engine
+from .scheduler import Event, SamplingParams
 from .schemas import APIError
 from .server import API_KEY_ENV, BackgroundServer, serve
 

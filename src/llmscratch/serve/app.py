@@ -29,9 +29,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from ..decoding.generate import SamplingError, check_sampling
+from ..decoding.sampling import Sampling, SamplingError
 from ..decoding.prompts import encode_chat, template_stops
-from .engine import ClientGone, Engine, SamplingParams
+from .engine import ClientGone, Engine
+from .scheduler import SamplingParams
 from .schemas import APIError, ChatRequest, CompletionRequest, validation_error
 from .embeddings import add_embeddings_route, refuse_encoder_completions
 
@@ -84,8 +85,8 @@ def sampling_params(req, engine: Engine, default_max: int, extra_stop: list[str]
         raise APIError(400, f"max_tokens is {max_tokens}, above this server's limit of "
                             f"{engine.max_tokens_limit}", param="max_tokens", code="invalid_value")
     temperature = 1.0 if req.temperature is None else req.temperature
-    try:  # the library's one check (generate.check_sampling), as generate and chat use it
-        check_sampling(temperature, req.top_k, req.top_p)
+    try:  # the library's one check (sampling.Sampling), as generate and chat use it
+        Sampling(temperature, req.top_k, req.top_p)
     except SamplingError as e:
         raise APIError(400, str(e), param=e.param, code="invalid_value") from None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

@@ -2,21 +2,22 @@
 
 Generation is blocking PyTorch work, so it never runs on the event loop. Requests first
 take a slot from `FairLimiter` (first come, first served; at most `max_queue` may wait, a
-request beyond that is answered 429 with `Retry-After`), then decode in one of two ways:
+request beyond that is answered 429 with `Retry-After`), then go to the decoding engine's
+ragged batches (`decoding.engine`): scheduler threads (`Scheduler`) take them from one
+first-in-first-out inbox and decode them as rows of a `batching.BatchDecoder`. At each token
+boundary a scheduler admits the requests that arrived (one prefill pass for the newcomers),
+samples one token for every row, streams each row's text to its request, retires the rows
+that finished (their slots go to the next requests) and runs one joint decode step for the
+rest. Each request's tokens are the ones it would get alone (left-aligned rows with their
+own positions and a key mask; its own sampling settings and seeded generator).
 
-- Batched (`max_batch_size > 1`, the default): one scheduler thread (`Scheduler`) decodes
-  every admitted request together, as rows of one `batching.BatchDecoder`. At each token
-  boundary it admits the requests that arrived (one prefill pass for the newcomers),
-  samples one token for every row, streams each row's text to its request, retires the rows
-  that finished (their slots go to the next requests) and runs one joint decode step for
-  the rest. Each request's tokens are the ones it would get alone (left-aligned rows with
-  their own positions and a key mask; its own sampling settings and seeded generator).
-  The KV cache is slot-based: `max_batch_size` rows of the full context, allocated once
-  and reused (see `batching` for why slots rather than pages, and `kv_bytes_per_row` for
-  the memory). `n > 1` choices are `n` rows of the same prompt.
-- Unbatched (`max_batch_size == 1`): each admitted request gets a worker thread that runs
-  `generate.stream_decode` at batch size 1, `max_concurrency` of them at once (the engine
-  before batching).
+- Batched (`max_batch_size > 1`, the default): one scheduler decodes every admitted
+  request together in `max_batch_size` rows (continuous batching). The KV cache is
+  slot-based: rows allocated once and reused (see `batching` for why slots rather than
+  pages, and `kv_bytes_per_row` for the memory). `n > 1` choices are `n` rows of the same
+  prompt.
+- Unbatched (`max_batch_size == 1`): `max_concurrency` schedulers of one row each, so as
+  many requests decode at once, each at batch size 1 in its own thread.
 
 Either way a client that disconnects, while queued or mid-stream, cancels its generation
 at the next token boundary, and its slot is released once the decoding has really let go
@@ -31,16 +32,13 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Literal
+from typing import AsyncIterator
 
-from ..decoding.batching import BatchDecoder, DecodeRow
-from ..errors import UserError
-from ..decoding.generate import stream_decode
+from ..decoding import engine as decoding
 from ..decoding.prompts import normalize_template, template_for
-from ..decoding.streaming import StreamDecoder
+from ..errors import UserError
+from .scheduler import Event, Job, SamplingParams, Scheduler
 from .schemas import APIError
 
 log = logging.getLogger("llmscratch.serve")
@@ -96,187 +94,6 @@ class ClientGone(Exception):
     """The client disconnected before its reply was complete."""
 
 
-@dataclass
-class SamplingParams:
-    """What one request asks of the decoder (already validated)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    n: int = 1  # choices: rows of the same prompt (choice i samples with seed + i)
-
-
-@dataclass
-class Event:
-    """One message from the decoding thread: a text piece, the end of a choice, or a failure
-    (which ends every choice of the request)."""
-
-    kind: Literal["text", "done", "error"]
-    text: str = ""
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    index: int = 0  # the choice (0 unless n > 1)
-
-
-@dataclass(eq=False)
-class Job:
-    """One admitted request, as the scheduler thread sees it."""
-
-    ids: list[int]
-    params: SamplingParams
-    emit: Callable[[Event], None]
-    cancelled: threading.Event
-    on_retired: Callable[[], None]  # called once, when no row of it is decoding any more
-    rows: list[DecodeRow] = field(default_factory=list)
-
-
-class Scheduler:
-    """Continuous batching: the one thread that decodes every admitted request together.
-
-    Requests arrive in `inbox` (first in, first out; one waits until there are free rows
-    for all its `n` choices, and nobody overtakes it). Between two tokens the thread drops
-    the rows of cancelled requests, prefills the newcomers, takes one `BatchDecoder.step`
-    and hands every row's text piece to its request. A failing forward pass fails the
-    requests whose rows were in it (a 500 each) and the thread keeps serving.
-    """
-
-    def __init__(self, engine: "Engine"):
-        self.engine = engine
-        self.decoder = BatchDecoder(engine.model, engine.max_batch_size)
-        self.inbox: collections.deque[Job] = collections.deque()
-        self.jobs: list[Job] = []  # admitted into the batch
-        self.cond = threading.Condition()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="llmscratch-batch", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
-        self.thread.join(timeout=10)
-
-    def submit(self, job: Job) -> None:
-        with self.cond:
-            if self.stopping:
-                raise RuntimeError("the scheduler has stopped")
-            self.inbox.append(job)
-            self.cond.notify()
-
-    # ------------------------------------------------------------------ the loop
-    def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while not self.inbox and not self.jobs and not self.stopping:
-                    self.cond.wait()
-                if self.stopping:
-                    break
-                new = self._take()
-            try:
-                self._drop_cancelled()
-                if new:
-                    self._admit(new)
-                if self.decoder.active:
-                    self._deliver(self.decoder.step())
-            except Exception as e:  # every request in the pass fails; the server keeps serving
-                log.exception("generation failed")
-                self._fail(list(self.jobs), e)
-        for job in self.jobs + list(self.inbox):  # shutting down: end every stream
-            self._end(job, "cancelled")
-
-    def _take(self) -> list[Job]:
-        """The jobs at the head of the inbox that fit into the free rows (FIFO)."""
-        new, free = [], self.decoder.free
-        while self.inbox:
-            job = self.inbox[0]
-            if job.cancelled.is_set():
-                self.inbox.popleft()
-                self._retire(job)
-                continue
-            if job.params.n > free:
-                break
-            free -= job.params.n
-            new.append(self.inbox.popleft())
-        return new
-
-    def _admit(self, new: list[Job]) -> None:
-        """Prefill the new jobs' rows (one pass); a job that fails alone fails alone."""
-        eng, ready = self.engine, []
-        for job in new:
-            p = job.params
-            try:
-                job.rows = [DecodeRow(job.ids, p.max_tokens, p.temperature, p.top_k, p.top_p,
-                                      None if p.seed is None else p.seed + i, None,
-                                      StreamDecoder(eng.tokenizer, p.stop, eng.eos_id), tag=(job, i))
-                            for i in range(p.n)]
-            except Exception as e:  # e.g. a sampling setting the request checks let through
-                self._fail([job], e)
-                continue
-            ready.append(job)
-        try:
-            self.decoder.add([r for job in ready for r in job.rows])
-        except Exception as e:
-            log.exception("prefill failed")
-            self._fail(ready, e)
-            return
-        self.jobs.extend(ready)
-
-    def _deliver(self, events) -> None:
-        finished = []
-        for row, _, piece in events:
-            job, i = row.tag
-            if piece:
-                job.emit(Event("text", piece, index=i))
-            if row.done:
-                job.emit(Event("done", finish_reason=row.finish_reason,
-                               completion_tokens=row.decoder.n_tokens, index=i))
-                if all(r.done for r in job.rows) and job not in finished:
-                    finished.append(job)
-        for job in finished:
-            self.jobs.remove(job)
-            self._retire(job)
-
-    def _drop_cancelled(self) -> None:
-        gone = self.engine._cancel_all.is_set()
-        for job in [j for j in self.jobs if gone or j.cancelled.is_set()]:
-            self._end(job, "cancelled")
-
-    def _end(self, job: Job, reason: str) -> None:
-        """Take a job's rows out of the batch and tell its client it ended (`reason`)."""
-        for i, row in enumerate(job.rows):
-            if not row.done:
-                self.decoder.cancel(row)
-                job.emit(Event("done", finish_reason=reason, completion_tokens=row.decoder.n_tokens, index=i))
-        if not job.rows:
-            job.emit(Event("done", finish_reason=reason))
-        if job in self.jobs:
-            self.jobs.remove(job)
-        self._retire(job)
-
-    def _fail(self, jobs: list[Job], e: Exception) -> None:
-        for job in jobs:
-            for row in job.rows:
-                if row.finish_reason is None:
-                    row.finish_reason = "error"
-                self.decoder.cancel(row)
-            job.emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
-            if job in self.jobs:
-                self.jobs.remove(job)
-            self._retire(job)
-
-    @staticmethod
-    def _retire(job: Job) -> None:
-        try:
-            job.on_retired()
-        except RuntimeError:  # the event loop is closed: the server is going down
-            pass
-
-
 class Engine:
     """A model and tokenizer plus the machinery to run generations off the event loop.
 
@@ -285,7 +102,7 @@ class Engine:
         model_id: the name clients use in `"model"`.
         template: chat template (`"alpaca"`, `"phi3"`, `"plain"`/None).
         max_concurrency: without batching (`max_batch_size=1`), generations running at
-            once, each in its own thread; further requests queue fairly.
+            once, each in its own one-row scheduler; further requests queue fairly.
         max_tokens_limit: the largest `max_tokens` a request may ask for.
         max_batch_size: rows decoded together by the batching scheduler (the slots; `n`
             choices take `n`); 1 turns batching off.
@@ -305,6 +122,7 @@ class Engine:
             raise UserError(f"max queue must be at least 0, got {max_queue}")
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.decoding = decoding.Engine(self.model, tokenizer)  # eos_id: None without <|endoftext|>
         self.model_id = model_id
         self.template = normalize_template(template)
         self.max_concurrency = max_concurrency
@@ -314,49 +132,61 @@ class Engine:
         self.batched = max_batch_size > 1
         self.context_length = model.config.context_length
         self.vocab_size = model.config.vocab_size
-        self.device = next(model.parameters()).device
-        try:
-            self.eos_id: int | None = tokenizer.eot_id
-        except UserError:
-            self.eos_id = None  # a word-level tokenizer without <|endoftext|>: length only
+        self.device = self.decoding.device
+        self.eos_id = self.decoding.eos_id
         self.created = int(time.time())
         # made by startup(), on the serving loop: an asyncio object belongs to one loop
         self.limiter: FairLimiter | None = None
-        self.executor: ThreadPoolExecutor | None = None
-        self.scheduler: Scheduler | None = None
-        self._cancel_all = threading.Event()
+        self.schedulers: list[Scheduler] = []
+        self.inbox: collections.deque[Job] = collections.deque()  # admitted, not yet decoding
+        self.cond = threading.Condition()  # guards inbox and stopping
+        self.stopping = False
+        self.cancel_all = threading.Event()  # set by shutdown: every scheduler drops its rows
         self._durations: collections.deque[float] = collections.deque(maxlen=64)  # for Retry-After
 
     @property
     def slots(self) -> int:
-        """Requests generating at once: the batch rows, or the unbatched worker threads."""
+        """Requests generating at once: the batch rows, or the unbatched one-row schedulers."""
         return self.max_batch_size if self.batched else self.max_concurrency
 
     @property
+    def scheduler(self) -> Scheduler | None:
+        """The continuous-batching scheduler (None unbatched, or before `startup`)."""
+        return self.schedulers[0] if self.batched and self.schedulers else None
+
+    @property
     def rows_in_use(self) -> int:
-        """Rows of the batch being decoded (the KV-cache slots in use); 0 when idle."""
-        if self.scheduler is not None:
-            return self.scheduler.decoder.active
-        return self.limiter.active if self.limiter else 0
+        """Rows being decoded (the KV-cache slots in use); 0 when idle."""
+        return sum(s.decoder.active for s in self.schedulers)
 
     def startup(self) -> None:
         """Called on the serving event loop before the first request."""
         self.limiter = FairLimiter(self.slots)
-        self._cancel_all.clear()
+        self.cancel_all.clear()
+        self.stopping = False
         if self.batched:
-            self.scheduler = Scheduler(self)
-            self.scheduler.start()
-        else:
-            # one worker per slot: an admitted request never waits for a thread
-            self.executor = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="llmscratch-gen")
+            self.schedulers = [Scheduler(self, self.max_batch_size, "llmscratch-batch")]
+        else:  # one scheduler per slot: an admitted request never waits for a thread
+            self.schedulers = [Scheduler(self, 1, f"llmscratch-gen-{i}") for i in range(self.max_concurrency)]
+        for s in self.schedulers:
+            s.thread.start()
 
     def shutdown(self) -> None:
-        """Stop every running generation (they check between tokens) and the workers."""
-        self._cancel_all.set()
-        if self.scheduler is not None:
-            self.scheduler.stop()
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+        """Stop every running generation (they check between tokens) and the schedulers."""
+        self.cancel_all.set()
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        for s in self.schedulers:
+            s.thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        """Queue an admitted request for the next scheduler with free rows."""
+        with self.cond:
+            if self.stopping:
+                raise RuntimeError("the engine has stopped")
+            self.inbox.append(job)
+            self.cond.notify_all()
 
     def check_admission(self, p: SamplingParams) -> None:
         """What `run` would refuse, raised before a response starts (a stream cannot change
@@ -390,29 +220,9 @@ class Engine:
         return int(min(60, max(1, math.ceil(typical * waves))))
 
     # -------------------------------------------------------------- one generation
-    def _generate(self, ids: list[int], p: SamplingParams, emit, cancelled: threading.Event) -> None:
-        """Worker thread: decode up to `p.max_tokens` tokens, `emit`ting Events as text firms up."""
-        decoder = StreamDecoder(self.tokenizer, p.stop, self.eos_id)
-        try:
-            pieces = stream_decode(self.model, decoder, ids, p.max_tokens, p.temperature, p.top_k, p.top_p,
-                                   p.seed, self.device)
-            finish = None
-            for piece in pieces:  # one per token: cancellation is checked between tokens
-                if cancelled.is_set() or self._cancel_all.is_set():
-                    finish = "cancelled"
-                    pieces.close()
-                    break
-                if piece:
-                    emit(Event("text", piece))
-            finish = finish or decoder.finish_reason or "length"
-            emit(Event("done", finish_reason=finish, completion_tokens=decoder.n_tokens))
-        except Exception as e:  # reported to the client as a 500; the server keeps serving
-            log.exception("generation failed")
-            emit(Event("error", text=f"generation failed: {type(e).__name__}: {e}"))
-
     async def run(self, ids: list[int], p: SamplingParams, is_disconnected) -> AsyncIterator[Event]:
-        """Queue for a slot, then generate (in the batch, or in a worker thread), yielding
-        the Events: text pieces and one "done" per choice, or an "error".
+        """Queue for a slot, then generate (rows of a scheduler's batch), yielding the Events:
+        text pieces and one "done" per choice, or an "error".
 
         Args:
             ids: prompt token ids (already checked against the context length).
@@ -421,9 +231,9 @@ class Engine:
                 cancelled (checked while queued and between pieces).
 
         Leaving the iteration early (the client went away, or the task was cancelled)
-        cancels the generation; its slot frees once the worker has stopped.
+        cancels the generation; its slot frees once its rows have left the batch.
         """
-        if self.limiter is None or (self.executor is None and self.scheduler is None):
+        if self.limiter is None or not self.schedulers:
             raise RuntimeError("Engine.startup() was not called (create_app's lifespan calls it)")
         self._check_n(p)
         loop = asyncio.get_running_loop()
@@ -432,7 +242,7 @@ class Engine:
         cancelled = threading.Event()
         t0 = time.monotonic()
 
-        def release(_=None) -> None:
+        def release() -> None:
             self._durations.append(time.monotonic() - t0)
             self.limiter.release()
 
@@ -443,12 +253,8 @@ class Engine:
                 cancelled.set()
 
         try:
-            if self.scheduler is not None:
-                self.scheduler.submit(Job(ids, p, emit, cancelled, lambda: loop.call_soon_threadsafe(release)))
-            else:
-                fut = loop.run_in_executor(self.executor, self._generate, ids, p, emit, cancelled)
-                fut.add_done_callback(release)
-        except RuntimeError:  # the executor or scheduler was shut down
+            self.submit(Job(ids, p, emit, cancelled, lambda: loop.call_soon_threadsafe(release)))
+        except RuntimeError:  # the engine was shut down
             self.limiter.release()
             raise APIError(503, "the server is shutting down", "server_error") from None
         pending = p.n  # choices not finished yet
@@ -465,7 +271,7 @@ class Engine:
                 if ev.kind == "error" or not pending:
                     return
         finally:
-            cancelled.set()  # no-op if the worker already finished
+            cancelled.set()  # no-op if the generation already finished
 
     async def _acquire(self, is_disconnected) -> None:
         """Wait for a slot, giving up if the client disconnects while queued."""

@@ -44,7 +44,7 @@ class Common(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     # Types here; the ranges of temperature, top_p and top_k are the library's one rule
-    # (generate.check_sampling, applied by app.sampling_params), as for generate and chat.
+    # (sampling.check_sampling, applied by app.sampling_params), as for generate and chat.
     # The cap of 2 on temperature is OpenAI's API limit.
     temperature: float | None = Field(None, le=2.0)
     top_p: float | None = None

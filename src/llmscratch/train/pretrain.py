@@ -268,8 +268,9 @@ def _sample(model: GPT, tokenizer, val_ids, n_tokens: int, device, seed: int) ->
     """A continuation of the first tokens of the validation text. Fixed prompt and seed, so
     samples from successive evaluations are comparable; the sampler's private generator
     leaves the training RNG (dropout) untouched, which exact resume depends on."""
-    from ..decoding.generate import generate
+    from ..decoding.engine import Engine
+    from ..decoding.sampling import Sampling
 
     prompt = torch.tensor([[int(t) for t in val_ids[:8]]], dtype=torch.long, device=device)
-    out = generate(model, prompt, n_tokens, temperature=0.8, top_k=40, seed=seed)
+    out = Engine(model).generate(prompt, n_tokens, Sampling(temperature=0.8, top_k=40, seed=seed))
     return tokenizer.decode(out[0].tolist())

@@ -1,0 +1,122 @@
+"""Sampling: pick the next token from a model's logits.
+
+`Sampling` holds one generation's settings (temperature, top-k, top-p, seed) and is the one
+place they are checked (`check_sampling`): the CLI, `chat`, the server's requests and every
+decoding path build one. `sample` is the same draw as a plain function on logits, knowing
+nothing about models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+
+class SamplingError(UserError):
+    """A sampling setting out of range; `param` names it (`temperature`, `top_k`, `top_p`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_sampling(temperature: float | None = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """The one check of sampling settings (`Sampling` runs it when made, `sample` per call).
+
+    Valid: `temperature` a finite number >= 0 (0 = greedy) or None; `top_k` an integer >= 0
+    (0 or None = off); `top_p` a number in (0, 1] (1 or None = off).
+
+    Raises:
+        SamplingError: one line naming the setting and the value given.
+    """
+    def is_number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if temperature is not None and not (is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise SamplingError("temperature", f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+        raise SamplingError("top_k", f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
+        raise SamplingError("top_p", f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one generation picks its tokens; checked when made (`check_sampling`).
+
+    Args:
+        temperature: 0 (or None) is greedy (argmax); higher is more random.
+        top_k: sample from the k likeliest tokens only (0 or None = off).
+        top_p: sample from the smallest set of tokens whose probability reaches p (1 or
+            None = off).
+        seed: seeds a private generator (`generator`), so the same call gives the same
+            tokens and the global random state is left alone.
+
+    Raises:
+        SamplingError: a setting out of range.
+    """
+
+    temperature: float | None = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_k, self.top_p)
+
+    def generator(self, device: torch.device | str) -> torch.Generator | None:
+        """A fresh generator seeded with `seed` (None without a seed: the global one)."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`(B,)` next-token ids from `(B, V)` logits with these settings."""
+        return _draw(logits, self.temperature, self.top_k, self.top_p, generator)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from `(B, V)` logits; returns `(B,)` ids.
+
+    temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature,
+    restricted to the `top_k` most likely tokens and/or the smallest set whose probability
+    reaches `top_p`, and one token is drawn.
+
+    Raises:
+        SamplingError: a setting out of range (`check_sampling`).
+    """
+    check_sampling(temperature, top_k, top_p)
+    return _draw(logits, temperature, top_k, top_p, generator)
+
+
+def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """`sample` without the check (for settings a `Sampling` has already checked)."""
+    if temperature is None or temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already reach top_p; the first
+        # token always survives because the mass above it is 0
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+GREEDY = Sampling()
+"""Greedy decoding: the likeliest token every time."""
