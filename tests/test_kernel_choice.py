@@ -21,9 +21,11 @@ from llmscratch.models.gpt import GPT, GPTConfig
 
 
 @pytest.fixture(autouse=True)
-def fresh_decisions():
+def fresh_decisions(monkeypatch):
     """Each test starts with no decision in memory or on disk (conftest moves the cache
-    folder to a temp dir), and leaves none behind for other tests."""
+    folder to a temp dir), and leaves none behind for other tests; the machine reads as
+    idle, so decisions are written to the cache file."""
+    monkeypatch.setattr(choice.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     choice.forget()
     yield
     choice.forget()
@@ -35,7 +37,7 @@ def fake_timings(monkeypatch, kernel_s: float, reference_s: float) -> list[str]:
 
     def time_pair(kernel, reference, rounds=choice.ROUNDS):
         measured.append(1)
-        return kernel_s, reference_s
+        return [kernel_s] * rounds, [reference_s] * rounds
 
     monkeypatch.setattr(choice, "time_pair", time_pair)
     return measured
@@ -97,6 +99,17 @@ def test_decision_is_read_from_the_cache_on_the_next_load(monkeypatch):
     assert set(kernel_path(second)) == set(saved["decisions"])
 
 
+def test_a_decision_measured_on_a_busy_machine_is_not_cached(monkeypatch):
+    measured = fake_timings(monkeypatch, 0.5, 1.0)
+    monkeypatch.setattr(choice.os, "getloadavg", lambda: (100.0, 100.0, 100.0))
+    lin = sl.SplitLinear.from_linear(nn.Linear(16, 10))
+    assert split_taken(monkeypatch, lin)  # holds for this process
+    assert not choice.cache_file().exists()
+    choice.forget(cache=False)  # a new process measures again
+    assert split_taken(monkeypatch, sl.SplitLinear.from_linear(nn.Linear(16, 10)))
+    assert len(measured) == 2
+
+
 def test_cache_file_is_per_machine_and_torch_version(monkeypatch):
     here = choice.cache_file()
     other = dict(choice.machine(), torch="0.0.0")
@@ -149,6 +162,14 @@ def test_fused_loss_is_taken_only_where_measured_faster(kernel_s, expected, monk
     assert bool(calls) is expected
     assert model.wte.weight.grad is not None
     assert choice.decisions()["fused_lm_loss float32 vocab=97 C=64"]["use"] is expected
+
+
+def test_a_win_must_hold_by_the_best_round_and_by_the_median_ratio():
+    # one lucky round of the kernel (or one unlucky of the reference) does not decide alone
+    assert not choice.kernel_wins([0.5, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0])["use"]
+    assert not choice.kernel_wins([0.9, 0.9, 0.9], [0.5, 2.0, 2.0])["use"]  # best ratio below 1
+    d = choice.kernel_wins([0.5, 0.6, 0.5], [1.0, 1.0, 1.1])
+    assert d["use"] and d["speedup"] == 2.0 and d["kernel_s"] == 0.5
 
 
 def test_real_measurement_runs_both_and_decides(monkeypatch):

@@ -5,12 +5,14 @@ batch-1 fp32 decoding on an AMD EPYC without AMX and halves it on an Intel Xeon 
 (issue 29). So no kernel is taken on the strength of a rule alone. Each kernel module asks
 `choose(key, kernel, reference)` the first time it meets a shape class (dtype, weight
 shape, rows or sequence length bucket); `choose` times the kernel and the reference
-computation it replaces, interleaved over a few rounds (a few milliseconds, the best
-round of each), and the kernel is used only if it is at least `MARGIN` faster.
+computation it replaces, interleaved over a few rounds (a few milliseconds), and the kernel
+is used only if it is at least `MARGIN` faster by the best round of each and by the median
+of the per-round ratios (`kernel_wins`).
 
 Decisions are cached in memory and in `<cache>/kernels/<machine>.json` (the cache folder of
 `data.corpora.cache_root`, `$LLMSCRATCH_CACHE_DIR` moves it), one file per CPU model + CPU
-flags + torch version, so a model loaded again on the same machine measures nothing. Each
+flags + torch version, so a model loaded again on the same machine measures nothing (a
+decision measured while the machine was `busy` is kept for the process only). Each
 new measurement prints one line on stderr (`kernels: ...`); `decisions()` lists them.
 
 Modes, set per kernel module by `apply_kernels(model, force=...)`:
@@ -30,6 +32,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -39,8 +42,8 @@ from typing import Callable
 import torch
 
 MARGIN = 0.05  # the kernel must be at least 5% faster than the reference to be chosen
-ROUNDS = 5  # interleaved timing rounds per decision; the fastest round of each side counts
-SAMPLE_SECONDS = 5e-4  # each timed sample repeats the call until it lasts about this long
+ROUNDS = 7  # interleaved timing rounds per decision
+SAMPLE_SECONDS = 1e-3  # each timed sample repeats the call until it lasts about this long
 ENV_MEASURE = "LLMSCRATCH_KERNELS_MEASURE"
 
 _lock = threading.Lock()
@@ -107,30 +110,55 @@ def _save() -> None:
 
 
 def time_pair(kernel: Callable[[], object], reference: Callable[[], object],
-              rounds: int = ROUNDS) -> tuple[float, float]:
-    """Seconds per call of `kernel` and `reference`: one warm-up call each, then `rounds`
-    interleaved samples (kernel, reference, kernel, ...), each repeating the call until it
-    lasts about `SAMPLE_SECONDS`; the fastest sample of each, as noise only adds time."""
+              rounds: int = ROUNDS) -> tuple[list[float], list[float]]:
+    """Seconds per call of `kernel` and of `reference`, one sample per round: one warm-up call
+    each, then `rounds` interleaved samples (kernel, reference, kernel, ...), each repeating
+    the call until it lasts about `SAMPLE_SECONDS`.
+
+    Returns:
+        `(kernel samples, reference samples)`, in round order.
+    """
     kernel()
     t0 = time.perf_counter()
     reference()
     once = max(time.perf_counter() - t0, 1e-7)
     number = max(1, min(1000, math.ceil(SAMPLE_SECONDS / once)))
-    best = [math.inf, math.inf]
+    samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(rounds):
-        for i, fn in enumerate((kernel, reference)):
+        for fn, out in ((kernel, samples[0]), (reference, samples[1])):
             t0 = time.perf_counter()
             for _ in range(number):
                 fn()
-            best[i] = min(best[i], (time.perf_counter() - t0) / number)
-    return best[0], best[1]
+            out.append((time.perf_counter() - t0) / number)
+    return samples
+
+
+def kernel_wins(kernel_s: list[float], reference_s: list[float]) -> dict:
+    """The decision from interleaved samples: the kernel is used only if it is at least
+    `MARGIN` faster both by the fastest sample of each side (noise only adds time) and by
+    the median of the per-round ratios (a burst of load that hit one side's fastest sample
+    does not decide alone)."""
+    best = min(reference_s) / min(kernel_s)
+    paired = statistics.median(r / k for k, r in zip(kernel_s, reference_s))
+    need = 1 / (1 - MARGIN)
+    return {"use": best >= need and paired >= need, "kernel_s": min(kernel_s), "reference_s": min(reference_s),
+            "speedup": best, "speedup_median": paired, "load": round(os.getloadavg()[0], 2)
+            if hasattr(os, "getloadavg") else None}
+
+
+def busy(load: float | None) -> bool:
+    """Whether the machine was too busy for a measurement to stand for it: a 1-minute load
+    average above its core count. Such a decision holds for this process only (it is not
+    written to the cache file), and the next process measures again."""
+    return load is not None and load > (os.cpu_count() or 1)
 
 
 def choose(key: str, kernel: Callable[[], object], reference: Callable[[], object]) -> bool:
     """Whether the kernel for shape class `key` is faster here than the reference.
 
-    The first call for a key on a machine measures (`time_pair`), prints one line on stderr
-    and caches the decision; later calls, in this process or another, read it.
+    The first call for a key on a machine measures (`time_pair`, `kernel_wins`), prints one
+    line on stderr and caches the decision; later calls, in this process or another, read it
+    (unless the machine was `busy` while measuring: then in this process only).
 
     Args:
         key: names the kernel and the shape class, e.g. `"split_linear float32 768x3072 rows=1"`.
@@ -146,13 +174,12 @@ def choose(key: str, kernel: Callable[[], object], reference: Callable[[], objec
         if os.environ.get(ENV_MEASURE, "1") == "0":
             return False
         with torch.no_grad():
-            kernel_s, reference_s = time_pair(kernel, reference)
-        use = kernel_s < (1 - MARGIN) * reference_s
-        _memory[key] = {"use": use, "kernel_s": kernel_s, "reference_s": reference_s,
-                        "speedup": reference_s / kernel_s if kernel_s > 0 else None}
-        _save()
+            decision = kernel_wins(*time_pair(kernel, reference))
+        _memory[key] = decision
+        if not busy(decision["load"]):
+            _save()
     print(f"kernels: {key}: {describe(key)}", file=sys.stderr)
-    return use
+    return decision["use"]
 
 
 def describe(key: str) -> str:
@@ -160,8 +187,9 @@ def describe(key: str) -> str:
     d = _memory.get(key)
     if d is None:
         return "not measured"
-    speed = f"{d['speedup']:.2f}x the reference" if d.get("speedup") else "forced"
-    return f"{'kernel' if d['use'] else 'reference'} ({speed}, measured on this machine)"
+    busy_note = ", busy: not cached" if busy(d.get("load")) else ""
+    return (f"{'kernel' if d['use'] else 'reference'} ({d['speedup']:.2f}x the reference's speed, "
+            f"median {d['speedup_median']:.2f}x; measured on this machine at load {d.get('load')}{busy_note})")
 
 
 def decisions() -> dict[str, dict]:
