@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from harness import bench_generation, print_rows  # benchmarks/harness.py
+from harness import bench_generation, print_paths, print_rows  # benchmarks/harness.py
 from llmscratch.kernels import reuse_freed_memory
 from llmscratch.kernels.choice import decisions
 from results import write_result  # benchmarks/results.py
@@ -45,9 +45,7 @@ def main() -> None:
         print(f"greedy tokens identical to transformers: {identical}")
     print_rows(rows, f"generation: {args.model}, batch {args.batch_size}, prompt {args.prompt_len}, "
                      f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, median of {args.rounds}")
-    for r in rows:
-        if "path" in r:
-            print(f"  {r['impl']}: " + ("; ".join(f"{k}: {v}" for k, v in r["path"].items()) or "no kernel applies"))
+    print_paths(rows)
     write_result(f"bench_generate_batch{args.batch_size}",
                  {"args": vars(args), "rows": rows, "identical_to_transformers": identical,
                   "kernel_decisions": decisions()}, args.json)

@@ -410,6 +410,13 @@ def print_rows(rows: list[dict], title: str) -> None:
         print(f"  {r['shape']:22s} {r['impl']:32s} {r['tokens_per_s']:10.1f} tok/s   " + "   ".join(extra))
 
 
+def print_paths(rows: list[dict]) -> None:
+    """Which path each kernel row took, shape class by shape class (`kernels.kernel_path`)."""
+    for r in rows:
+        if "path" in r:
+            print(f"  {r['impl']}: " + ("; ".join(f"{k}: {v}" for k, v in r["path"].items()) or "no kernel applies"))
+
+
 def bench_tokenizers(text: str, vocab_size: int = 4096, peers: bool = True) -> list[dict]:
     """BPE training seconds (ours vs the Rust `tokenizers` trainer) and encoding MB/s
     (GPT-2's via `get_tokenizer`; tiktoken's own "gpt2" Encoding, built apart from ours; our
@@ -514,10 +521,7 @@ def run(args) -> None:
             print_rows(rows, f"generation, greedy, prompt 20, {n_new} new tokens, batch {bs}"
                        + ("" if same is None else f" (tokens identical to transformers: {same})"))
             report[f"generate_batch{bs}"] = rows
-            for r in rows:
-                if "path" in r:
-                    print(f"  {r['impl']}: " + ("; ".join(f"{k}: {v}" for k, v in r["path"].items())
-                                               or "no kernel applies"))
+            print_paths(rows)
             save(report)
             release_freed_memory()
     if "tokenizer" in args.what:
