@@ -3,8 +3,11 @@
 The harness behind `llmscratch bench` (which loads this file from a source checkout) and
 the scripts beside it. It lives outside the installed package because it imports peers.
 Our rows run with the kernels applied (`llmscratch.kernels.apply_kernels`), as the CLI
-and the trainer do; `kernels=False` (`llmscratch bench --no-kernels`) measures the
-reference model instead. Every row records what actually ran (`ran`: batch, sequence
+and the trainer do: each kernel where it was measured faster on this machine, or every
+applicable one with `llmscratch bench --kernels`. Each decoding row is set against the
+reference model in the same run (`vs_reference`, and the `path` each shape class took),
+so a kernel that slows decoding shows as a ratio below 1; `kernels=False`
+(`llmscratch bench --no-kernels`) measures the reference model only. Every row records what actually ran (`ran`: batch, sequence
 length, activation and weight dtypes, seen by a hook on the first projection), so a row
 cannot claim a shape or precision it did not run.
 
@@ -276,10 +279,16 @@ def bench_training(shapes: list[TrainShape], rounds: int = 3, device="cpu", peer
 
 def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len: int = 20,
                      new_tokens: int = 200, rounds: int = 3, device="cpu", peers: bool = True,
-                     uncached: bool = True, kernels: bool = True) -> tuple[list[dict], bool | None]:
-    """Greedy decoding tokens/s: ours with the KV cache (fp32, bf16 and int8 weights, with
-    the kernels applied unless `kernels=False`), without it, and transformers' `generate`
-    on the same weights.
+                     uncached: bool = True, kernels: bool | str = True) -> tuple[list[dict], bool | None]:
+    """Greedy decoding tokens/s: ours with the KV cache (fp32, bf16 and int8 weights), without
+    it, and transformers' `generate` on the same weights.
+
+    With `kernels` (True: each kernel where measured faster, as the CLI does; `"force"`:
+    every applicable kernel), each KV-cache row runs the kernel model and, beside it in the
+    same interleaved rounds, the reference model (`... no-kernels` rows); the kernel row
+    records `vs_reference` (its speed over the reference's: below 1 is a regression) and
+    `path` (`kernels.kernel_path`: which path each shape class took). `kernels=False` runs
+    the reference model only, under the plain names.
 
     Returns:
         `(rows, identical)`: rows as `bench_training`'s (`ran` describes the prefill), and
@@ -289,32 +298,35 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
     import tempfile
 
     from llmscratch.decoding.generate import generate
-
-    def ours_model() -> GPT:
-        model = GPT(cfg).to(device).eval()
-        return apply_kernels(model) if kernels else model
+    from llmscratch.kernels import kernel_path
 
     device = torch.device(device)
     torch.manual_seed(0)
     cfg = GPTConfig.from_name(preset)
-    ours = ours_model()
-    ours_bf16 = ours_model()
-    ours_bf16.load_state_dict(ours.state_dict())
-    ours_bf16.to(torch.bfloat16)
+    base = GPT(cfg).to(device).eval()
     idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), device=device)
-    fns: dict[str, Callable[[], object]] = {
-        "llmscratch KV cache fp32": lambda: generate(ours, idx, new_tokens),
-        "llmscratch KV cache bf16": lambda: generate(ours_bf16, idx, new_tokens),
-    }
-    models = {"llmscratch KV cache fp32": ours, "llmscratch KV cache bf16": ours_bf16}  # name -> model run
-    if device.type == "cpu":
-        from llmscratch.kernels.quantize import quantize_int8
+    dtypes = ["fp32", "bf16"] + (["int8"] if device.type == "cpu" else [])
+    fns: dict[str, Callable[[], object]] = {}
+    models: dict[str, torch.nn.Module] = {}  # name -> model run
+    references: dict[str, str] = {}  # kernel row -> its reference row
+    for suffix, with_kernels in [("", kernels)] + ([(" no-kernels", False)] if kernels else []):
+        for dt in dtypes:
+            model = GPT(cfg).to(device).eval()
+            model.load_state_dict(base.state_dict())
+            if with_kernels:
+                apply_kernels(model, force=with_kernels == "force")
+            if dt == "bf16":
+                model.to(torch.bfloat16)
+            elif dt == "int8":
+                from llmscratch.kernels.quantize import quantize_int8
 
-        ours_int8 = ours_model()
-        ours_int8.load_state_dict(ours.state_dict())
-        quantize_int8(ours_int8)
-        fns["llmscratch KV cache int8"] = lambda: generate(ours_int8, idx, new_tokens)
-        models["llmscratch KV cache int8"] = ours_int8
+                quantize_int8(model)
+            name = f"llmscratch KV cache {dt}{suffix}"
+            fns[name] = (lambda m: lambda: generate(m, idx, new_tokens))(model)
+            models[name] = model
+            if suffix:
+                references[f"llmscratch KV cache {dt}"] = name
+    ours = models["llmscratch KV cache fp32"]
     if uncached:
         fns["llmscratch no cache fp32"] = lambda: generate(ours, idx, new_tokens, use_cache=False)
         models["llmscratch no cache fp32"] = ours
@@ -328,7 +340,7 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
             from llmscratch.hf import save_hf_gpt2
 
             with tempfile.TemporaryDirectory() as d:
-                save_hf_gpt2(ours, d)
+                save_hf_gpt2(base, d)
                 hf = GPT2LMHeadModel.from_pretrained(d).to(device).eval()
             mask = torch.ones_like(idx)
 
@@ -369,7 +381,10 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
         row = {"shape": f"{preset} batch {batch_size}", "impl": name,
                "tokens_per_s": batch_size * new_tokens / s, "ran": _ran(fns[name])}
         if name.startswith("llmscratch"):
-            row["kernels"] = kernels
+            row["kernels"] = kernels if name in references or not references else False
+        if name in references:
+            row["vs_reference"] = secs[references[name]] / s
+            row["path"] = kernel_path(models[name])
         if ref:
             row["vs_transformers"] = ref / s
         rows.append(row)
@@ -389,10 +404,17 @@ def print_rows(rows: list[dict], title: str) -> None:
         for key, fmt in (("tflops", "{:.3f} TFLOP/s"), ("mfu_vs_fp32_peak", "MFU(fp32 peak) {:.0%}"),
                          ("mfu_vs_bf16_peak", "MFU(bf16 peak) {:.0%}"), ("vs_fastest_peer", "{:.2f}x fastest peer"),
                          ("vs_fastest_fp32_peer", "{:.2f}x fastest fp32 peer"),
-                         ("vs_transformers", "{:.2f}x transformers")):
+                         ("vs_transformers", "{:.2f}x transformers"), ("vs_reference", "{:.2f}x no-kernels")):
             if key in r:
                 extra.append(fmt.format(r[key]))
         print(f"  {r['shape']:22s} {r['impl']:32s} {r['tokens_per_s']:10.1f} tok/s   " + "   ".join(extra))
+
+
+def print_paths(rows: list[dict]) -> None:
+    """Which path each kernel row took, shape class by shape class (`kernels.kernel_path`)."""
+    for r in rows:
+        if "path" in r:
+            print(f"  {r['impl']}: " + ("; ".join(f"{k}: {v}" for k, v in r["path"].items()) or "no kernel applies"))
 
 
 def bench_tokenizers(text: str, vocab_size: int = 4096, peers: bool = True) -> list[dict]:
@@ -459,6 +481,8 @@ def run(args) -> None:
     kernels = getattr(args, "kernels", True)
     device = args.device if args.device != "auto" else "cpu"
     report: dict = {"threads": torch.get_num_threads(), "device": device, "kernels": kernels}
+    how = {True: "with kernels where measured faster", "force": "with every applicable kernel (forced)",
+           False: "without kernels"}[kernels]
 
     def save(report: dict) -> None:
         """Written after every section, so a section that fails keeps the ones before it.
@@ -467,6 +491,9 @@ def run(args) -> None:
             from results import write_result
 
             name = "bench_" + "_".join(w for w in ("train", "generate", "tokenizer", "memory") if w in args.what)
+            from llmscratch.kernels.choice import decisions
+
+            report["kernel_decisions"] = decisions()  # this machine's measured choices (choice.py)
             write_result(name + ("" if kernels else "_no_kernels"), report, args.json)
 
     peak32 = matmul_peak(torch.float32, device=device)
@@ -474,7 +501,7 @@ def run(args) -> None:
     bw = memory_bandwidth(device=device)
     report["machine"] = {"matmul_fp32_gflops": peak32, "matmul_bf16_gflops": peak16, "copy_gb_s": bw}
     print(f"machine: {torch.get_num_threads()} threads on {device}; matmul fp32 {peak32:.0f} GFLOP/s, "
-          f"bf16 {peak16:.0f} GFLOP/s; copy {bw:.1f} GB/s; our rows {'with' if kernels else 'without'} kernels")
+          f"bf16 {peak16:.0f} GFLOP/s; copy {bw:.1f} GB/s; our rows {how}")
     if "train" in args.what:
         shapes = [TrainShape("small", 8, 256), TrainShape("gpt2-124m", 1, 1024)]
         if args.quick:
@@ -494,6 +521,7 @@ def run(args) -> None:
             print_rows(rows, f"generation, greedy, prompt 20, {n_new} new tokens, batch {bs}"
                        + ("" if same is None else f" (tokens identical to transformers: {same})"))
             report[f"generate_batch{bs}"] = rows
+            print_paths(rows)
             save(report)
             release_freed_memory()
     if "tokenizer" in args.what:

@@ -35,6 +35,7 @@ def test_split_decode_linear_equals_f_linear(rows, out_features):
     # the plain F.linear, with an odd output size like GPT-2's 50257-token head
     torch.manual_seed(0)
     lin = SplitLinear(16, out_features)
+    lin.force = True  # the split wherever it applies, not only where measured faster
     x = torch.randn(rows, 1, 16)
     with torch.no_grad():
         got = lin(x)
@@ -139,6 +140,7 @@ def test_blocked_attention_is_taken_only_where_documented(monkeypatch):
     monkeypatch.setattr(ba, "blocked_causal_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     attn = BlockedCausalSelfAttention.from_attention(CausalSelfAttention(32, 2))
+    attn.force = True  # wherever it applies, not only where measured faster
 
     def taken(T=16, bf16=True, grad=True, cache=False) -> bool:
         calls.clear()
@@ -206,7 +208,7 @@ def test_lm_head_loss_with_kernels_equals_plain_loss_with_gradients(tie, monkeyp
     plain = GPT(tiny(tie_weights=tie))
     fast = GPT(tiny(tie_weights=tie))
     fast.load_state_dict(plain.state_dict())
-    apply_kernels(fast)
+    apply_kernels(fast, force=True)  # the fused loss, not only where measured faster
     x = torch.randint(0, 97, (3, 20))
     y = torch.randint(0, 97, (3, 20))
     y[1, :5] = -100
@@ -254,7 +256,7 @@ def test_kernel_model_logits_equal_reference(amp):
     plain = GPT(tiny()).train()  # train mode + autograd on: the training kernels are taken
     fast = GPT(tiny()).train()
     fast.load_state_dict(plain.state_dict())
-    apply_kernels(fast)
+    apply_kernels(fast, force=True)  # every kernel where it applies
     x = torch.randint(0, 97, (2, 32))
     with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
         ref, got = plain(x), fast(x)
@@ -275,7 +277,7 @@ def test_kernel_model_generates_the_same_tokens_and_quantizes():
     plain = GPT(tiny()).eval()
     fast = GPT(tiny()).eval()
     fast.load_state_dict(plain.state_dict())
-    apply_kernels(fast)
+    apply_kernels(fast, force=True)
     idx = torch.randint(0, 97, (2, 5))
     assert torch.equal(generate(fast, idx, 20), generate(plain, idx, 20))
     quantize_int8(fast)  # the int8 path swaps the kernel linears too

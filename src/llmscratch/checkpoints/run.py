@@ -151,7 +151,7 @@ def _tied_weights(model) -> dict[str, str]:
     return tied
 
 
-def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0, kernels: bool = False):
+def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0, kernels: bool | str = False):
     """A model and its tokenizer from a run folder, a Hugging Face folder or a preset.
 
     Args:
@@ -162,7 +162,8 @@ def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0, kernel
             weight-only quantization with bf16 activations (inference only, see `quantize`).
         seed: the random init's seed for presets.
         kernels: swap the speed kernels into the model (`kernels.apply_kernels`), as the
-            CLI, `chat` and `serve` do unless told `--no-kernels`; off, the reference model.
+            CLI, `chat` and `serve` do unless told `--no-kernels`; each taken where measured
+            faster on this machine, or everywhere it applies with `"force"`; off, the reference model.
 
     Returns:
         `(model, tokenizer)`, the model in eval mode.
@@ -174,7 +175,7 @@ def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0, kernel
         return quantize_int8(model), tokenizer
     model, tokenizer = _load_model(name_or_path, device, dtype, seed)
     if kernels:
-        apply_kernels(model)
+        apply_kernels(model, force=kernels == "force")
     return model, tokenizer
 
 

@@ -258,7 +258,15 @@ class ModelArgs:
     """weights' precision for inference: fp32, bf16, fp16, or int8 (weight-only, bf16
     activations; fastest on CPU) (default: as stored, fp32)"""
     kernels: bool = True
-    """apply the speed kernels (llmscratch.kernels); --no-kernels runs the plain reference model"""
+    """apply the speed kernels (llmscratch.kernels), each where measured faster on this machine;
+    --kernels forces every applicable kernel without measuring; --no-kernels runs the plain
+    reference model"""
+
+
+def kernel_choice(cfg: Any, args: argparse.Namespace) -> bool | str:
+    """`kernels` for `load_model`: `"force"` when `--kernels` was given on the command line,
+    else `cfg.kernels` (True: each kernel where measured faster; False: the reference model)."""
+    return "force" if vars(args).get("kernels") is True else cfg.kernels
 
 
 @dataclass(kw_only=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import UserError
-from .args import SamplingArgs, add_command, add_config_flags, config_from_args
+from .args import SamplingArgs, add_command, add_config_flags, config_from_args, kernel_choice
 
 
 # The settings of the commands without a library config of their own. Each field is a flag
@@ -175,7 +175,7 @@ def cmd_chat(args) -> None:
         raise UserError("--max-new-tokens must be positive")
     chat = load_chat(cfg.model, device=pick_device(cfg.device), template=cfg.template,
                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                     top_p=cfg.top_p, seed=cfg.seed, system=cfg.system, kernels=cfg.kernels)
+                     top_p=cfg.top_p, seed=cfg.seed, system=cfg.system, kernels=kernel_choice(cfg, args))
     chat_loop(chat)
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import UserError
-from .args import ModelArgs, Parser, SamplingArgs, add_command, add_config_flags, config_from_args
+from .args import (ModelArgs, Parser, SamplingArgs, add_command, add_config_flags, config_from_args,
+                   kernel_choice)
 from .bench import cmd_bench
 from .info import cmd_info
 from .pretrain import cmd_pretrain
@@ -124,7 +125,7 @@ def cmd_generate(args) -> None:
     device = pick_device(cfg.device)
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), seed=cfg.seed or 0,
-                                  kernels=cfg.kernels)
+                                  kernels=kernel_choice(cfg, args))
     model.kind.require("generate", "generate")
     sys.stdout.write(cfg.prompt)
     sys.stdout.flush()
@@ -237,7 +238,7 @@ def cmd_serve(args) -> None:
     serve(cfg.model, host=cfg.host, port=cfg.port, max_concurrency=cfg.max_concurrency,
           max_tokens_limit=cfg.max_tokens_limit, api_key=cfg.api_key or os.environ.get(API_KEY_ENV) or None,
           template=cfg.template, model_name=cfg.model_name, device=cfg.device, dtype=_dtype(cfg.dtype),
-          threads=cfg.threads, kernels=cfg.kernels, max_batch_size=cfg.max_batch_size,
+          threads=cfg.threads, kernels=kernel_choice(cfg, args), max_batch_size=cfg.max_batch_size,
           max_queue=cfg.max_queue)
 
 
@@ -341,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--no-kernels", dest="kernels", action="store_false",
-                   help="measure the plain reference model (llmscratch.kernels not applied)")
+                   help="measure the plain reference model only (llmscratch.kernels not applied)")
+    p.add_argument("--kernels", dest="kernels", action="store_const", const="force",
+                   help="force every applicable kernel on, without measuring which win "
+                        "(default: each where measured faster, beside the reference model)")
 
     p = add_command(sub, "serve", cmd_serve, "OpenAI-compatible HTTP server and chat page", [
         "llmscratch serve --model runs/instruct --port 8000",

@@ -11,14 +11,20 @@ tying, checkpoints and LoRA unchanged):
 - the LM head -> `FusedLMHead` (`linear_cross_entropy.py`): `lm_head_loss` then computes
   head + cross-entropy chunk by chunk, never holding the full logits.
 
-Each kernel decides per call whether it pays (its module docstring says when) and falls
-back to the plain computation otherwise, so a kernel model computes what the reference
-computes, up to float rounding (`tests/test_kernels.py`). `malloc.py` holds the one
-process-wide setting (glibc keeps freed memory), which the training and bench commands
-apply.
+Each kernel decides per call whether it applies (its module docstring says where) and,
+where it does, takes it only if it was measured faster than the computation it replaces on
+this machine, for that shape class (`choice.py`: a few milliseconds the first time, then
+cached per CPU model, CPU flags, threads and torch version under the cache folder). What a
+kernel wins on one CPU it can lose on another (issue 29: the split linear halved batch-1
+fp32 decoding on an Intel CPU with AMX), so nothing is assumed. Otherwise it falls back to
+the plain computation, so a kernel model computes what the reference computes, up to float
+rounding (`tests/test_kernels.py`). `malloc.py` holds the one process-wide setting (glibc
+keeps freed memory), which the training and bench commands apply.
 
-The CLI, trainer, server and bench apply the kernels by default; `--no-kernels` (or
-`kernels = false` in a config) gives the reference model.
+The CLI, trainer, server and bench apply the kernels by default (measured choice);
+`--no-kernels` (or `kernels = false` in a config) gives the reference model, and an explicit
+`--kernels` forces every applicable kernel on without measuring (`force=True`).
+`kernel_path(model)` says which path each shape class took.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..models.attention import CausalSelfAttention
+from .choice import decisions
 from .blocked_attention import BlockedCausalSelfAttention, blocked_causal_attention
 from .linear_cross_entropy import FusedLMHead, fused_lm_loss, lm_head_loss
 from .malloc import release_freed_memory, reuse_freed_memory
@@ -34,7 +41,7 @@ from .split_linear import SplitLinear
 KERNEL_MODULES = (SplitLinear, BlockedCausalSelfAttention)
 
 
-def apply_kernels(model: nn.Module) -> nn.Module:
+def apply_kernels(model: nn.Module, force: bool = False) -> nn.Module:
     """Swap the kernels into a built model, in place (see the module docstring).
 
     Only modules of exactly the reference types are swapped, so calling it twice, or on a
@@ -43,6 +50,8 @@ def apply_kernels(model: nn.Module) -> nn.Module:
 
     Args:
         model: a `GPT` (or any module holding `nn.Linear` / `CausalSelfAttention`s).
+        force: take every kernel wherever it applies, without measuring (the CLI's explicit
+            `--kernels`); False (the default): only where measured faster on this machine.
 
     Returns:
         The same model.
@@ -57,7 +66,27 @@ def apply_kernels(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is CausalSelfAttention:
                 setattr(parent, name, BlockedCausalSelfAttention.from_attention(child))
+    for m in model.modules():
+        if isinstance(m, KERNEL_MODULES):
+            m.force = force
+            m.chosen.clear()  # decided again, in the new mode
     return model
+
+
+def kernel_path(model: nn.Module) -> dict[str, str]:
+    """Which path each shape class the model has met so far took: key -> `"kernel"` or
+    `"reference"`, with `" (forced)"` or the measured speed-up. Empty for a reference model
+    or before the first forward pass."""
+    known = decisions()
+    path = {}
+    for m in model.modules():
+        if isinstance(m, KERNEL_MODULES):
+            for key, use in m.chosen.values():
+                speedup = known.get(key, {}).get("speedup")
+                path[key] = ("kernel" if use else "reference") + (f" ({speedup:.2f}x)" if speedup else "")
+            if m.force:
+                path[f"{type(m).__name__} (forced)"] = "kernel"
+    return dict(sorted(path.items()))
 
 
 def has_kernels(model: nn.Module) -> bool:
@@ -73,6 +102,7 @@ __all__ = [
     "blocked_causal_attention",
     "fused_lm_loss",
     "has_kernels",
+    "kernel_path",
     "lm_head_loss",
     "release_freed_memory",
     "reuse_freed_memory",

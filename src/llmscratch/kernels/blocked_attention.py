@@ -7,7 +7,7 @@ never see) is faster there. Measured for one layer's attention, forward + backwa
 256-query blocks: 1.7x faster than the fused kernel at gpt2-124m's 12 heads x 1024
 positions, 1.9x at 6 heads x 256 (before the hand-written backward, which adds 1.3x).
 
-When it is taken (`use_blocked`, decided per call inside `BlockedCausalSelfAttention`):
+When it applies (`use_blocked`, decided per call inside `BlockedCausalSelfAttention`):
 - no cached prefix (training, or a prompt's first chunk), and
 - on the CPU, with bf16 queries (bf16 weights or bf16 autocast), and
 - autograd on (training: inference keeps the fused kernel, which needs no saved weights),
@@ -15,7 +15,10 @@ When it is taken (`use_blocked`, decided per call inside `BlockedCausalSelfAtten
   and the fused kernel wins again (`benchmarks/attention_scaling.py`: at 2048, 12.4k
   against 13.3k tokens/s).
 In fp32, and on GPUs, `scaled_dot_product_attention` is as fast or faster, so everything
-else goes to the plain `CausalSelfAttention.attend`.
+else goes to the plain `CausalSelfAttention.attend`. Where it applies, it is taken only if
+`blocked_wins` measured its forward + backward faster than the fused kernel's on this
+machine for that head count, head size and length bucket (`choice.py`; a CPU with AMX has a
+faster fused kernel), or when forced (`apply_kernels(model, force=True)`).
 
 What it costs: the attention weights of every block are kept for the backward pass (about
 `T^2/2` bf16 values per head and layer), where flash attention keeps one number per query:
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.attention import CausalSelfAttention
+from .choice import choose
 
 BLOCK = 256
 BLOCKED_MAX_T = 1024
@@ -145,17 +149,70 @@ class _BlockedCausalAttention(torch.autograd.Function):
                 dv.to(qs.dtype).view(shape), None)
 
 
+def length_bucket(T: int) -> int:
+    """The length class of a blocked-attention decision: the next power of two, at least 64."""
+    return max(64, 1 << (T - 1).bit_length())
+
+
+def blocked_key(q: torch.Tensor) -> str:
+    """The class of a blocked-attention decision, e.g.
+    `"blocked_attention bfloat16 heads=12 head_size=64 T<=1024"`."""
+    T = min(length_bucket(q.shape[2]), BLOCKED_MAX_T)
+    return f"blocked_attention {str(q.dtype).removeprefix('torch.')} heads={q.shape[1]} head_size={q.shape[3]} T<={T}"
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The reference the blocked kernel replaces: the fused causal kernel."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def blocked_wins(q: torch.Tensor) -> bool:
+    """Whether `blocked_causal_attention`'s forward + backward beats the fused kernel's
+    (`sdpa_causal`) on this machine for `q`'s heads, head size, dtype and length bucket
+    (measured once at one sequence of the bucket's length, then cached: `choice.choose`)."""
+    _, nh, _, hs = q.shape
+    T = min(length_bucket(q.shape[2]), BLOCKED_MAX_T)
+    qkv = [torch.randn(1, nh, T, hs, dtype=q.dtype, device=q.device, requires_grad=True) for _ in range(3)]
+    grad = torch.randn(1, nh, T, hs, dtype=q.dtype, device=q.device)
+
+    def step(attend):
+        def run():
+            with torch.enable_grad():
+                attend(*qkv).backward(grad)
+            for t in qkv:
+                t.grad = None
+        return run
+
+    return choose(blocked_key(q), step(blocked_causal_attention), step(sdpa_causal))
+
+
 class BlockedCausalSelfAttention(CausalSelfAttention):
     """`CausalSelfAttention` (same parameters, same state dict) that takes
-    `blocked_causal_attention` where `use_blocked` says it pays, and the plain
-    `scaled_dot_product_attention` everywhere else."""
+    `blocked_causal_attention` where `use_blocked` says it applies and `blocked_wins`
+    measured it faster (or `force` is set), and the plain `scaled_dot_product_attention`
+    everywhere else."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.force = False  # take the blocked kernel wherever it applies, without measuring
+        self.chosen: dict[tuple, tuple[str, bool]] = {}  # (dtype, bucket) -> (key, use)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         # causal, unpadded, no cached prefix, bf16 CPU training
-        if self.causal and key_mask is None and k.shape[2] == q.shape[2] and use_blocked(q):
+        if (self.causal and key_mask is None and k.shape[2] == q.shape[2] and use_blocked(q)
+                and self.blocked_pays(q)):
             return blocked_causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return super().attend(q, k, v, key_mask)
+
+    def blocked_pays(self, q: torch.Tensor) -> bool:
+        """Forced, or measured faster for `q`'s class (`blocked_wins`, once per module and class)."""
+        if self.force:
+            return True
+        cls = (q.dtype, q.shape[1], q.shape[3], length_bucket(q.shape[2]))
+        if cls not in self.chosen:
+            self.chosen[cls] = (blocked_key(q), blocked_wins(q))
+        return self.chosen[cls][1]
 
     @classmethod
     def from_attention(cls, attn: CausalSelfAttention) -> "BlockedCausalSelfAttention":

@@ -9,9 +9,12 @@ more than one chunk of logits (`_LinearCrossEntropy` explains how, and why it is
 the CPU too).
 
 When it is taken: `lm_head_loss(model, hidden, targets)` uses it when `apply_kernels` gave
-the model a `FusedLMHead` (always, in every precision and on every device: it is exact up
-to float rounding), and the plain `lm_loss` of the head's logits otherwise (a reference
-model, a classifier head, a LoRA-wrapped head).
+the model a `FusedLMHead` (in every precision and on every device: it is exact up to float
+rounding) and `fused_wins` measured its forward + backward faster than the plain loss on
+this machine for that head shape and compute dtype (`choice.py`; measured at
+`MEASURE_ROWS` rows, where the plain loss's memory traffic hurts it least), or the head is
+forced (`apply_kernels(model, force=True)`); the plain `lm_loss` of the head's logits
+otherwise (a reference model, a classifier head, a LoRA-wrapped head).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import torch
 import torch.nn as nn
 
 from ..models.gpt import lm_loss
+from .choice import choose
 from .split_linear import SplitLinear
+
+MEASURE_ROWS = 256
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -109,21 +115,63 @@ def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         `hidden` and `weight`.
     """
     C = hidden.shape[-1]
-    if torch.is_autocast_enabled(hidden.device.type):
-        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+    hidden = hidden.to(compute_dtype(hidden))
     rows = max(1, chunk_elements // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden.reshape(-1, C), weight, targets.reshape(-1), ignore_index, rows)
 
 
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's where it is on, else `hidden`'s."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return hidden.dtype
+
+
+def fused_key(hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    """The class of a fused-loss decision, e.g. `"fused_lm_loss bfloat16 vocab=50257 C=768"`."""
+    return f"fused_lm_loss {str(compute_dtype(hidden)).removeprefix('torch.')} vocab={weight.shape[0]} C={weight.shape[1]}"
+
+
+def fused_wins(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `fused_lm_loss`'s forward + backward beats the plain head + `lm_loss` on this
+    machine for `weight`'s shape and the compute dtype, measured once at `MEASURE_ROWS` rows
+    on copies (the real weight's gradient is not touched), then cached (`choice.choose`)."""
+    h = torch.randn(1, MEASURE_ROWS, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device,
+                    requires_grad=True)
+    w = weight.detach().clone().requires_grad_()
+    y = torch.randint(0, weight.shape[0], (1, MEASURE_ROWS), device=hidden.device)
+
+    def step(loss_of):
+        def run():
+            with torch.enable_grad():
+                loss_of().backward()
+            h.grad = w.grad = None
+            if h.device.type != "cpu":  # a GPU runs asynchronously: time the work, not the launch
+                torch.accelerator.synchronize(h.device)
+        return run
+
+    return choose(fused_key(hidden, weight), step(lambda: fused_lm_loss(h, w, y)),
+                  step(lambda: lm_loss(torch.nn.functional.linear(h, w), y)))
+
+
 class FusedLMHead(SplitLinear):
-    """The LM head (a `SplitLinear`, so decoding keeps its two-core path) that
-    `lm_head_loss` computes the loss of with `fused_lm_loss`. Same parameters and state
-    dict as the `nn.Linear` it replaces."""
+    """The LM head (a `SplitLinear`, so decoding keeps its two-core path where it wins) that
+    `lm_head_loss` computes the loss of with `fused_lm_loss` where `fused_pays`. Same
+    parameters and state dict as the `nn.Linear` it replaces."""
+
+    def fused_pays(self, hidden: torch.Tensor) -> bool:
+        """Forced, or measured faster for this compute dtype (`fused_wins`, once per class)."""
+        if self.force:
+            return True
+        cls = ("loss", compute_dtype(hidden))
+        if cls not in self.chosen:
+            self.chosen[cls] = (fused_key(hidden, self.weight), fused_wins(hidden, self.weight))
+        return self.chosen[cls][1]
 
 
 def lm_head_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                  ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy of `model.lm_head(hidden)`, fused when kernels are on.
+    """Mean next-token cross-entropy of `model.lm_head(hidden)`, fused where it pays.
 
     Args:
         model: a `GPT` (anything with an `lm_head`).
@@ -132,10 +180,10 @@ def lm_head_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
 
     Returns:
         The scalar mean loss over the non-ignored targets: `fused_lm_loss` when the head is
-        a `FusedLMHead` (see `apply_kernels`), else `lm_loss` of the full logits. The two
-        are equal up to float rounding, gradients included.
+        a `FusedLMHead` (see `apply_kernels`) that `fused_pays`, else `lm_loss` of the full
+        logits. The two are equal up to float rounding, gradients included.
     """
     head = model.lm_head
-    if isinstance(head, FusedLMHead) and head.bias is None:
+    if isinstance(head, FusedLMHead) and head.bias is None and head.fused_pays(hidden):
         return fused_lm_loss(hidden, head.weight, targets, ignore_index)
     return lm_loss(head(hidden), targets, ignore_index)

@@ -12,10 +12,17 @@ vector per half), 18-20 GB/s at eight rows (as rows times the transposed half, w
 faster there), against 11-23 GB/s for `F.linear`, and nothing gained from 32 rows on,
 where the ordinary matmul kernel takes over.
 
-When it is taken (`use_split`): at most `SPLIT_MAX_ROWS` rows, on the CPU, fp32 input and
-weight, a contiguous weight of more than one row, and autograd off. Everything else (bf16,
-which gains nothing from it; training; long prompts; GPUs) is plain `F.linear`. The result
-equals `F.linear` up to float summation order (`tests/test_kernels.py` checks it).
+On an Intel Xeon with AMX, though, the same split halved batch-1 fp32 decoding (issue 29):
+there `F.linear`'s own kernel already uses both cores. So the split is only a candidate:
+
+- It applies (`use_split`) to at most `SPLIT_MAX_ROWS` rows, on the CPU, fp32 input and
+  weight, a contiguous weight of more than one row, and autograd off. Everything else
+  (bf16, which gains nothing from it; training; long prompts; GPUs) is plain `F.linear`.
+- Where it applies, `SplitLinear` takes it only if `split_wins` measured it faster than
+  `F.linear` on this machine for that weight shape and row class (one row, or 2 to
+  `SPLIT_MAX_ROWS`; see `choice.py`), or when forced (`apply_kernels(model, force=True)`).
+
+The result equals `F.linear` up to float summation order (`tests/test_kernels.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .choice import choose
 
 SPLIT_MAX_ROWS = 8
 
@@ -58,8 +67,8 @@ def _split_linear(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through the split path when `use_split` says it is faster.
+def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through the two-core split (for inputs `use_split` accepts).
 
     Args:
         x: `(..., in)`; weight: `(out, in)`; bias: `(out,)` or None.
@@ -67,20 +76,54 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Returns:
         `(..., out)`.
     """
-    if use_split(x, weight):
-        rows = x.numel() // x.shape[-1]
-        y = _split_linear(x.reshape(rows, x.shape[-1]), weight)
-        if bias is not None:
-            y = y + bias
-        return y.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    y = _split_linear(x.reshape(rows, x.shape[-1]), weight)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def split_wins(weight: torch.Tensor, rows: int) -> bool:
+    """Whether the split beats `F.linear` on this machine for `weight`'s shape and dtype at
+    `rows` rows' class (1, or 2 to `SPLIT_MAX_ROWS`, measured at the class's largest):
+    measured once, then cached (`choice.choose`)."""
+    rows = 1 if rows == 1 else SPLIT_MAX_ROWS
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    w = weight.detach()
+    return choose(split_key(weight, rows), lambda: _split_linear(x, w), lambda: F.linear(x, w))
+
+
+def split_key(weight: torch.Tensor, rows: int) -> str:
+    """The shape class of a split decision, e.g. `"split_linear float32 768x3072 rows=1"`."""
+    dtype = str(weight.dtype).removeprefix("torch.")
+    return (f"split_linear {dtype} {weight.shape[0]}x{weight.shape[1]} "
+            f"rows={'1' if rows == 1 else f'2-{SPLIT_MAX_ROWS}'}")
 
 
 class SplitLinear(nn.Linear):
-    """`nn.Linear` (same parameters, same state dict) whose forward uses `linear` above."""
+    """`nn.Linear` (same parameters, same state dict) whose forward takes the split path
+    where it applies and was measured to win (or `force` is set), else `F.linear`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.force = False  # take the split wherever it applies, without measuring
+        self.chosen: dict[tuple, tuple[str, bool]] = {}  # (dtype, one row) -> (key, use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if use_split(x, self.weight) and self.split_pays(x):
+            return split_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def split_pays(self, x: torch.Tensor) -> bool:
+        """Forced, or measured faster for this input's row class (`split_wins`, looked up
+        once per module and class)."""
+        if self.force:
+            return True
+        rows = x.numel() // x.shape[-1]
+        cls = (x.dtype, rows == 1)
+        if cls not in self.chosen:
+            self.chosen[cls] = (split_key(self.weight, rows), split_wins(self.weight, rows))
+        return self.chosen[cls][1]
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "SplitLinear":
