@@ -189,3 +189,29 @@ def test_no_layer_imports_a_higher_one():
     graph = {name: _imports(name, path) for name, path in MODULES.items()}
     bad = _upward_imports(graph)
     assert bad == [], "upward imports:\n" + "\n".join(bad)
+
+
+def _private_imports() -> list[str]:
+    """`from <another module> import _name` anywhere in the package."""
+    bad = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith(PKG)):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        bad.append(f"{name}: from {'.' * node.level}{node.module or ''} import {alias.name}")
+    return bad
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = _private_imports()
+    assert bad == [], "private names imported across modules (make them public in their layer):\n" + "\n".join(bad)
+
+
+MAX_LINES = 500
+
+
+def test_no_module_over_500_lines():
+    long = {name: n for name, path in MODULES.items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}, f"modules over {MAX_LINES} lines (split them by what they own): {long}"

@@ -19,6 +19,9 @@ import re
 import sys
 from typing import IO, Iterable, Iterator
 
+import torch
+from tqdm.auto import tqdm
+
 from ..errors import UserError
 from .engine import Engine
 from .prompts import NO_TEMPLATE, Template, encode_conversation, get_template, read_template, template_for
@@ -206,3 +209,39 @@ def load_chat(model: str, device=None, template: str | None = None, kernels: boo
     m.kind.require("chat", "chat")
     kwargs.setdefault("note", model_note(model, chosen.name))
     return Chat(m, tok, chosen, **kwargs)
+
+
+# ------------------------------------------------------- replies for evaluation
+@torch.no_grad()
+def respond(model, tokenizer, template: Template, messages: list[dict], max_new_tokens: int = 256,
+            temperature: float = 0.0, top_k: int | None = None, seed: int | None = None) -> str:
+    """The model's reply to a conversation that ends with a user turn (stops at `<|endoftext|>`),
+    decoded alone (`engine.Engine.stream`)."""
+    engine = Engine(model, tokenizer)
+    ids, _ = encode_conversation(tokenizer, template, messages, for_generation=True)
+    ids = ids[-model.config.context_length:]  # the start of a prompt longer than the window cannot be seen anyway
+    row = engine.row(ids, max_new_tokens, Sampling(temperature, top_k, None, seed), tokenizer.eot_id)
+    with engine.evaluating():
+        return "".join(engine.stream(row)).strip()
+
+
+RESPONSE_BATCH_SIZE = 16
+"""Test responses generated at once by `finetune instruct` (`respond_batch`)."""
+
+
+def respond_batch(model, tokenizer, template: Template, conversations: list[list[dict]],
+                  max_new_tokens: int = 256, batch_size: int = RESPONSE_BATCH_SIZE,
+                  temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
+                  progress: bool = False) -> list[str]:
+    """`respond` to many conversations as one ragged batch (`batching`): at most
+    `batch_size` replies are generated at once, and a finished reply's row goes to the next
+    conversation. Each reply equals `respond` on its conversation alone (the decoding engine's
+    ragged batch, `engine.Engine.run`)."""
+    engine, ctx = Engine(model, tokenizer), model.config.context_length
+    sampling = Sampling(temperature, top_k, None, seed)
+    # the start of a prompt longer than the window cannot be seen anyway: cut it silently
+    rows = [engine.row(encode_conversation(tokenizer, template, m, for_generation=True)[0][-ctx:],
+                       max_new_tokens, sampling, tokenizer.eot_id) for m in conversations]
+    with tqdm(total=len(rows), desc="test responses", disable=not progress, dynamic_ncols=True) as bar:
+        engine.run(rows, batch_size, on_done=lambda _: bar.update(1))
+    return [r.text.strip() for r in rows]

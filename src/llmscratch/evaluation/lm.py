@@ -33,7 +33,8 @@ from ..data import split_train_val, token_ids
 from ..data.corpora import load_text
 from ..errors import UserError
 from ..finetune.common import iter_batches
-from ..finetune.instruct import IGNORE_INDEX, collate_instruct, respond_batch
+from ..decoding.chat import respond_batch
+from ..finetune.instruct import IGNORE_INDEX, collate_instruct
 from ..models.gpt import lm_loss
 from ..decoding.prompts import encode_conversation
 from ..train import evaluate as mean_lm_loss
@@ -188,7 +189,7 @@ def automatic_scores(records: list[dict]) -> dict:
 def generate_responses(model, tokenizer, template, records: list[dict], max_new_tokens: int = 256,
                        batch_size: int = 16, progress: bool = False) -> list[dict]:
     """The records with each `"response"` written anew by `model` (greedy), `batch_size`
-    conversations at a time as one ragged batch (`finetune.instruct.respond_batch`)."""
+    conversations at a time as one ragged batch (`decoding.chat.respond_batch`)."""
     replies = respond_batch(model, tokenizer, template, [_messages(r)[:-1] for r in records], max_new_tokens,
                             batch_size, progress=progress)
     return [dict(r, response=reply) for r, reply in zip(records, replies)]

@@ -357,12 +357,12 @@ def _example(obj: dict, layout: str, where: str) -> Example:
 def read_task_file(path: str | Path, name: str | None = None) -> Task:
     """A task from a JSONL file (one example a line) or a JSON array, layout detected from
     the first example's fields (see the module docstring)."""
-    from ..finetune.data import _read_json_rows
+    from ..finetune.data import read_json_rows
 
     path = Path(path)
     if path.suffix.lower() not in (".jsonl", ".json"):
         raise UserError(f"{path}: a task file is .jsonl (one example a line) or .json (an array)")
-    rows = _read_json_rows(path, "jsonl" if path.suffix.lower() == ".jsonl" else "json")
+    rows = read_json_rows(path, "jsonl" if path.suffix.lower() == ".jsonl" else "json")
     if not rows:
         raise UserError(f"{path}: holds no examples")
     layout = _layout(rows[0][1])

@@ -100,14 +100,14 @@ def read_labeled(source: str, text_column: str | None = None, label_column: str 
     label_column = label_column or "label"
     fmt = _format_of(path, fmt)
     if fmt in ("jsonl", "json"):
-        rows = _read_json_rows(path, fmt)
+        rows = read_json_rows(path, fmt)
         out = []
         for where, obj in rows:
             for col, which in ((text_column, "text"), (label_column, "label")):
                 if col not in obj:
                     raise UserError(f"{where}: no {which} field {col!r} (fields: {sorted(obj)}); "
                                     f"choose with --{which}-column")
-            out.append((_field(obj[text_column], where, "text"), _field(obj[label_column], where, "label"), where))
+            out.append((text_field(obj[text_column], where, "text"), text_field(obj[label_column], where, "label"), where))
         return _nonempty(out, path)
     return _nonempty(_read_delimited(path, fmt, text_column, label_column), path)
 
@@ -118,7 +118,9 @@ def _nonempty(rows: list, path: Path) -> list:
     return rows
 
 
-def _field(value, where: str, which: str) -> str:
+def text_field(value, where: str, which: str) -> str:
+    """A record's `which` field as a string (a numeric label becomes its text), or a
+    UserError naming `where` (file and line or record)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and which == "label":
         value = str(value)
     if not isinstance(value, str):
@@ -155,7 +157,7 @@ def _read_delimited(path: Path, fmt: str, text_column: str, label_column: str) -
             where = f"{path}:{lineno}"
             if len(fields) < n_fields:
                 raise UserError(f"{where}: expected {n_fields} tab-separated fields, found {len(fields)}")
-            rows.append((_field(fields[ti], where, "text"), _field(fields[li], where, "label"), where))
+            rows.append((text_field(fields[ti], where, "text"), text_field(fields[li], where, "label"), where))
         return rows
     # CSV: standard quoting, so a field may hold commas and newlines.
     try:
@@ -183,7 +185,7 @@ def _read_delimited(path: Path, fmt: str, text_column: str, label_column: str) -
                     continue
                 if len(fields) <= max(ti, li):
                     raise UserError(f"{where}: expected at least {max(ti, li) + 1} fields, found {len(fields)}")
-                rows.append((_field(fields[ti], where, "text"), _field(fields[li], where, "label"), where))
+                rows.append((text_field(fields[ti], where, "text"), text_field(fields[li], where, "label"), where))
         except csv.Error as e:
             raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
         except UnicodeDecodeError as e:
@@ -191,7 +193,7 @@ def _read_delimited(path: Path, fmt: str, text_column: str, label_column: str) -
     return rows
 
 
-def _read_json_rows(path: Path, fmt: str) -> list[tuple[str, dict]]:
+def read_json_rows(path: Path, fmt: str) -> list[tuple[str, dict]]:
     """`(where, object)` pairs from a JSONL file (one object a line) or a JSON array."""
     if fmt == "jsonl":
         rows = []
@@ -231,7 +233,7 @@ def json_records(source: str, datasets, kind: str, layout: str = "an array") -> 
     fmt = _format_of(path, None)
     if fmt not in ("json", "jsonl"):
         raise UserError(f"{path}: {kind} data must be .json ({layout}) or .jsonl")
-    return path, _read_json_rows(path, fmt)
+    return path, read_json_rows(path, fmt)
 
 
 def read_instruction_records(source: str) -> list[dict]:
@@ -261,8 +263,8 @@ def read_instruction_records(source: str) -> list[dict]:
             if key not in obj:
                 raise UserError(f"{where}: no {key!r} field (an Alpaca record needs instruction, "
                                 "input and output; a chat record needs messages)")
-        instruction = _field(obj["instruction"], where, "instruction")
-        output = _field(obj["output"], where, "output")
+        instruction = text_field(obj["instruction"], where, "instruction")
+        output = text_field(obj["output"], where, "output")
         inp = obj.get("input", "") or ""
         if not isinstance(inp, str):
             raise UserError(f"{where}: the input field must be a string, got {type(inp).__name__}")
@@ -284,7 +286,7 @@ def _check_messages(messages, where: str) -> list[dict]:
             raise UserError(f"{where}: message {j} has role {m['role']!r}; use system, user or assistant")
         if m["role"] == "system" and j != 1:
             raise UserError(f"{where}: message {j}: a system message may only come first")
-        out.append({"role": m["role"], "content": _field(m["content"], where, f"message {j} content")})
+        out.append({"role": m["role"], "content": text_field(m["content"], where, f"message {j} content")})
     if out[-1]["role"] != "assistant":
         raise UserError(f"{where}: the last message must be the assistant's response")
     if not any(m["role"] == "user" for m in out):

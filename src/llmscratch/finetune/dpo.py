@@ -45,7 +45,7 @@ from ..train.state import STATE_FILE, check_resume
 from ..utils import atomic_write, write_json
 from .classify import set_dropout, set_trainable
 from .common import FinetuneConfig, check_out_folder, fit_examples, iter_batches
-from .data import _field, json_records
+from .data import text_field, json_records
 from .instruct import (IGNORE_INDEX, InstructConfig, check_generation_settings, collate_instruct, respond_batch,
                        start_decoder_run)
 from .lora import merge_lora
@@ -82,15 +82,15 @@ def read_preference_records(source: str) -> list[dict]:
                 raise UserError(f"{where}: no {key!r} field (a preference record needs prompt or "
                                 "instruction, chosen and rejected)")
         if "prompt" in obj:
-            user = {"role": "user", "content": _field(obj["prompt"], where, "prompt"), "input": ""}
+            user = {"role": "user", "content": text_field(obj["prompt"], where, "prompt"), "input": ""}
         elif "instruction" in obj:
             inp = obj.get("input") or ""
             if not isinstance(inp, str):
                 raise UserError(f"{where}: the input field must be a string, got {type(inp).__name__}")
-            user = {"role": "user", "content": _field(obj["instruction"], where, "instruction"), "input": inp}
+            user = {"role": "user", "content": text_field(obj["instruction"], where, "instruction"), "input": inp}
         else:
             raise UserError(f"{where}: no 'prompt' or 'instruction' field")
-        chosen, rejected = _field(obj["chosen"], where, "chosen"), _field(obj["rejected"], where, "rejected")
+        chosen, rejected = text_field(obj["chosen"], where, "chosen"), text_field(obj["rejected"], where, "rejected")
         output = obj["output"] if isinstance(obj.get("output"), str) and obj["output"].strip() else chosen
         records.append({"messages": [user], "chosen": chosen, "rejected": rejected, "output": output,
                         "where": where})

@@ -22,14 +22,12 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..checkpoints.run import save_model
-from ..decoding.engine import Engine
-from ..decoding.sampling import Sampling
+from ..decoding.chat import RESPONSE_BATCH_SIZE, respond, respond_batch  # noqa: F401  (re-exported for learners)
 from ..errors import UserError
 from ..models.gpt import lm_loss
-from ..decoding.prompts import DEFAULT_TEMPLATE, MODEL_TEMPLATE, Template, encode_conversation, get_template, has_own_template
+from ..decoding.prompts import DEFAULT_TEMPLATE, MODEL_TEMPLATE, encode_conversation, get_template, has_own_template
 from ..decoding.prompts import TEMPLATES  # noqa: F401  (re-exported: learners import the templates from here)
 from ..train import distributed_setup, rank0_first
 from ..train.state import STATE_FILE
@@ -184,41 +182,6 @@ def record_fields(messages: list[dict]) -> dict:
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     return {"instruction": messages[last_user]["content"], "input": messages[last_user].get("input", ""),
             "output": messages[-1]["content"]}
-
-
-@torch.no_grad()
-def respond(model, tokenizer, template: Template, messages: list[dict], max_new_tokens: int = 256,
-            temperature: float = 0.0, top_k: int | None = None, seed: int | None = None) -> str:
-    """The model's reply to a conversation that ends with a user turn (stops at `<|endoftext|>`),
-    decoded alone (`engine.Engine.stream`)."""
-    engine = Engine(model, tokenizer)
-    ids, _ = encode_conversation(tokenizer, template, messages, for_generation=True)
-    ids = ids[-model.config.context_length:]  # the start of a prompt longer than the window cannot be seen anyway
-    row = engine.row(ids, max_new_tokens, Sampling(temperature, top_k, None, seed), tokenizer.eot_id)
-    with engine.evaluating():
-        return "".join(engine.stream(row)).strip()
-
-
-RESPONSE_BATCH_SIZE = 16
-"""Test responses generated at once by `finetune instruct` (`respond_batch`)."""
-
-
-def respond_batch(model, tokenizer, template: Template, conversations: list[list[dict]],
-                  max_new_tokens: int = 256, batch_size: int = RESPONSE_BATCH_SIZE,
-                  temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-                  progress: bool = False) -> list[str]:
-    """`respond` to many conversations as one ragged batch (`batching`): at most
-    `batch_size` replies are generated at once, and a finished reply's row goes to the next
-    conversation. Each reply equals `respond` on its conversation alone (the decoding engine's
-    ragged batch, `engine.Engine.run`)."""
-    engine, ctx = Engine(model, tokenizer), model.config.context_length
-    sampling = Sampling(temperature, top_k, None, seed)
-    # the start of a prompt longer than the window cannot be seen anyway: cut it silently
-    rows = [engine.row(encode_conversation(tokenizer, template, m, for_generation=True)[0][-ctx:],
-                       max_new_tokens, sampling, tokenizer.eot_id) for m in conversations]
-    with tqdm(total=len(rows), desc="test responses", disable=not progress, dynamic_ncols=True) as bar:
-        engine.run(rows, batch_size, on_done=lambda _: bar.update(1))
-    return [r.text.strip() for r in rows]
 
 
 @dataclass

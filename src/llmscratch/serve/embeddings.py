@@ -27,7 +27,7 @@ from pydantic import Field
 
 from ..models.bert import embed
 from ..decoding.encoder import embed_texts
-from .schemas import APIError, _Strict
+from .schemas import APIError, StrictModel
 
 log = logging.getLogger("llmscratch.serve")
 
@@ -35,7 +35,7 @@ MAX_INPUTS = 256
 """Most inputs one request may embed."""
 
 
-class EmbeddingRequest(_Strict):
+class EmbeddingRequest(StrictModel):
     """POST /v1/embeddings."""
 
     input: str | list[str] | list[int] | list[list[int]]

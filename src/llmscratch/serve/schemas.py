@@ -30,15 +30,17 @@ MAX_N = 16
 """Most choices (`n`) one request may ask for; the server's batch size may allow fewer."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every request body: types checked strictly, unknown fields ignored."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class Common(_Strict):
+class Common(StrictModel):
     """The sampling fields both endpoints share."""
 
     model: str | None = None
@@ -63,12 +65,12 @@ class CompletionRequest(Common):
     echo: bool | None = False
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class Message(_Strict):
+class Message(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     input: str | None = None  # extension: an Alpaca "### Input:" section
