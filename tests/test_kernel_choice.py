@@ -218,3 +218,20 @@ def test_bench_sets_every_decoding_row_against_the_reference(monkeypatch):
     rows, _ = harness.bench_generation("tiny", 1, prompt_len=4, new_tokens=3, rounds=1, peers=False,
                                        uncached=False, kernels=False)
     assert {r["impl"] for r in rows} == {f"llmscratch KV cache {dt}" for dt in ("fp32", "bf16", "int8")}
+
+
+
+@pytest.mark.parametrize("measure", ["1", "0"])
+def test_measuring_leaves_the_global_rng_untouched(measure, monkeypatch):
+    """A measurement at the first forward pass must not shift the training RNG (dropout
+    masks), or a resumed run would not end where an uninterrupted one ends."""
+    monkeypatch.setenv(choice.ENV_MEASURE, measure)
+    fake_timings(monkeypatch, 1.0, 2.0)
+    weight, hidden = torch.randn(64, 32), torch.randn(2, 8, 32)
+    q = torch.randn(1, 2, 64, 16, dtype=torch.bfloat16)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    sl.split_wins(weight, 1)
+    lce.fused_wins(hidden, weight)
+    ba.blocked_wins(q)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.attention import CausalSelfAttention
-from .choice import choose
+from .choice import choose, isolated_rng
 
 BLOCK = 256
 BLOCKED_MAX_T = 1024
@@ -172,8 +172,9 @@ def blocked_wins(q: torch.Tensor) -> bool:
     (measured once at one sequence of the bucket's length, then cached: `choice.choose`)."""
     _, nh, _, hs = q.shape
     T = min(length_bucket(q.shape[2]), BLOCKED_MAX_T)
-    qkv = [torch.randn(1, nh, T, hs, dtype=q.dtype, device=q.device, requires_grad=True) for _ in range(3)]
-    grad = torch.randn(1, nh, T, hs, dtype=q.dtype, device=q.device)
+    with isolated_rng(q.device):
+        qkv = [torch.randn(1, nh, T, hs, dtype=q.dtype, device=q.device, requires_grad=True) for _ in range(3)]
+        grad = torch.randn(1, nh, T, hs, dtype=q.dtype, device=q.device)
 
     def step(attend):
         def run():

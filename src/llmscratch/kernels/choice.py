@@ -153,6 +153,19 @@ def busy(load: float | None) -> bool:
     return load is not None and load > (os.cpu_count() or 1)
 
 
+def isolated_rng(device: torch.device):
+    """A block whose use of the global random generators is undone when it ends.
+
+    The inputs a measurement times a kernel on are random, and a measurement happens at the
+    first forward pass of a shape class: in a fresh run at step 0, in a resumed one at the
+    resume step. Drawing them from the training RNG would shift every later dropout mask,
+    and a resumed run would no longer end where an uninterrupted one ends.
+    """
+    if device.type == "cpu":  # the CPU generator is always forked
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
+
+
 def choose(key: str, kernel: Callable[[], object], reference: Callable[[], object]) -> bool:
     """Whether the kernel for shape class `key` is faster here than the reference.
 

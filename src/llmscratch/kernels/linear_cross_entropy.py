@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..models.gpt import lm_loss
-from .choice import choose
+from .choice import choose, isolated_rng
 from .split_linear import SplitLinear
 
 MEASURE_ROWS = 256
@@ -136,10 +136,11 @@ def fused_wins(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `fused_lm_loss`'s forward + backward beats the plain head + `lm_loss` on this
     machine for `weight`'s shape and the compute dtype, measured once at `MEASURE_ROWS` rows
     on copies (the real weight's gradient is not touched), then cached (`choice.choose`)."""
-    h = torch.randn(1, MEASURE_ROWS, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device,
-                    requires_grad=True)
+    with isolated_rng(hidden.device):
+        h = torch.randn(1, MEASURE_ROWS, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device,
+                        requires_grad=True)
+        y = torch.randint(0, weight.shape[0], (1, MEASURE_ROWS), device=hidden.device)
     w = weight.detach().clone().requires_grad_()
-    y = torch.randint(0, weight.shape[0], (1, MEASURE_ROWS), device=hidden.device)
 
     def step(loss_of):
         def run():

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .choice import choose
+from .choice import choose, isolated_rng
 
 SPLIT_MAX_ROWS = 8
 
@@ -88,7 +88,8 @@ def split_wins(weight: torch.Tensor, rows: int) -> bool:
     `rows` rows' class (1, or 2 to `SPLIT_MAX_ROWS`, measured at the class's largest):
     measured once, then cached (`choice.choose`)."""
     rows = 1 if rows == 1 else SPLIT_MAX_ROWS
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    with isolated_rng(weight.device):
+        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
     w = weight.detach()
     return choose(split_key(weight, rows), lambda: _split_linear(x, w), lambda: F.linear(x, w))
 
