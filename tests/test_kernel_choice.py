@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -62,7 +64,7 @@ def test_split_linear_is_taken_only_where_measured_faster(kernel_s, expected, mo
     assert split_taken(monkeypatch, lin) is expected
     assert split_taken(monkeypatch, lin) is expected
     assert len(measured) == 1  # measured once per shape class, then looked up
-    key = "split_linear float32 10x16 rows=1"
+    key = "split_linear float32 10x16 rows=1 from cache"
     assert choice.decisions()[key]["use"] is expected
     assert key in capsys.readouterr().err  # the decision is said, once, when measured
     assert kernel_path(nn.Sequential(lin)) == {key: ("kernel" if expected else "reference")
@@ -75,7 +77,37 @@ def test_split_rows_classes_are_decided_apart(monkeypatch):
     assert split_taken(monkeypatch, lin, rows=1) and split_taken(monkeypatch, lin, rows=8)
     assert split_taken(monkeypatch, lin, rows=3)  # the 2-8 class, measured at 8 rows
     assert len(measured) == 2
-    assert set(choice.decisions()) == {"split_linear float32 10x16 rows=1", "split_linear float32 10x16 rows=2-8"}
+    assert set(choice.decisions()) == {"split_linear float32 10x16 rows=1 from cache",
+                                       "split_linear float32 10x16 rows=2-8 from cache"}
+
+
+def test_split_is_measured_reading_weights_from_memory_when_the_model_outgrows_the_cache(monkeypatch):
+    """Timing one weight again and again keeps it in cache, where the split gains nothing;
+    a model bigger than the last-level cache reads every weight from memory at each token.
+    So such a model's decision cycles through copies of the weight that together are
+    twice the cache, and is a class of its own."""
+    monkeypatch.setattr(sl, "last_level_cache_bytes", lambda: 4096)
+    seen = {"kernel": [], "reference": []}
+
+    def time_pair(kernel, reference, rounds=choice.ROUNDS):
+        for _ in range(30):
+            kernel(), reference()
+        return [0.5] * rounds, [1.0] * rounds
+
+    monkeypatch.setattr(choice, "time_pair", time_pair)
+    monkeypatch.setattr(sl, "_split_linear", lambda x, w: seen["kernel"].append(w.data_ptr()) or x @ w.T)
+    monkeypatch.setattr(sl.F, "linear", lambda x, w, b=None: seen["reference"].append(w.data_ptr()) or x @ w.T)
+    small = apply_kernels(nn.Sequential(nn.Linear(16, 10, bias=False)))  # 640 bytes: in cache
+    big = apply_kernels(nn.Sequential(nn.Linear(16, 10, bias=False), nn.Linear(16, 300, bias=False)))
+    with torch.no_grad():
+        small[0].split_pays(torch.randn(1, 16))
+        assert len(set(seen["kernel"])) == len(set(seen["reference"])) == 1  # hot: the weight itself
+        seen["kernel"].clear(), seen["reference"].clear()
+        big[0].split_pays(torch.randn(1, 16))  # the model's 19,840 bytes outgrow the 4 KiB "cache"
+    # 2 x 4096 bytes of 640-byte copies: 13 distinct weights, each side cycling through all
+    assert len(set(seen["kernel"])) == len(set(seen["reference"])) == 13
+    assert set(choice.decisions()) == {"split_linear float32 10x16 rows=1 from cache",
+                                       "split_linear float32 10x16 rows=1 from memory"}
 
 
 def test_decision_is_read_from_the_cache_on_the_next_load(monkeypatch):
@@ -161,7 +193,44 @@ def test_fused_loss_is_taken_only_where_measured_faster(kernel_s, expected, monk
     lm_head_loss(model, model.hidden_states(x), x).backward()
     assert bool(calls) is expected
     assert model.wte.weight.grad is not None
-    assert choice.decisions()["fused_lm_loss float32 vocab=97 C=64"]["use"] is expected
+    assert choice.decisions()["fused_lm_loss float32 vocab=97 C=64 rows<=256"]["use"] is expected
+
+
+def test_fused_loss_is_measured_at_the_batch_row_count(monkeypatch):
+    """The plain loss's cost is memory traffic that grows with the rows: a decision measured
+    at 256 rows chose it where, at a training step's 2048 rows, the fused loss made the whole
+    step 20% faster. Each row-count class is measured at its own size."""
+    sizes = []
+
+    def time_pair(kernel, reference, rounds=choice.ROUNDS):
+        real = lce.fused_lm_loss
+        lce.fused_lm_loss = lambda h, *a, **k: sizes.append(h.shape[1]) or real(h, *a, **k)
+        try:
+            kernel()
+        finally:
+            lce.fused_lm_loss = real
+        return [1.0] * rounds, [1.0] * rounds
+
+    monkeypatch.setattr(choice, "time_pair", time_pair)
+    weight = torch.randn(97, 16)
+    for B, T in ((2, 8), (8, 256), (1, 1000), (64, 1024)):
+        lce.fused_wins(torch.randn(B, T, 16), weight)
+    assert sizes == [256, 2048, 1024, 4096]
+    assert sorted(choice.decisions()) == [f"fused_lm_loss float32 vocab=97 C=16 rows<={n}"
+                                          for n in (1024, 2048, 256, 4096)]
+
+
+def test_a_slow_pair_gets_fewer_rounds(monkeypatch):
+    """A decision whose calls take long (the fused loss at its real size) costs about
+    MEASURE_SECONDS, never less than MIN_ROUNDS rounds."""
+    calls = []
+    monkeypatch.setattr(choice, "MEASURE_SECONDS", 0.05)
+    slow = lambda: calls.append(1) or time.sleep(0.01)  # noqa: E731
+    kernel_s, reference_s = choice.time_pair(slow, slow)
+    assert len(kernel_s) == len(reference_s) == choice.MIN_ROUNDS
+    monkeypatch.setattr(choice, "MEASURE_SECONDS", 0.5)
+    kernel_s, _ = choice.time_pair(slow, slow)
+    assert choice.MIN_ROUNDS < len(kernel_s) <= 25
 
 
 def test_a_win_must_hold_by_the_best_round_and_by_the_median_ratio():

@@ -66,7 +66,10 @@ def apply_kernels(model: nn.Module, force: bool = False) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is CausalSelfAttention:
                 setattr(parent, name, BlockedCausalSelfAttention.from_attention(child))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     for m in model.modules():
+        if isinstance(m, SplitLinear):
+            m.working_set = weight_bytes  # where its weights are read from when decoding
         if isinstance(m, KERNEL_MODULES):
             m.force = force
             m.chosen.clear()  # decided again, in the new mode

@@ -44,6 +44,8 @@ import torch
 MARGIN = 0.05  # the kernel must be at least 5% faster than the reference to be chosen
 ROUNDS = 7  # interleaved timing rounds per decision
 SAMPLE_SECONDS = 1e-3  # each timed sample repeats the call until it lasts about this long
+MEASURE_SECONDS = 3.0  # a slow pair (a training step's loss at its real size) gets fewer rounds
+MIN_ROUNDS = 3
 ENV_MEASURE = "LLMSCRATCH_KERNELS_MEASURE"
 
 _lock = threading.Lock()
@@ -65,6 +67,20 @@ def _cpu() -> tuple[str, str]:
     except OSError:
         pass
     return model or platform.processor() or platform.machine(), flags
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (L3 usually), from sysfs; 32 MiB where unknown."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip().upper()
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            best = max(best, int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
+        except (OSError, ValueError):
+            continue
+    return best or 32 << 20
 
 
 def machine() -> dict:
@@ -113,7 +129,8 @@ def time_pair(kernel: Callable[[], object], reference: Callable[[], object],
               rounds: int = ROUNDS) -> tuple[list[float], list[float]]:
     """Seconds per call of `kernel` and of `reference`, one sample per round: one warm-up call
     each, then `rounds` interleaved samples (kernel, reference, kernel, ...), each repeating
-    the call until it lasts about `SAMPLE_SECONDS`.
+    the call until it lasts about `SAMPLE_SECONDS`; pairs whose single calls are slow get
+    fewer rounds (at least `MIN_ROUNDS`), so that a decision costs about `MEASURE_SECONDS`.
 
     Returns:
         `(kernel samples, reference samples)`, in round order.
@@ -123,6 +140,9 @@ def time_pair(kernel: Callable[[], object], reference: Callable[[], object],
     reference()
     once = max(time.perf_counter() - t0, 1e-7)
     number = max(1, min(1000, math.ceil(SAMPLE_SECONDS / once)))
+    # a pair whose calls take long (the fused loss measured at a training step's real size)
+    # gets fewer rounds, so one decision costs at most about MEASURE_SECONDS
+    rounds = max(min(rounds, MIN_ROUNDS), min(rounds, int(MEASURE_SECONDS / (2 * once * number))))
     samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(rounds):
         for fn, out in ((kernel, samples[0]), (reference, samples[1])):

@@ -11,10 +11,12 @@ the CPU too).
 When it is taken: `lm_head_loss(model, hidden, targets)` uses it when `apply_kernels` gave
 the model a `FusedLMHead` (in every precision and on every device: it is exact up to float
 rounding) and `fused_wins` measured its forward + backward faster than the plain loss on
-this machine for that head shape and compute dtype (`choice.py`; measured at
-`MEASURE_ROWS` rows, where the plain loss's memory traffic hurts it least), or the head is
-forced (`apply_kernels(model, force=True)`); the plain `lm_loss` of the head's logits
-otherwise (a reference model, a classifier head, a LoRA-wrapped head).
+this machine for that head shape, compute dtype and row count (`choice.py`; measured at
+the batch's rows rounded up to a power of two, `measure_rows`: the plain loss's cost is
+its memory traffic, which grows with the rows, so a decision taken at 256 rows chose the
+plain loss where, at a training step's 2048 rows, the fused one made the whole step 20%
+faster), or the head is forced (`apply_kernels(model, force=True)`); the plain `lm_loss`
+of the head's logits otherwise (a reference model, a classifier head, a LoRA-wrapped head).
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from ..models.gpt import lm_loss
 from .choice import choose, isolated_rng
 from .split_linear import SplitLinear
 
-MEASURE_ROWS = 256
+MIN_MEASURE_ROWS, MAX_MEASURE_ROWS = 256, 4096
+
+
+def measure_rows(rows: int) -> int:
+    """The row count a decision for `rows` rows is measured at: the next power of two,
+    between 256 and 4096 (beyond it the plain loss only loses more)."""
+    return min(MAX_MEASURE_ROWS, max(MIN_MEASURE_ROWS, 1 << max(0, rows - 1).bit_length()))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -128,18 +136,23 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def fused_key(hidden: torch.Tensor, weight: torch.Tensor) -> str:
-    """The class of a fused-loss decision, e.g. `"fused_lm_loss bfloat16 vocab=50257 C=768"`."""
-    return f"fused_lm_loss {str(compute_dtype(hidden)).removeprefix('torch.')} vocab={weight.shape[0]} C={weight.shape[1]}"
+    """The class of a fused-loss decision, e.g.
+    `"fused_lm_loss bfloat16 vocab=50257 C=768 rows<=1024"`."""
+    rows = measure_rows(hidden.numel() // hidden.shape[-1])
+    return (f"fused_lm_loss {str(compute_dtype(hidden)).removeprefix('torch.')} vocab={weight.shape[0]} "
+            f"C={weight.shape[1]} rows<={rows}")
 
 
 def fused_wins(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `fused_lm_loss`'s forward + backward beats the plain head + `lm_loss` on this
-    machine for `weight`'s shape and the compute dtype, measured once at `MEASURE_ROWS` rows
-    on copies (the real weight's gradient is not touched), then cached (`choice.choose`)."""
+    machine for `weight`'s shape, the compute dtype and `hidden`'s row count, measured once at
+    `measure_rows` rows on copies (the real weight's gradient is not touched), then cached
+    (`choice.choose`)."""
+    rows = measure_rows(hidden.numel() // hidden.shape[-1])
     with isolated_rng(hidden.device):
-        h = torch.randn(1, MEASURE_ROWS, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device,
+        h = torch.randn(1, rows, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device,
                         requires_grad=True)
-        y = torch.randint(0, weight.shape[0], (1, MEASURE_ROWS), device=hidden.device)
+        y = torch.randint(0, weight.shape[0], (1, rows), device=hidden.device)
     w = weight.detach().clone().requires_grad_()
 
     def step(loss_of):
@@ -161,10 +174,11 @@ class FusedLMHead(SplitLinear):
     parameters and state dict as the `nn.Linear` it replaces."""
 
     def fused_pays(self, hidden: torch.Tensor) -> bool:
-        """Forced, or measured faster for this compute dtype (`fused_wins`, once per class)."""
+        """Forced, or measured faster for this compute dtype and row count (`fused_wins`,
+        once per class)."""
         if self.force:
             return True
-        cls = ("loss", compute_dtype(hidden))
+        cls = ("loss", compute_dtype(hidden), measure_rows(hidden.numel() // hidden.shape[-1]))
         if cls not in self.chosen:
             self.chosen[cls] = (fused_key(hidden, self.weight), fused_wins(hidden, self.weight))
         return self.chosen[cls][1]
