@@ -304,3 +304,34 @@ def test_measuring_leaves_the_global_rng_untouched(measure, monkeypatch):
     lce.fused_wins(hidden, weight)
     ba.blocked_wins(q)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_run_folder_keeps_its_decisions_and_a_resume_takes_them(tmp_path, monkeypatch):
+    """A decision measured on a busy machine is not cached: a resumed run measuring again
+    could take the other path, and its float rounding (so its losses) would differ. The
+    run folder's kernels.json records what the run took, and a resume adopts it."""
+    record = tmp_path / choice.KERNELS_FILE
+    lin = nn.Linear(16, 10)
+    choice.record_run(record)
+    fake_timings(monkeypatch, 0.5, 1.0)  # the split measured faster
+    assert split_taken(monkeypatch, sl.SplitLinear.from_linear(lin))
+    held = json.loads(record.read_text())["decisions"]
+    assert list(held) == ["split_linear float32 10x16 rows=1 from cache"] and held[list(held)[0]]["use"]
+
+    choice.forget()  # a new process on a machine whose cache lost the decision
+    measured = fake_timings(monkeypatch, 2.0, 1.0)  # measuring now would choose F.linear
+    choice.record_run(record, pin=True)
+    assert split_taken(monkeypatch, sl.SplitLinear.from_linear(lin))  # the recorded path
+    assert measured == []
+
+    choice.forget()
+    choice.record_run(record, pin=False)  # a fresh run in that folder measures
+    assert not split_taken(monkeypatch, sl.SplitLinear.from_linear(lin))
+    assert measured == [1]
+    assert not json.loads(record.read_text())["decisions"]["split_linear float32 10x16 rows=1 from cache"]["use"]
+
+    other = tmp_path / "rank1.json"
+    choice.forget()
+    choice.record_run(other, write=False)  # another rank: adopts, never writes
+    split_taken(monkeypatch, sl.SplitLinear.from_linear(lin))
+    assert not other.exists()

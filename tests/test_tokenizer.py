@@ -370,10 +370,10 @@ def test_gpt2_tokenizer_save_load(gpt2_tok, tiktoken_gpt2, tmp_path):
 
 
 def test_load_errors(tmp_path, corpus):
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="missing.json: no such file"):
         load_tokenizer(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(UserError, match="not a tokenizer JSON"):
+    with pytest.raises(UserError, match="bad.json:1: malformed JSON"):
         load_tokenizer(tmp_path / "bad.json")
     (tmp_path / "odd.json").write_text('{"type": "sentencepiece"}')
     with pytest.raises(UserError, match="unknown tokenizer type"):

@@ -303,7 +303,7 @@ def test_missing_folder_config_or_weights(tmp_path, small_checkpoint):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("{not json", "not valid JSON"),
+        ("{not json", "malformed JSON"),
         ("[1, 2]", "expected a JSON object"),
         ('{"model_type": "llama"}', "model_type is 'llama'"),
         ('{"model_type": "gpt2", "n_embd": "32"}', "'n_embd' must be a positive integer"),

@@ -87,6 +87,48 @@ def write_json(path: str | os.PathLike, obj) -> None:
         f.write("\n")
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents, or a UserError naming the file and what is wrong
+    (missing, a folder, unreadable, not UTF-8)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def parse_json(text: str, where: str, expect: type | None = dict, line: int | None = None):
+    """`json.loads(text)`, or a UserError naming `where` (a file) and the line with what is
+    wrong: a syntax error and its column, nesting too deep to parse, or a top-level value
+    that is not an `expect` (dict or list; None accepts anything). `line`: the file line
+    `text` starts at when it is one record of a JSONL file (None: `text` is the whole file).
+    """
+    first = line or 1
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}:{first + e.lineno - 1}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{where}:{first}: JSON nested too deeply to read") from None
+    if expect is not None and not isinstance(data, expect):
+        expected = {dict: "a JSON object", list: "a JSON array"}.get(expect, expect.__name__)
+        at = where if line is None else f"{where}:{line}"
+        raise UserError(f"{at}: expected {expected}, got {type(data).__name__}")
+    return data
+
+
+def read_json(path: str | os.PathLike, expect: type | None = dict):
+    """The JSON value in the UTF-8 file `path` (an object by default), or a UserError naming
+    the file and what is wrong with it: the one JSON reader of the package's files."""
+    return parse_json(read_text(path), str(path), expect)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()

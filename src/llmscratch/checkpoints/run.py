@@ -37,7 +37,7 @@ from ..kernels.quantize import quantize_int8
 from ..models.bert import Bert, BertConfig, is_encoder_config
 from ..models.gpt import GPT, GPTConfig
 from ..tokenizer import get_tokenizer, load_tokenizer
-from ..utils import save_safetensors, write_json
+from ..utils import read_json, save_safetensors, write_json
 
 __all__ = ["FORMAT", "is_run_dir", "load_model", "load_run_model", "model_state", "read_run_config",
            "save_model", "save_safetensors"]
@@ -70,12 +70,9 @@ def save_model(model: GPT, out_dir: str | os.PathLike, tokenizer=None, extra: di
 def read_run_config(path: str | os.PathLike) -> dict:
     """The `config.json` of one of our run folders (UserError if it is not one)."""
     p = Path(path) / "config.json"
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: not a run folder (no config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: not valid JSON ({e})") from None
+    if not p.is_file():
+        raise UserError(f"{path}: not a run folder (no config.json)")
+    cfg = read_json(p, expect=None)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise UserError(f"{p}: not an llmscratch run folder config (no \"format\": \"{FORMAT}\")")
     return cfg

@@ -7,12 +7,12 @@ Every problem with a file becomes a one-line `UserError` naming the file and the
 from __future__ import annotations
 
 import csv
-import json
 import random
 from pathlib import Path
 
 from ..data.corpora import dataset_names, dataset_path
 from ..errors import UserError
+from ..utils import parse_json, read_text
 
 # Named datasets that hold labeled text, and how to read them: sms-spam is the UCI file,
 # headerless `label<TAB>message`, where a message may start with a quote character.
@@ -50,15 +50,7 @@ def _format_of(path: Path, fmt: str | None) -> str:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, expected a file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return text.splitlines()
+    return read_text(path).splitlines()
 
 
 def _column_index(header: list[str] | None, column: str, path: Path, which: str) -> int:
@@ -196,26 +188,9 @@ def _read_delimited(path: Path, fmt: str, text_column: str, label_column: str) -
 def read_json_rows(path: Path, fmt: str) -> list[tuple[str, dict]]:
     """`(where, object)` pairs from a JSONL file (one object a line) or a JSON array."""
     if fmt == "jsonl":
-        rows = []
-        for i, line in enumerate(_read_lines(path), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((where, obj))
-        return rows
-    text = "\n".join(_read_lines(path))
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+        return [(f"{path}:{i}", parse_json(line, str(path), dict, line=i))
+                for i, line in enumerate(_read_lines(path), start=1) if line.strip()]
+    data = parse_json("\n".join(_read_lines(path)), str(path), list)
     rows = []
     for i, obj in enumerate(data):
         where = f"{path}: record {i + 1}"

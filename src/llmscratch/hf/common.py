@@ -24,7 +24,7 @@ import torch
 
 from ..errors import UserError
 from ..models.gpt import GPT, GPTConfig
-from ..utils import save_safetensors, write_json
+from ..utils import read_json, save_safetensors, write_json
 
 __all__ = ["CONFIG_FILE", "SAFETENSORS_FILE", "PYTORCH_FILE", "TOKENIZER_COPY", "Checkpoint", "HFFamily",
            "hf_model_type", "read_json", "find_weights_file", "checked_folder", "writable_folder", "write_folder",
@@ -57,21 +57,6 @@ def listing(names) -> str:
 def shape_text(shape) -> str:
     """`(768, 2304)`: a shape as a user finds it in the file."""
     return "(" + ", ".join(str(d) for d in shape) + ")"
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or a UserError saying what is wrong with the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def find_weights_file(folder: Path) -> Path | None:

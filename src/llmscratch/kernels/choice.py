@@ -20,6 +20,8 @@ Modes, set per kernel module by `apply_kernels(model, force=...)`:
 - forced (`force=True`, the CLI's explicit `--kernels`): every applicable kernel, no
   measurement;
 - off: `apply_kernels` not called (`--no-kernels`): the reference model.
+A training run records the decisions it takes in its run folder (`record_run`,
+`kernels.json`) and a resume adopts them, whatever the cache holds by then.
 `LLMSCRATCH_KERNELS_MEASURE=0` turns measuring off: a shape class with no cached decision
 then takes the reference computation (what a machine one cannot time should run).
 """
@@ -47,10 +49,13 @@ SAMPLE_SECONDS = 1e-3  # each timed sample repeats the call until it lasts about
 MEASURE_SECONDS = 3.0  # a slow pair (a training step's loss at its real size) gets fewer rounds
 MIN_ROUNDS = 3
 ENV_MEASURE = "LLMSCRATCH_KERNELS_MEASURE"
+KERNELS_FILE = "kernels.json"  # a run folder's record of the decisions its training took
 
 _lock = threading.Lock()
 _memory: dict[str, dict] = {}  # key -> decision, for this process
 _loaded_from: Path | None = None
+_pinned: dict[str, dict] = {}  # key -> decision a run folder holds: wins over cache and measuring
+_record: Path | None = None  # where the decisions taken in this process are written
 
 
 @functools.lru_cache(maxsize=1)
@@ -202,7 +207,10 @@ def choose(key: str, kernel: Callable[[], object], reference: Callable[[], objec
     """
     with _lock:
         _load()
+        if key in _pinned:
+            _memory[key] = _pinned[key]
         if key in _memory:
+            _write_record(key)
             return bool(_memory[key]["use"])
         if os.environ.get(ENV_MEASURE, "1") == "0":
             return False
@@ -211,8 +219,46 @@ def choose(key: str, kernel: Callable[[], object], reference: Callable[[], objec
         _memory[key] = decision
         if not busy(decision["load"]):
             _save()
+        _write_record(key)
     print(f"kernels: {key}: {describe(key)}", file=sys.stderr)
     return decision["use"]
+
+
+def record_run(path: Path | None, pin: bool = False, write: bool = True) -> None:
+    """Write every decision this process takes from now on into the JSON file `path` (a
+    run folder's `kernels.json`; not with `write=False`: the other ranks of a distributed
+    run); with `pin`, first adopt the decisions already in it, so a
+    resumed run takes the very paths the interrupted one took (a decision measured on a
+    busy machine is not cached, and measuring again could choose otherwise: the float
+    rounding, and so the resumed losses, would differ). None stops recording."""
+    global _record
+    with _lock:
+        _record = path if write else None
+        _pinned.clear()
+        if path is not None and pin:
+            try:
+                _pinned.update(json.loads(path.read_text(encoding="utf-8"))["decisions"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # no file (a run from before kernels.json), or a damaged one
+
+
+def _write_record(key: str) -> None:
+    if _record is None:
+        return
+    try:
+        held = json.loads(_record.read_text(encoding="utf-8"))["decisions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        held = {}
+    if held.get(key) == _memory[key]:
+        return
+    held[key] = _memory[key]
+    try:
+        tmp = _record.with_name(f"{_record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"machine": machine(), "decisions": held}, indent=1, sort_keys=True),
+                       encoding="utf-8")
+        os.replace(tmp, _record)
+    except OSError:
+        pass
 
 
 def describe(key: str) -> str:
@@ -237,9 +283,11 @@ def forget(cache: bool = True) -> None:
     """Drop this process's decisions and, with `cache`, the machine's cache file too (every
     shape class is measured again); without it, the file is read again on the next use, as
     a new process would."""
-    global _loaded_from
+    global _loaded_from, _record
     with _lock:
         _memory.clear()
+        _pinned.clear()
+        _record = None
         _loaded_from = None
         if cache:
             try:

@@ -8,7 +8,6 @@ field says which subclass wrote it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from abc import ABC, abstractmethod
@@ -16,7 +15,7 @@ from collections.abc import Collection, Iterable
 from typing import Any, ClassVar
 
 from ..errors import UserError
-from ..utils import write_json
+from ..utils import read_json, write_json
 
 EOT = "<|endoftext|>"
 """The end-of-text token that separates documents (GPT-2's id 50256)."""
@@ -252,15 +251,7 @@ def read_tokenizer_file(path: str | os.PathLike) -> dict[str, Any]:
     Returns:
         The decoded JSON object (a dict with a `"type"` field).
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: tokenizer file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, expected a tokenizer JSON file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a tokenizer JSON file ({e})") from None
+    data = read_json(path, expect=None)
     if not isinstance(data, dict) or "type" not in data:
         raise UserError(f"{path}: not a tokenizer file (no \"type\" field)")
     return data

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UserError
-from ..utils import write_json
+from ..utils import read_json, write_json
 from .base import Tokenizer, valid_unicode
 
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -42,18 +42,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 def is_hf_tokenizer_file(data: dict) -> bool:
@@ -95,7 +83,7 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"{folder}: no {HF_TOKENIZER_FILE} (the model's tokenizer)")
         config = {}
         if (folder / HF_TOKENIZER_CONFIG).is_file():
-            config = _read_json_object(folder / HF_TOKENIZER_CONFIG)
+            config = read_json(folder / HF_TOKENIZER_CONFIG)
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: the "default" one
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..checkpoints.run import save_model
 from ..errors import UserError
 from ..kernels import apply_kernels
+from ..kernels.choice import KERNELS_FILE, record_run
 from ..utils import seed_everything
 from .config import TrainConfig
 from .loop import autocast_dtype, distributed_setup
@@ -59,6 +60,10 @@ def build_model(make: Callable[[], nn.Module], cfg: TrainConfig, run: RunStart, 
     model = make().to(run.device)
     if cfg.kernels:
         apply_kernels(model)
+        # the paths taken are kept with the run, and a resume takes the same ones
+        record_run(run.out / KERNELS_FILE, pin=cfg.resume, write=run.master)
+    else:
+        record_run(None)
     if run.master and not cfg.resume:
         save_model(model, run.out, tokenizer, extra=run_info)
     return model, autocast_dtype(cfg.precision, run.device)
