@@ -61,6 +61,14 @@ def is_hf_tokenizer_file(data: dict) -> bool:
     return "type" not in data and isinstance(data.get("model"), dict)
 
 
+def _read_text(file: Path) -> str:
+    """A text file of a tokenizer folder; UserError when it is not UTF-8 (random bytes)."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{file}: not a UTF-8 text file ({e})") from None
+
+
 class HFTokenizer(Tokenizer):
     """A `tokenizers` tokenizer plus the model's chat template and special tokens."""
 
@@ -101,10 +109,10 @@ class HFTokenizer(Tokenizer):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         if template is None and (folder / HF_TEMPLATE_FILE).is_file():
-            template = (folder / HF_TEMPLATE_FILE).read_text(encoding="utf-8")
+            template = _read_text(folder / HF_TEMPLATE_FILE)
         if template is not None and not isinstance(template, str):
             raise UserError(f"{folder / HF_TOKENIZER_CONFIG}: field 'chat_template' must be a string")
-        text = file.read_text(encoding="utf-8")
+        text = _read_text(file)
         try:
             return cls(text, template, _token_text(config.get("eos_token")), _token_text(config.get("bos_token")))
         except UserError as e:
