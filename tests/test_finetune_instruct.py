@@ -135,8 +135,19 @@ def test_finetune_instruct_end_to_end(tmp_path, tiny_run, template, lora):
     assert (out / "loss.png").is_file() and (out / "metrics.json").is_file()
     # a plain run folder: loads with load_model and answers with the template
     model, tok = load_model(str(out))
-    reply = respond(model, tok, TEMPLATES[template], [{"role": "user", "content": "Repeat the word fig."}], 5)
-    assert isinstance(reply, str)
+    messages = [{"role": "user", "content": "Repeat the word fig."}]
+    reply = respond(model, tok, TEMPLATES[template], messages, 5)
+    # the reply by hand: the template's prompt, five argmax steps of full forward passes
+    ids, _ = encode_conversation(tok, TEMPLATES[template], messages, for_generation=True)
+    new = []
+    with torch.no_grad():
+        for _ in range(5):
+            window = (ids + new)[-model.config.context_length:]  # a long prompt slides the window
+            nxt = int(model(torch.tensor([window]))[0, -1].argmax())
+            if nxt == tok.eot_id:
+                break
+            new.append(nxt)
+    assert reply == tok.decode(new).strip()
     assert not any("lora" in k for k in model.state_dict())
 
 
