@@ -74,6 +74,18 @@ def test_sms_spam_is_read_without_quote_handling(named_dataset):
     assert labels.count("ham") == 4827 and labels.count("spam") == 747
     # 54 messages begin with a quote; CSV quoting would have eaten them
     assert sum(t.startswith('"') for t, _, _ in rows) == 54
+    # balanced and split, seeded and proportional (one test: one skip without the file)
+    bal = balance_classes(rows, seed=123)
+    assert [r[1] for r in bal].count("ham") == [r[1] for r in bal].count("spam") == 747
+    train, val, test = stratified_split(bal, (0.7, 0.1, 0.2), seed=123)
+    assert (len(train), len(val), len(test)) == (1046, 150, 298)
+    for part in (train, val, test):
+        labels = [r[1] for r in part]
+        assert labels.count("ham") == labels.count("spam")
+    again = stratified_split(bal, (0.7, 0.1, 0.2), seed=123)
+    assert [r[0] for r in again[2]] == [r[0] for r in test]
+    other = stratified_split(bal, (0.7, 0.1, 0.2), seed=1)
+    assert [r[0] for r in other[2]] != [r[0] for r in test]
 
 
 def test_balance_and_split_of_the_synthetic_set(sms_tsv):
@@ -115,22 +127,6 @@ def test_unlabeled_texts_leave_out_val_and_test_and_split_seed_fixes_the_split(s
     written = out.read_text(encoding="utf-8")
     assert written == "\n\n".join(texts) + "\n"
     assert "\tspam" not in written and not written.startswith(("ham", "spam"))
-
-
-def test_balance_and_stratified_split_are_seeded_and_proportional(named_dataset):
-    named_dataset("sms-spam")
-    rows = read_labeled("sms-spam")
-    bal = balance_classes(rows, seed=123)
-    assert [r[1] for r in bal].count("ham") == [r[1] for r in bal].count("spam") == 747
-    train, val, test = stratified_split(bal, (0.7, 0.1, 0.2), seed=123)
-    assert (len(train), len(val), len(test)) == (1046, 150, 298)
-    for part in (train, val, test):
-        labels = [r[1] for r in part]
-        assert labels.count("ham") == labels.count("spam")
-    again = stratified_split(bal, (0.7, 0.1, 0.2), seed=123)
-    assert [r[0] for r in again[2]] == [r[0] for r in test]
-    other = stratified_split(bal, (0.7, 0.1, 0.2), seed=1)
-    assert [r[0] for r in other[2]] != [r[0] for r in test]
 
 
 def test_csv_jsonl_and_header_columns(tmp_path):

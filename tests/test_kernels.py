@@ -121,6 +121,17 @@ def test_blocked_attention_with_dropout_takes_the_autograd_path():
     # dropout changes the result (same seed without dropout differs)
     assert not torch.allclose(out, blocked_causal_attention(q, k, v, block=4))
 
+    # and its gradients are right: with the dropout mask fixed by reseeding, in float64,
+    # against finite differences
+    def dropped(q, k, v):
+        torch.manual_seed(1)
+        return blocked_causal_attention(q, k, v, block=4, dropout_p=0.5)
+
+    q64, k64, v64 = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(dropped, (q64, k64, v64))
+    with torch.no_grad():  # some weights dropped (zero), the kept ones scaled by 1 / (1 - p)
+        assert not torch.allclose(dropped(q64, k64, v64), blocked_causal_attention(q64, k64, v64, block=4))
+
 
 def test_bf16_training_attention_path_is_close_to_fp32():
     # under bf16 autocast with gradients on, BlockedCausalSelfAttention takes the blocked path

@@ -45,8 +45,7 @@ def make_hf(kind: str, folder, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind, kw", [("llama", {}), ("qwen3", {}), ("mistral", {}),
-                                      ("mistral", {"sliding_window": 64})])  # 55 tokens: within the window
+@pytest.mark.parametrize("kind, kw", [("llama", {}), ("qwen3", {}), ("mistral", {})])
 def test_logits_and_50_greedy_tokens_equal_transformers(kind, kw, tmp_path):
     ref = make_hf(kind, tmp_path, **kw)
     ours = load_hf(tmp_path)
@@ -58,6 +57,24 @@ def test_logits_and_50_greedy_tokens_equal_transformers(kind, kw, tmp_path):
         theirs = ref.generate(prompt, max_new_tokens=50, do_sample=False, min_new_tokens=50,
                               pad_token_id=0, eos_token_id=None)
     assert torch.equal(generate(ours, prompt, 50), theirs)
+
+
+def test_mistral_sliding_window_caps_the_context_and_is_exact_up_to_it(tmp_path):
+    """A 24-token window: our context is capped at 24 (full causal attention up to there is
+    Mistral's), and the logits of 24 tokens and greedy decoding to 24 equal transformers'
+    (whose window applies from the 25th token on: past it the two would differ, and ours
+    refuses a longer input)."""
+    ref = make_hf("mistral", tmp_path, sliding_window=24)
+    ours = load_hf(tmp_path)
+    assert ours.config.context_length == 24
+    idx = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), ref(idx).logits, atol=1e-4, rtol=0)
+        theirs = ref.generate(idx[:1, :5], max_new_tokens=19, do_sample=False, min_new_tokens=19,
+                              pad_token_id=0, eos_token_id=None)
+        assert torch.equal(generate(ours, idx[:1, :5], 19), theirs)
+        with pytest.raises(ValueError, match="context length 24"):
+            ours(torch.randint(0, V, (1, 25)))
 
 
 def capture_transformers_warnings():

@@ -18,6 +18,8 @@ from llmscratch.checkpoints.run import save_model
 from llmscratch.serve import BackgroundServer, create_app, load_engine
 
 CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.is_file():  # one skip for the file, not one per test
+    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)", allow_module_level=True)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -39,7 +41,6 @@ def page_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    _need(CHROMIUM.is_file(), f"{CHROMIUM} not installed (apt-get install chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

@@ -218,3 +218,34 @@ def test_cli_eval_tasks(tmp_path, tiny_run, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "mine.jsonl: --shots 9 needs at least 10 examples" in err
     assert main(["eval", "--model", str(tiny_run), "--tasks", "pattern"]) == 2  # eval lm still wants --data
+
+
+def test_exact_match_by_hand(tmp_path, tiny_run):
+    """exact_match against a hand computation: each prompt's greedy continuation worked out
+    with full forward passes (cut at the first newline); the answers of examples 0 and 2 are
+    that text with spaces around it (a hit: both sides are stripped), those of 1 and 3 are
+    it plus "x" (a miss): exact_match is 2/4."""
+    from llmscratch.checkpoints.run import load_model
+    from llmscratch.evaluation.tasks import evaluate_task, read_task_file
+
+    model, tok = load_model(str(tiny_run))
+    prompts = ["1 + 2 =", "Sequence: red", "Next: 1 +", "blue green"]
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps({"prompt": p, "answer": "-"}) + "\n" for p in prompts))
+    task = read_task_file(probe)
+    hand = []
+    with torch.no_grad():
+        for p in prompts:
+            ids, new = tok.encode(p, allowed_special="none"), []
+            for _ in range(task.max_new_tokens):
+                nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+                if nxt == tok.eot_id:
+                    break
+                new.append(nxt)
+            hand.append(tok.decode(new).split(task.stop)[0])
+    data = tmp_path / "gen.jsonl"
+    answers = [f"  {h} " if i % 2 == 0 else h + "x" for i, h in enumerate(hand)]
+    data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers)))
+    result = evaluate_task(model, tok, read_task_file(data), shots=0)
+    assert result["kind"] == "generate" and result["n"] == 4
+    assert result["exact_match"] == 0.5

@@ -71,7 +71,18 @@ def test_run_folder_and_loss_falls(tmp_path):
 
     model, tok = load_model(str(out))
     assert tok.vocab_size == 320
-    assert generate(model, torch.tensor([[1, 2]]), 5).shape == (1, 7)
+    tokens = generate(model, torch.tensor([[1, 2]]), 5)
+    assert tokens.shape == (1, 7)
+    with torch.no_grad():  # each new token (KV cache) is the argmax of a full forward pass
+        assert torch.equal(model(tokens[:, :-1])[0, 1:].argmax(-1), tokens[0, 2:])
+    # the trained weights, not a fresh init: the last step's, as the resume state holds them
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "train_state.safetensors"))
+    for k, v in model.state_dict().items():
+        if "model." + k in state:
+            assert torch.equal(v, state["model." + k]), k
+    assert sum(k.startswith("model.") for k in state) >= len(model.state_dict()) - 1  # a tied head
 
 
 def test_shape_flags_reshape_the_preset_and_wordpiece_trains_a_decoder(tmp_path):

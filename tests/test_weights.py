@@ -280,7 +280,10 @@ def test_tied_config_with_different_head(small_checkpoint):
     # the same tensor stored twice is fine
     same = lambda t: t.__setitem__("lm_head.weight", t["transformer.wte.weight"].clone())  # noqa: E731
     _rewrite_tensors(small_checkpoint, same)
-    assert load_hf_gpt2(small_checkpoint).lm_head.weight is not None
+    model = load_hf_gpt2(small_checkpoint)
+    with safe_open(str(small_checkpoint / "model.safetensors"), framework="pt") as f:
+        stored = f.get_tensor("transformer.wte.weight")
+    assert model.lm_head.weight is model.wte.weight and torch.equal(model.wte.weight, stored)
 
 
 def test_missing_folder_config_or_weights(tmp_path, small_checkpoint):

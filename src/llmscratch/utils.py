@@ -138,6 +138,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`, with a damaged file (truncated, not safetensors, a
+    header of 2^60 bytes) a one-line UserError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # SafetensorError, or OSError for an unreadable file
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """`device` if given ("cpu", "cuda", "cuda:1", "mps"), else the best one available."""
     if device and device != "auto":

@@ -28,7 +28,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..errors import UserError
 from ..hf.registry import is_hf_dir, load_hf, load_hf_tokenizer
@@ -37,7 +36,8 @@ from ..kernels.quantize import quantize_int8
 from ..models.bert import Bert, BertConfig, is_encoder_config
 from ..models.gpt import GPT, GPTConfig
 from ..tokenizer import get_tokenizer, load_tokenizer
-from ..utils import read_json, save_safetensors, write_json
+from ..models.configs import check_fits_in_memory
+from ..utils import load_safetensors, read_json, save_safetensors, write_json
 
 __all__ = ["FORMAT", "is_run_dir", "load_model", "load_run_model", "model_state", "read_run_config",
            "save_model", "save_safetensors"]
@@ -110,7 +110,8 @@ def load_run_model(path: str | os.PathLike, device=None, dtype=None, *, classifi
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{path}: no model.safetensors in the run folder")
-    state = load_file(str(weights))
+    check_fits_in_memory(config, str(Path(path) / "config.json"))
+    state = load_safetensors(weights)
     with torch.device("meta"):
         model = model_class(config)  # no memory, no random init: the weights come from the file
         if "classifier.weight" in state and hasattr(model, "add_classifier"):

@@ -8,10 +8,11 @@ def cmd_info(args) -> None:
     """Parameter counts and memory of a preset, a saved model or a classifier folder."""
     from pathlib import Path
 
-    from ..checkpoints.run import read_run_config
+    from ..checkpoints.run import is_run_dir, read_run_config
     from ..models.gpt import GPT, GPTConfig
 
-    run = read_run_config(args.model) if Path(args.model).is_dir() else {}
+    # a run folder's config tells a classifier; a Hugging Face folder has none of ours
+    run = read_run_config(args.model) if Path(args.model).is_dir() and is_run_dir(args.model) else {}
     if args.model in GPTConfig.presets():
         import torch
 

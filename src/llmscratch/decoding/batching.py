@@ -82,6 +82,7 @@ class DecodeRow:
     tag: Any = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None  # with finish_reason "error" from `step`: what failed
 
     def __post_init__(self):
         # checked here, not at the first token: a bad row must never fail a shared batch
@@ -305,10 +306,18 @@ class BatchDecoder:
         Returns:
             `(row, token, text piece)` for every row, in no particular order; `row.done`
             tells which ones finished with this token (they are no longer in the batch).
+            A row whose draw fails ends alone: finish_reason "error", `row.error` saying
+            why, token -1 (the other rows go on).
         """
         events = []
         for r in self.rows + self.windowed:
-            tok = int(r.sampling.pick(r._logits, r._generator)[0])
+            try:
+                tok = int(r.sampling.pick(r._logits, r._generator)[0])
+            except Exception as e:  # one row's failure must not end the others' requests
+                r._logits = None
+                r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
+                events.append((r, -1, ""))
+                continue
             r._logits = None
             events.append((r, tok, r.push(tok)))
         for i in reversed(range(len(self.rows))):

@@ -99,11 +99,23 @@ def sample(
     return _draw(logits, temperature, top_k, top_p, generator)
 
 
+TINY_TEMPERATURE = 1e-4
+"""Below this temperature `_draw` scales the logits in float64 after shifting the largest to
+0, so a temperature as small as 5e-324 samples (all but greedily) instead of failing."""
+
+
 def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
     """`sample` without the check (for settings a `Sampling` has already checked)."""
     if temperature is None or temperature <= 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    if temperature < TINY_TEMPERATURE:
+        # logits / 1e-40 overflows float32 (inf - inf = nan in the softmax) and 1e-46 is 0
+        # there: shift the largest logit to 0 first and divide in float64, so the likeliest
+        # tokens get probability ~1 (ties share it) and the rest underflow to 0
+        logits = logits.float()
+        logits = ((logits - logits.amax(dim=-1, keepdim=True)).double() / temperature).float()
+    else:
+        logits = logits.float() / temperature
     if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -113,6 +125,7 @@ def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
         # drop a token when the tokens ranked above it already reach top_p; the first
         # token always survives because the mass above it is 0
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        drop[..., 0] = False  # a top_p below float32's smallest number (1e-50) is 0 there
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from ..models.bert import is_encoder_config
 from ..checkpoints.run import FORMAT, load_run_model, read_run_config, save_safetensors
@@ -31,7 +30,7 @@ from ..errors import UserError
 from ..models.gpt import GPT, GPTConfig
 from ..train import distributed_setup, rank0_first
 from ..train.state import STATE_FILE
-from ..utils import seed_everything, write_json
+from ..utils import load_safetensors, seed_everything, write_json
 from .common import FinetuneConfig, check_out_folder, count_params, fit_examples, iter_batches
 from .data import balance_classes, parse_split, read_labeled, stratified_split
 from .lora import apply_lora, merge_lora
@@ -461,7 +460,7 @@ def load_classifier(path: str | Path, device=None):
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"{path}: no model.safetensors")
-    state = load_file(str(weights))
+    state = load_safetensors(weights)
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as e:

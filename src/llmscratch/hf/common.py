@@ -24,6 +24,7 @@ import torch
 
 from ..errors import UserError
 from ..models.gpt import GPT, GPTConfig
+from ..models.configs import check_fits_in_memory
 from ..utils import read_json, save_safetensors, write_json
 
 __all__ = ["CONFIG_FILE", "SAFETENSORS_FILE", "PYTORCH_FILE", "TOKENIZER_COPY", "Checkpoint", "HFFamily",
@@ -203,6 +204,8 @@ def empty_gpt(config: GPTConfig, device: torch.device, dtype: torch.dtype) -> GP
     Building on the meta device skips the random init, which for GPT-2 XL's 1.5B
     parameters costs seconds and a second copy of the weights' worth of work.
     """
+    if device is None or torch.device(device).type != "meta":
+        check_fits_in_memory(config, "the Hugging Face config")
     with torch.device("meta"):
         model = GPT(config)
     if any(True for _ in model.buffers()):

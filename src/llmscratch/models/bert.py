@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import FusedSelfAttention
-from .configs import config_from_dict, config_from_name
+from .configs import check_sizes, config_from_dict, config_from_name
 from .kind import ENCODER
 from ..errors import UserError
 
@@ -77,6 +77,7 @@ class BertConfig:
             raise UserError(f"BertConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.model_type != MODEL_TYPE:
             raise UserError(f"BertConfig.model_type must be {MODEL_TYPE!r}, got {self.model_type!r}")
+        check_sizes(self)
 
     @property
     def mlp_width(self) -> int:

@@ -46,3 +46,51 @@ def config_from_dict(cls: type, d: dict, renamed: dict[str, str] | None = None):
     values = {renamed.get(k, k): v for k, v in d.items()}
     check_fields(cls, values, " in the saved model config")
     return cls(**values)
+
+
+MAX_LAYERS = 1000
+"""Most layers a config may have: far above any real model (GPT-2 XL 48, Llama 3 405B 126),
+and a hand-edited `n_layer: 1000000` is refused at once instead of building a million
+modules."""
+
+MAX_PARAMS = 10**13
+"""Most parameters a config may describe (ten trillion, over any model that exists); a
+bigger one (`n_embd: 1000000000`) is an error, not an allocation that overflows."""
+
+
+def estimate_params(config) -> int:
+    """The parameters a `GPTConfig` or `BertConfig` describes, from its sizes alone (the
+    weight matrices and embeddings; biases and norms left out), without building anything."""
+    d, hd = config.n_embd, config.head_dim
+    heads, kv = config.n_head, getattr(config, "kv_heads", config.n_head)
+    attn = d * heads * hd * 2 + d * kv * hd * 2  # q and out, k and v
+    mlp = (3 if getattr(config, "mlp", "") == "swiglu" else 2) * d * config.mlp_width
+    embeddings = config.vocab_size * d * (1 if getattr(config, "tie_weights", True) else 2)
+    if getattr(config, "position", "learned") == "learned":
+        embeddings += config.context_length * d
+    return config.n_layer * (attn + mlp) + embeddings
+
+
+def check_sizes(config) -> None:
+    """UserError when a config's sizes are beyond any model (`MAX_LAYERS`, `MAX_PARAMS`):
+    checked when a config is made, before anything is allocated."""
+    name = type(config).__name__
+    if config.n_layer > MAX_LAYERS:
+        raise UserError(f"{name}.n_layer is {config.n_layer}, over the limit of {MAX_LAYERS} layers")
+    n = estimate_params(config)
+    if n > MAX_PARAMS:
+        raise UserError(f"{name} describes {n:.3g} parameters (n_embd {config.n_embd}, n_layer "
+                        f"{config.n_layer}, vocab_size {config.vocab_size}), over the limit of {MAX_PARAMS:.0e}")
+
+
+def check_fits_in_memory(config, where: str, bytes_per_param: int = 2) -> None:
+    """UserError when the model `config` describes cannot fit in this machine's memory even
+    at `bytes_per_param` (2: bf16), before loading it (`where` names the file)."""
+    from ..utils import physical_memory
+
+    total = physical_memory()
+    need = estimate_params(config) * bytes_per_param
+    if total and need > total:
+        raise UserError(f"{where}: the model has {estimate_params(config) / 1e9:.1f}B parameters, "
+                        f"{need / 2**30:.0f} GiB even in bf16, more than this machine's "
+                        f"{total / 2**30:.0f} GiB of memory")

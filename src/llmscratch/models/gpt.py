@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import FusedSelfAttention, KVCache, RMSNorm, rope_cos_sin, rope_frequencies
-from .configs import config_from_dict, config_from_name
+from .configs import check_sizes, config_from_dict, config_from_name
 from .kind import DECODER
 from ..errors import UserError
 
@@ -129,6 +129,7 @@ class GPTConfig:
             raise UserError(f"GPTConfig.rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling, "GPTConfig.rope_scaling")
+        check_sizes(self)
 
     @property
     def head_dim(self) -> int:

@@ -4,6 +4,7 @@
 
     GET  /                      a small chat page (static HTML/JS, streams the reply)
     GET  /health                {"status": "ok", "active": ..., "queued": ...} (no API key needed)
+    GET  /openapi.json          the API's OpenAPI document (request bodies included)
     GET  /v1/models             the one model served
     POST /v1/completions        continue a prompt
     POST /v1/chat/completions   answer a conversation (the model's prompt template applied)

@@ -2,6 +2,7 @@
 
     GET  /                      the chat page (static HTML/JS, streams the reply)
     GET  /health                {"status": "ok", "active": ..., "queued": ...} (no API key needed)
+    GET  /openapi.json          the API's OpenAPI document (request bodies included)
     GET  /v1/models             the one model served
     POST /v1/completions        continue a prompt
     POST /v1/chat/completions   answer a conversation (the model's prompt template applied)
@@ -18,6 +19,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import AsyncIterator
@@ -33,8 +35,9 @@ from ..decoding.sampling import Sampling, SamplingError
 from ..decoding.prompts import encode_chat, template_stops
 from .engine import ClientGone, Engine
 from .scheduler import SamplingParams
-from .schemas import APIError, ChatRequest, CompletionRequest, validation_error
-from .embeddings import add_embeddings_route, refuse_encoder_completions
+from .schemas import (APIError, ChatRequest, CompletionRequest, openapi_components, request_body,
+                      validation_error)
+from .embeddings import EmbeddingRequest, add_embeddings_route, refuse_encoder_completions
 
 log = logging.getLogger("llmscratch.serve")
 
@@ -60,8 +63,11 @@ async def parse_request(request: Request, schema, engine: Engine):
         raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: also an integer of 5,000 digits
         raise APIError(400, f"We could not parse the JSON body of your request ({e}).",
+                       code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "We could not parse the JSON body of your request (nested too deeply).",
                        code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the JSON body must be an object", code="invalid_json")
@@ -69,6 +75,8 @@ async def parse_request(request: Request, schema, engine: Engine):
         req = schema.model_validate(data)
     except ValidationError as e:
         raise validation_error(e) from None
+    except RecursionError:
+        raise APIError(400, "the request is nested too deeply", code="invalid_value") from None
     if req.model is not None and req.model != engine.model_id:
         raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
                             f"'{engine.model_id}'.", param="model", code="model_not_found")
@@ -110,7 +118,9 @@ def sse(obj) -> str:
 async def respond(request: Request, engine: Engine, req, ids: list[int], p: SamplingParams, chat: bool):
     """Run the generation and answer as one JSON body or as a server-sent event stream
     (with `n > 1`, one choice per row of the batch, told apart by `index`)."""
-    engine.check_admission(p)  # 400/429 now: a stream cannot change its status once started
+    # 400/429 now (a stream cannot change its status once started), and the place in the
+    # queue taken in the same step, so a burst cannot pass the check together
+    ticket = engine.admit(p)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     obj = "chat.completion" if chat else "text_completion"
     base = {"id": rid, "object": obj, "created": int(time.time()), "model": engine.model_id}
@@ -144,7 +154,7 @@ async def respond(request: Request, engine: Engine, req, ids: list[int], p: Samp
         finish: list[str | None] = [None] * p.n
         n = 0
         try:
-            async for ev in engine.run(ids, p, request.is_disconnected):
+            async for ev in engine.run(ids, p, request.is_disconnected, ticket):
                 if ev.kind == "text":
                     parts[ev.index].append(tidy(ev.text, ev.index))
                 elif ev.kind == "error":
@@ -161,12 +171,19 @@ async def respond(request: Request, engine: Engine, req, ids: list[int], p: Samp
     chunk = dict(base, object="chat.completion.chunk" if chat else "text_completion")
 
     async def events() -> AsyncIterator[str]:
+        try:
+            async for piece in stream():
+                yield piece
+        finally:  # the client left before the generation started: give its place back
+            ticket.give_back()
+
+    async def stream() -> AsyncIterator[str]:
         if chat:
             for i in range(p.n):
                 yield sse(dict(chunk, choices=[choice(None, None, first=True, index=i)]))
         n, ended = 0, 0
         try:
-            async for ev in engine.run(ids, p, request.is_disconnected):
+            async for ev in engine.run(ids, p, request.is_disconnected, ticket):
                 if ev.kind == "text":
                     piece = tidy(ev.text, ev.index)
                     if piece:
@@ -182,8 +199,20 @@ async def respond(request: Request, engine: Engine, req, ids: list[int], p: Samp
             return
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream",
+    body = events()
+    # a body never iterated (the client left before the response started) runs no finally
+    loop = asyncio.get_running_loop()
+    weakref.finalize(body, give_back_soon, loop, ticket)
+    return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def give_back_soon(loop, ticket) -> None:
+    """`ticket.give_back()` on the serving loop (a finalizer may run on any thread)."""
+    try:
+        loop.call_soon_threadsafe(ticket.give_back)
+    except RuntimeError:  # the loop is closed: the server is going down
+        pass
 
 
 def model_card(engine: Engine) -> dict:
@@ -202,23 +231,52 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return ErrorResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = exc.detail if exc.status_code != 404 else f"no such endpoint: {request.method} {request.url.path}"
-        return JSONResponse(APIError(exc.status_code, str(message), kind).body(), status_code=exc.status_code)
+        # a 405 names the methods that work (Allow), as HTTP asks
+        return ErrorResponse(APIError(exc.status_code, str(message), kind).body(), status_code=exc.status_code,
+                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):
-        return JSONResponse(APIError(400, str(exc.errors()[0].get("msg"))).body(), status_code=400)
+        return ErrorResponse(APIError(400, str(exc.errors()[0].get("msg"))).body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc):
         log.exception("unexpected error answering %s", request.url.path)
-        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "server_error").body(),
-                            status_code=500)
+        return ErrorResponse(APIError(500, f"internal error: {type(exc).__name__}", "server_error").body(),
+                             status_code=500)
+
+
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: a message may quote what the client sent, and a lone
+    surrogate in it ("\\ud800", valid JSON) cannot be encoded as UTF-8, only escaped."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+def openapi_document(app: FastAPI) -> dict:
+    """FastAPI's OpenAPI document of `app`, with the request bodies the routes read
+    themselves (`parse_request`) described under `components.schemas`."""
+    if app.openapi_schema is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from fastapi.openapi.utils import get_openapi
+
+        try:
+            release = version("llmscratch")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            release = "0"
+        doc = get_openapi(title=app.title, version=release, description=app.description, routes=app.routes)
+        components = openapi_components([CompletionRequest, ChatRequest, EmbeddingRequest])
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
@@ -246,10 +304,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                            type="invalid_request_error", code="invalid_api_key")
 
-    # No /docs or /openapi.json: they would be unauthenticated and load assets from a CDN.
-    app = FastAPI(title="llmscratch", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json behind the key like the API; no /docs pages: they load assets from a CDN
+    app = FastAPI(title="llmscratch", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  description="An OpenAI-compatible API over one llmscratch model.")
     add_error_handlers(app)
     authed = [Depends(require_key)]
+
+    @app.get("/openapi.json", dependencies=authed, include_in_schema=False)
+    async def openapi():
+        return openapi_document(app)
     add_embeddings_route(app, engine, authed, parse_request)  # POST /v1/embeddings (encoders)
 
     @app.get("/", include_in_schema=False)
@@ -282,7 +345,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
         return model_card(engine)
 
-    @app.post("/v1/completions", dependencies=authed)
+    @app.post("/v1/completions", dependencies=authed, openapi_extra=request_body("CompletionRequest"))
     async def completions(request: Request):
         req = await parse_request(request, CompletionRequest, engine)
         if req.echo:
@@ -301,9 +364,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         engine.check_prompt(ids, "prompt")
         return await respond(request, engine, req, ids, p, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=authed)
+    @app.post("/v1/chat/completions", dependencies=authed, openapi_extra=request_body("ChatRequest"))
     async def chat_completions(request: Request):
         req = await parse_request(request, ChatRequest, engine)
+        refuse_encoder_completions(engine)  # before the template an encoder has none of
         p = sampling_params(req, engine, DEFAULT_MAX_TOKENS_CHAT, template_stops(engine.template))
         messages = [{"role": m.role, "content": m.text(), "input": m.input} for m in req.messages]
         if not any(m["role"] == "user" for m in messages):

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from ..models.bert import embed
 from ..decoding.encoder import embed_texts
-from .schemas import APIError, StrictModel
+from .schemas import APIError, StrictModel, request_body
 
 log = logging.getLogger("llmscratch.serve")
 
@@ -125,7 +125,7 @@ def _inputs(req: EmbeddingRequest) -> list:
 def add_embeddings_route(app, engine, dependencies, parse_request) -> None:
     """Add `POST /v1/embeddings` to `app` (`parse_request` is `app.parse_request`)."""
 
-    @app.post("/v1/embeddings", dependencies=dependencies)
+    @app.post("/v1/embeddings", dependencies=dependencies, openapi_extra=request_body("EmbeddingRequest"))
     async def embeddings(request: Request):
         req = await parse_request(request, EmbeddingRequest, engine)
         if not engine.model.kind.can("embed"):

@@ -63,12 +63,33 @@ class FairLimiter:
     def queued(self) -> int:
         return sum(not f.done() for f in self._waiters)
 
-    async def acquire(self) -> None:
+    def enter(self) -> asyncio.Future:
+        """Take a slot now or a place in the queue, without waiting: the future is done
+        once the slot is this caller's (at once when one is free). Give it back with
+        `leave`, or `release` the slot once it is done."""
+        fut = asyncio.get_running_loop().create_future()
         if self.active < self.limit and not self._waiters:
             self.active += 1
+            fut.set_result(None)
+        else:
+            self._waiters.append(fut)
+        return fut
+
+    def leave(self, fut: asyncio.Future) -> None:
+        """Give up what `enter` gave: the slot if it arrived, else the place in the queue."""
+        if fut.done() and not fut.cancelled():
+            self.release()
             return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        fut.cancel()
+        try:
+            self._waiters.remove(fut)
+        except ValueError:
+            pass
+
+    async def acquire(self) -> None:
+        fut = self.enter()
+        if fut.done():
+            return
         try:
             await fut  # resolved by release(), which passes its slot on (active unchanged)
         except asyncio.CancelledError:
@@ -92,6 +113,24 @@ class FairLimiter:
 
 class ClientGone(Exception):
     """The client disconnected before its reply was complete."""
+
+
+class Ticket:
+    """A request's admission (`Engine.admit`): its place in the queue, or the slot it holds.
+
+    Taken when the request is checked, before any await, so a burst cannot pass the queue
+    check together; `Engine.run` claims it, and `give_back` returns one never claimed (a
+    stream whose client left before it started)."""
+
+    def __init__(self, limiter: FairLimiter):
+        self.limiter = limiter
+        self.place = limiter.enter()
+        self.claimed = False
+
+    def give_back(self) -> None:
+        if not self.claimed:
+            self.claimed = True
+            self.limiter.leave(self.place)
 
 
 class Engine:
@@ -194,6 +233,14 @@ class Engine:
         self._check_n(p)
         self.check_queue()
 
+    def admit(self, p: SamplingParams) -> Ticket:
+        """`check_admission`, then a place in the queue (or a slot) taken at once: checking
+        and queueing with no await between them keeps `max_queue` under any burst."""
+        self.check_admission(p)
+        if self.limiter is None:
+            raise RuntimeError("Engine.startup() was not called (create_app's lifespan calls it)")
+        return Ticket(self.limiter)
+
     def _check_n(self, p: SamplingParams) -> None:
         if p.n > 1 and not self.batched:
             raise APIError(400, "n > 1 needs the batching engine (this server runs with --max-batch-size 1)",
@@ -220,7 +267,8 @@ class Engine:
         return int(min(60, max(1, math.ceil(typical * waves))))
 
     # -------------------------------------------------------------- one generation
-    async def run(self, ids: list[int], p: SamplingParams, is_disconnected) -> AsyncIterator[Event]:
+    async def run(self, ids: list[int], p: SamplingParams, is_disconnected,
+                  ticket: Ticket | None = None) -> AsyncIterator[Event]:
         """Queue for a slot, then generate (rows of a scheduler's batch), yielding the Events:
         text pieces and one "done" per choice, or an "error".
 
@@ -228,16 +276,19 @@ class Engine:
             ids: prompt token ids (already checked against the context length).
             p: sampling parameters.
             is_disconnected: an async callable; when it returns true the generation is
-                cancelled (checked while queued and between pieces).
+                cancelled (checked while queued, and every half second while decoding).
+            ticket: the request's `admit`; None takes one now (a 429 if the queue is full).
 
         Leaving the iteration early (the client went away, or the task was cancelled)
         cancels the generation; its slot frees once its rows have left the batch.
         """
         if self.limiter is None or not self.schedulers:
             raise RuntimeError("Engine.startup() was not called (create_app's lifespan calls it)")
-        self._check_n(p)
+        if ticket is None:
+            ticket = self.admit(p)
+        ticket.claimed = True
         loop = asyncio.get_running_loop()
-        await self._acquire(is_disconnected)
+        await self._acquire(ticket.place, is_disconnected)
         queue: asyncio.Queue[Event] = asyncio.Queue()
         cancelled = threading.Event()
         t0 = time.monotonic()
@@ -258,13 +309,20 @@ class Engine:
             self.limiter.release()
             raise APIError(503, "the server is shutting down", "server_error") from None
         pending = p.n  # choices not finished yet
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     ev = await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    ev = None
+                # also while pieces keep coming: a non-streamed reply's client that gave up
+                # is only seen by asking
+                if ev is None or time.monotonic() - checked > 0.5:
+                    checked = time.monotonic()
                     if await is_disconnected():
                         raise ClientGone() from None
+                if ev is None:
                     continue
                 yield ev
                 pending -= ev.kind == "done"
@@ -273,26 +331,17 @@ class Engine:
         finally:
             cancelled.set()  # no-op if the generation already finished
 
-    async def _acquire(self, is_disconnected) -> None:
-        """Wait for a slot, giving up if the client disconnects while queued."""
-        task = asyncio.ensure_future(self.limiter.acquire())
+    async def _acquire(self, place: asyncio.Future, is_disconnected) -> None:
+        """Wait until `place` (`FairLimiter.enter`) holds a slot, giving up if the client
+        disconnects while queued."""
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=0.5)
-                if done:
-                    task.result()
-                    return
-                if await is_disconnected():
+            while not place.done():
+                done, _ = await asyncio.wait({place}, timeout=0.5)
+                if not done and await is_disconnected():
                     raise ClientGone()
         except BaseException:
-            if not task.done():
-                task.cancel()  # leaves the queue; FairLimiter passes on a slot that just arrived
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-            elif not task.cancelled() and task.exception() is None:
-                self.limiter.release()  # admitted just as we were cancelled: give it back
+            # leaves the queue, or passes on a slot that arrived just as we gave up
+            self.limiter.leave(place)
             raise
 
     # -------------------------------------------------------------- request helpers

@@ -139,9 +139,15 @@ class Scheduler:
         self.jobs.extend(ready)
 
     def _deliver(self, events) -> None:
-        finished = []
+        finished, failed = [], []
         for row, _, piece in events:
             job, i = row.tag
+            if job in failed:
+                continue
+            if row.error is not None:  # this request's draw failed: it alone ends (a 500)
+                failed.append(job)
+                self._fail([job], RuntimeError(row.error))
+                continue
             if piece:
                 job.emit(Event("text", piece, index=i))
             if row.done:
@@ -149,6 +155,8 @@ class Scheduler:
                 if all(r.done for r in job.rows) and job not in finished:
                     finished.append(job)
         for job in finished:
+            if job in failed:
+                continue
             self.jobs.remove(job)
             self._retire(job)
 

@@ -115,3 +115,19 @@ def validation_error(exc: ValidationError) -> APIError:
         msg = f"invalid value for {param!r}: {err.get('msg')}" if param else err.get("msg", "invalid request")
     code = "invalid_type" if kind.endswith("_type") or alternatives else "invalid_value"
     return APIError(400, msg, param=param, code=None if kind == "missing" else code)
+
+
+def request_body(name: str) -> dict:
+    """A route's `openapi_extra`: its JSON body is the schema `name` (one of `openapi_models`'
+    models, listed under the schema's components)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
+def openapi_components(models) -> dict:
+    """The JSON schemas of the request `models` (and the models they use), keyed by name,
+    for the OpenAPI document's `components.schemas`."""
+    from pydantic.json_schema import models_json_schema
+
+    _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+    return defs.get("$defs", {})

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UserError
-from ..utils import read_json, write_json
+from ..utils import read_json, read_text, write_json
 from .base import Tokenizer, valid_unicode
 
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -89,10 +89,10 @@ class HFTokenizer(Tokenizer):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         if template is None and (folder / HF_TEMPLATE_FILE).is_file():
-            template = (folder / HF_TEMPLATE_FILE).read_text(encoding="utf-8")
+            template = read_text(folder / HF_TEMPLATE_FILE)
         if template is not None and not isinstance(template, str):
             raise UserError(f"{folder / HF_TOKENIZER_CONFIG}: field 'chat_template' must be a string")
-        text = file.read_text(encoding="utf-8")
+        text = read_text(file)
         try:
             return cls(text, template, _token_text(config.get("eos_token")), _token_text(config.get("bos_token")))
         except UserError as e:

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from ..checkpoints.run import model_state
 from ..errors import UserError
-from ..utils import atomic_write, save_safetensors
+from ..utils import atomic_write, load_safetensors, save_safetensors
 
 STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -65,15 +64,18 @@ def save_train_state(out: Path, model: torch.nn.Module, optimizer, step: int, se
 
 
 def _metadata(out: Path) -> dict[str, str]:
-    with safe_open(str(out / STATE_FILE), framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        with safe_open(str(out / STATE_FILE), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # SafetensorError: a truncated or foreign file
+        raise UserError(f"{out / STATE_FILE}: not a readable safetensors file ({e})") from None
 
 
 def load_train_state(out: Path, model: torch.nn.Module, optimizer) -> tuple[int, int]:
     """Restore what `save_train_state` wrote into `model` and `optimizer` (built exactly as
     for the saved run), and the RNG. Returns `(step, seen)`."""
     meta = _metadata(out)
-    tensors = load_file(str(out / STATE_FILE))
+    tensors = load_safetensors(out / STATE_FILE)
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     if getattr(getattr(model, "config", None), "tie_weights", False):
         weights["lm_head.weight"] = weights["wte.weight"]
