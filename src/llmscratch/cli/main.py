@@ -210,11 +210,20 @@ def cmd_download(args) -> None:
     print(f"try: llmscratch generate --model {folder} --prompt \"Hello, I'm a language model,\"")
 
 
+def _run_chat_template(src) -> str | None:
+    """The Jinja form of the prompt layout a run folder is chatted with (its recorded
+    template, else plain), for the exported `tokenizer_config.json`; None for other folders."""
+    from ..checkpoints.run import is_run_dir
+    from ..decoding.prompts import template_for
+
+    return template_for(src).jinja() if is_run_dir(src) else None
+
+
 def cmd_convert(args) -> None:
     """Convert between a Hugging Face folder (GPT-2, Llama, Qwen3, Mistral, BERT) and an llmscratch run folder."""
     from ..checkpoints.convert import convert
 
-    dst = convert(args.src, args.dst, to=args.to)
+    dst = convert(args.src, args.dst, to=args.to, chat_template=_run_chat_template(args.src))
     print(f"wrote {dst}")
 
 
