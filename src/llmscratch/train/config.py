@@ -37,7 +37,9 @@ class TrainConfig(RunConfig):
     """run folder for config, weights, tokenizer, state, metrics, plot"""
     tokenizer: str = "bpe:8192"
     """bpe:VOCAB (train a byte-level BPE on the data), wordpiece:VOCAB (train an uncased
-    WordPiece, as BERT's), gpt2, or a tokenizer.json"""
+    WordPiece, as BERT's), gpt2, or a tokenizer.json (default: bpe:8192 for a GPT,
+    wordpiece:8192 for an encoder, which reads bpe:N as wordpiece:N; a vocabulary the text
+    cannot fill stops short, with a warning giving its real size)"""
     max_steps: int = 240
     """optimizer steps to train for"""
     time_budget: str | None = None
