@@ -155,8 +155,9 @@ def test_finetune_classify_an_encoder(tmp_path, sms_tsv, capsys):
                enc, tok)
     out = tmp_path / "clf"
     result = finetune_classify(ClassifyConfig(model=str(enc), data=str(sms_tsv), out=str(out), epochs=3,
-                                              text_column="1", label_column="0", trainable="all",
+                                              text_column="1", label_column="0",  # default: all layers
                                               batch_size=8, lr=3e-3, progress=False, seed=1))
+    assert result.metrics["settings"]["trainable"] == "all"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "loss.png", "confusion.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -171,3 +172,26 @@ def test_finetune_classify_an_encoder(tmp_path, sms_tsv, capsys):
     capsys.readouterr()
     assert main(["classify", "--model", str(out), texts[0]]) == 0
     assert capsys.readouterr().out.split("\t")[0] == preds[0][0]
+
+
+def test_classify_defaults_follow_the_model_kind(encoder_run, gpt_run, tmp_path):
+    """An encoder trains all layers at 1e-3 when small (bert-tiny stalls at chance with a
+    GPT's last-1 at 5e-5), at 5e-5 when BERT-base sized; a GPT keeps the book's last-1 at
+    5e-5; what the user sets is kept."""
+    from llmscratch.finetune.classify import ClassifyConfig, resolve_defaults
+
+    def resolved(model, **kw):
+        cfg = ClassifyConfig(model=str(model), **kw)
+        resolve_defaults(cfg)
+        return cfg.trainable, cfg.lr
+
+    assert resolved(encoder_run) == ("all", 1e-3)
+    assert resolved("bert-tiny") == ("all", 1e-3)
+    assert resolved(gpt_run) == ("last-1", 5e-5)
+    assert resolved("small") == ("last-1", 5e-5)
+    assert resolved(encoder_run, trainable="last-2", lr=3e-4) == ("last-2", 3e-4)
+    base = tmp_path / "bert-base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768,
+                                                  "num_hidden_layers": 12, "vocab_size": 30522}))
+    assert resolved(base) == ("all", 5e-5)

@@ -279,8 +279,14 @@ class ClassifyConfig(FinetuneConfig):
     seeds on the same test set"""
     max_length: int | None = None
     """truncate texts to this many tokens (default: the longest training text, capped at the context length)"""
-    trainable: str = "last-1"
-    """all, last-N (last N blocks + final LayerNorm; the head always trains) or lora"""
+    trainable: str | None = None
+    """all, last-N (last N blocks + final LayerNorm; the head always trains) or lora
+    (default: last-1 for a GPT, all for an encoder: a small encoder's [CLS] vector carries
+    little of the text until its layers are tuned)"""
+    lr: float | None = None
+    """peak learning rate (default: 5e-5 for a GPT, 1e-3 for an encoder of our size (under
+    10M parameters, e.g. bert-tiny/bert-mini trained here), 5e-5 for a larger one such as
+    bert-base)"""
 
 
 @dataclass
@@ -336,6 +342,50 @@ def unlabeled_texts(cfg: ClassifyConfig) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
+ENCODER_LR = 1e-3
+"""`finetune classify`'s default learning rate for an encoder under `SMALL_ENCODER` parameters."""
+SMALL_ENCODER = 10_000_000
+DECODER_LR = 5e-5
+
+
+def resolve_defaults(cfg: ClassifyConfig) -> None:
+    """Fill `trainable` and `lr` left unset (None) by the kind of `cfg.model`: a GPT trains
+    its last block at 5e-5 (the book's recipe); an encoder trains all layers, at 1e-3 when it
+    is small (a bert-tiny pretrained here stalls at chance with last-1 or 5e-5), at 5e-5 when
+    it is BERT-base sized."""
+    encoder, n_params = _model_kind(cfg.model)
+    if cfg.trainable is None:
+        cfg.trainable = "all" if encoder else "last-1"
+    if cfg.lr is None:
+        cfg.lr = ENCODER_LR if encoder and n_params < SMALL_ENCODER else DECODER_LR
+
+
+def _model_kind(model: str) -> tuple[bool, int]:
+    """(is an encoder, about how many parameters: 12 x layers x width^2 + vocab x width) of
+    a run folder, Hugging Face folder or preset, from its config alone; (False, 0) when it
+    cannot be told (load_model then says what is wrong)."""
+    import json
+
+    from ..models.bert import BertConfig
+
+    path = Path(model)
+    try:
+        if (path / "config.json").is_file():
+            data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            if is_encoder_config(data.get("model")):  # one of our run folders
+                m = data["model"]
+                return True, 12 * m["n_layer"] * m["n_embd"] ** 2 + m["vocab_size"] * m["n_embd"]
+            if data.get("model_type") == "bert":  # a Hugging Face BERT folder
+                d = data.get("hidden_size", 768)
+                return True, 12 * data.get("num_hidden_layers", 12) * d ** 2 + data.get("vocab_size", 30522) * d
+        elif model in BertConfig.presets():
+            c = BertConfig.from_name(model)
+            return True, 12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return False, 0
+
+
 def finetune_classify(cfg: ClassifyConfig, *, stop_after: int | None = None) -> ClassifyResult:
     """Fine-tune a classifier as described by `cfg`; writes the classifier folder.
 
@@ -347,6 +397,7 @@ def finetune_classify(cfg: ClassifyConfig, *, stop_after: int | None = None) -> 
     """
     from ..checkpoints.run import load_model
 
+    resolve_defaults(cfg)
     cfg.validate()
     if cfg.lora_rank:
         cfg.trainable = "lora"
