@@ -54,6 +54,9 @@ def test_fill_mask_cli(encoder_run, capsys):
     (["embed", "--model", "{gpt}", "a text"], "embed needs an encoder"),
     (["generate", "--model", "{enc}", "--prompt", "hello"], "generate needs a decoder"),
     (["embed", "--model", "{enc}"], "give a text to embed"),
+    (["fill-mask", "--model", "bert-tiny", "a [MASK]"], "an encoder preset has no vocabulary of its own"),
+    (["embed", "--model", "nope", "x"], "encoder: bert-tiny, bert-mini"),
+    (["pretrain", "--model", "nope", "--out", "{enc}/x"], "not a preset; choose one of: GPT: gpt2-124m"),
     (["eval", "--model", "{enc}", "--data", "{data}"], "eval lm (next-token loss) needs a decoder"),
     (["eval", "tasks", "--model", "{enc}", "--tasks", "pattern"], "eval tasks (log-likelihood scoring) needs a decoder"),
 ])

@@ -35,6 +35,7 @@ from ..hf.registry import is_hf_dir, load_hf, load_hf_tokenizer
 from ..kernels import apply_kernels
 from ..kernels.quantize import quantize_int8
 from ..models.bert import Bert, BertConfig, is_encoder_config
+from ..models.configs import all_presets_text
 from ..models.gpt import GPT, GPTConfig
 from ..tokenizer import get_tokenizer, load_tokenizer
 from ..utils import save_safetensors, write_json
@@ -194,9 +195,13 @@ def _load_model(name_or_path: str, device, dtype, seed: int):
         torch.manual_seed(seed)
         model = GPT(GPTConfig.from_name(name_or_path)).to(device=device, dtype=dtype)
         return model.eval(), get_tokenizer("gpt2")
+    if name_or_path in BertConfig.presets():
+        raise UserError(f"--model {name_or_path}: an encoder preset has no vocabulary of its own to start from; "
+                        f"pretrain it first (llmscratch pretrain --model {name_or_path} --data TEXT --out runs/bert) "
+                        f"and pass the run folder")
     if path.exists():
-        raise UserError(f"{path}: expected a folder (run folder or Hugging Face GPT-2 folder)")
+        raise UserError(f"{path}: expected a folder (run folder or Hugging Face folder)")
     raise UserError(
         f"--model {name_or_path!r}: no such folder, and not a preset "
-        f"(presets: {', '.join(GPTConfig.presets())})"
+        f"(presets: {all_presets_text()})"
     )

@@ -103,6 +103,12 @@ class TrainConfig(RunConfig):
     def validate(self) -> None:
         """Raise `UserError` for a setting no run can use (the shared checks, then pretraining's)."""
         super().validate()
+        from ..models.bert import BertConfig
+        from ..models.gpt import GPTConfig
+        from ..models.configs import all_presets_text
+
+        if self.model not in GPTConfig.presets() + BertConfig.presets():
+            raise UserError(f"--model {self.model!r}: not a preset; choose one of: {all_presets_text()}")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.warmup_steps < 0:
