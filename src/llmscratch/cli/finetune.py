@@ -251,7 +251,8 @@ def register(sub) -> None:
     from ..finetune.classify import ClassifyConfig
     from ..finetune.instruct import InstructConfig
 
-    ft = sub.add_parser("finetune", help="fine-tune a model: classifier or instruction follower",
+    ft = sub.add_parser("finetune", help="fine-tune a model: classify, instruct, dpo (preferences); "
+                                         "unlabeled (texts for domain pretraining)",
                         description="Fine-tune a pretrained model. `llmscratch finetune TASK --help` shows "
                                     "a task's options and examples.",
                         epilog="examples:\n"

@@ -300,11 +300,11 @@ def judge_scores(records: list[dict], url: str, model: str, api_key: str | None 
         `{"scores": [int | None, ...], "mean": mean of the parsed scores, "n_scored": ...}`;
         a reply with no number 0-100 counts as unscored (None), not as 0.
     """
-    from tqdm.auto import tqdm
+    from ..utils import progress_bar
 
     api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
     scores = []
-    for rec in tqdm(records, desc="judging", disable=not progress, dynamic_ncols=True):
+    for rec in progress_bar(records, desc="judging", disable=not progress, dynamic_ncols=True):
         scores.append(parse_score(ask_judge(url, model, judge_prompt(rec), api_key)))
     valid = [s for s in scores if s is not None]
     return {"scores": scores, "mean": sum(valid) / len(valid) if valid else None, "n_scored": len(valid)}

@@ -218,7 +218,7 @@ def evaluate_task(model, tokenizer, task: Task, shots: int = 0, seed: int = 1234
         `{"task", "kind", "shots", "n"}` and `acc`, `acc_norm` (choice), `exact_match`
         (generate) or `acc`, `ppl` (greedy).
     """
-    from tqdm.auto import tqdm
+    from ..utils import progress_bar
 
     check_shots(task, shots)
     if limit is not None and limit <= 0:
@@ -228,7 +228,7 @@ def evaluate_task(model, tokenizer, task: Task, shots: int = 0, seed: int = 1234
     model.eval()
     hits = norm_hits = 0.0
     total_lp, total_tokens = 0.0, 0
-    for i in tqdm(range(n), desc=task.name, disable=not progress, dynamic_ncols=True):
+    for i in progress_bar(range(n), desc=task.name, disable=not progress, dynamic_ncols=True):
         ex = task.examples[i]
         context = build_context(task, i, shots, seed)
         if task.kind == "generate":

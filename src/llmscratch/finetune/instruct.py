@@ -205,6 +205,8 @@ class InstructConfig(FinetuneConfig):
     """truncate examples to this many tokens (default and maximum: the context length)"""
     trainable: str = "all"
     """all, last-N or lora"""
+    seed: int = 123
+    """seed for the data split, the shuffling, dropout and LoRA's initial weights"""
     max_new_tokens: int = 256
     """longest test-set response generated"""
     max_test: int | None = None
