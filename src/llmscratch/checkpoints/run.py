@@ -40,7 +40,7 @@ from ..models.gpt import GPT, GPTConfig
 from ..tokenizer import get_tokenizer, load_tokenizer
 from ..utils import save_safetensors, write_json
 
-__all__ = ["FORMAT", "is_run_dir", "load_model", "load_run_model", "model_state", "read_run_config",
+__all__ = ["FORMAT", "is_run_dir", "load_model", "model_kind_of", "load_run_model", "model_state", "read_run_config",
            "save_model", "save_safetensors"]
 
 FORMAT = "llmscratch"
@@ -150,6 +150,28 @@ def _tied_weights(model) -> dict[str, str]:
     if getattr(model.config, "tie_weights", False):
         tied["lm_head.weight"] = "wte.weight"
     return tied
+
+
+def model_kind_of(model: str) -> tuple[bool, int]:
+    """(is an encoder, about how many parameters: 12 x layers x width^2 + vocab x width) of
+    a run folder, Hugging Face folder or preset, from its config alone; (False, 0) when it
+    cannot be told (load_model then says what is wrong)."""
+    path = Path(model)
+    try:
+        if (path / "config.json").is_file():
+            data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            if is_encoder_config(data.get("model")):  # one of our run folders
+                m = data["model"]
+                return True, 12 * m["n_layer"] * m["n_embd"] ** 2 + m["vocab_size"] * m["n_embd"]
+            if data.get("model_type") == "bert":  # a Hugging Face BERT folder
+                d = data.get("hidden_size", 768)
+                return True, 12 * data.get("num_hidden_layers", 12) * d ** 2 + data.get("vocab_size", 30522) * d
+        elif model in BertConfig.presets():
+            c = BertConfig.from_name(model)
+            return True, 12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return False, 0
 
 
 def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0, kernels: bool | str = False):

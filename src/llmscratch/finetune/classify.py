@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ..models.bert import is_encoder_config
-from ..checkpoints.run import FORMAT, load_run_model, read_run_config, save_safetensors
+from ..checkpoints.run import FORMAT, load_run_model, model_kind_of, read_run_config, save_safetensors
 from ..errors import UserError
 from ..models.gpt import GPT, GPTConfig
 from ..train import distributed_setup, rank0_first
@@ -281,12 +281,9 @@ class ClassifyConfig(FinetuneConfig):
     """truncate texts to this many tokens (default: the longest training text, capped at the context length)"""
     trainable: str | None = None
     """all, last-N (last N blocks + final LayerNorm; the head always trains) or lora
-    (default: last-1 for a GPT, all for an encoder: a small encoder's [CLS] vector carries
-    little of the text until its layers are tuned)"""
+    (default: last-1 for a GPT, all for an encoder)"""
     lr: float | None = None
-    """peak learning rate (default: 5e-5 for a GPT, 1e-3 for an encoder of our size (under
-    10M parameters, e.g. bert-tiny/bert-mini trained here), 5e-5 for a larger one such as
-    bert-base)"""
+    """peak learning rate (default: 5e-5; 1e-3 for an encoder under 10M parameters, e.g. bert-tiny)"""
 
 
 @dataclass
@@ -342,48 +339,14 @@ def unlabeled_texts(cfg: ClassifyConfig) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
-ENCODER_LR = 1e-3
-"""`finetune classify`'s default learning rate for an encoder under `SMALL_ENCODER` parameters."""
-SMALL_ENCODER = 10_000_000
-DECODER_LR = 5e-5
-
-
 def resolve_defaults(cfg: ClassifyConfig) -> None:
-    """Fill `trainable` and `lr` left unset (None) by the kind of `cfg.model`: a GPT trains
-    its last block at 5e-5 (the book's recipe); an encoder trains all layers, at 1e-3 when it
-    is small (a bert-tiny pretrained here stalls at chance with last-1 or 5e-5), at 5e-5 when
-    it is BERT-base sized."""
-    encoder, n_params = _model_kind(cfg.model)
+    """Fill `trainable` and `lr` left unset by the kind of `cfg.model` (a bert-tiny pretrained
+    here stalls at chance with a GPT's last-1 at 5e-5; BERT-base takes 5e-5, all layers)."""
+    encoder, n_params = model_kind_of(cfg.model)
     if cfg.trainable is None:
         cfg.trainable = "all" if encoder else "last-1"
     if cfg.lr is None:
-        cfg.lr = ENCODER_LR if encoder and n_params < SMALL_ENCODER else DECODER_LR
-
-
-def _model_kind(model: str) -> tuple[bool, int]:
-    """(is an encoder, about how many parameters: 12 x layers x width^2 + vocab x width) of
-    a run folder, Hugging Face folder or preset, from its config alone; (False, 0) when it
-    cannot be told (load_model then says what is wrong)."""
-    import json
-
-    from ..models.bert import BertConfig
-
-    path = Path(model)
-    try:
-        if (path / "config.json").is_file():
-            data = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            if is_encoder_config(data.get("model")):  # one of our run folders
-                m = data["model"]
-                return True, 12 * m["n_layer"] * m["n_embd"] ** 2 + m["vocab_size"] * m["n_embd"]
-            if data.get("model_type") == "bert":  # a Hugging Face BERT folder
-                d = data.get("hidden_size", 768)
-                return True, 12 * data.get("num_hidden_layers", 12) * d ** 2 + data.get("vocab_size", 30522) * d
-        elif model in BertConfig.presets():
-            c = BertConfig.from_name(model)
-            return True, 12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        pass
-    return False, 0
+        cfg.lr = 1e-3 if encoder and n_params < 10_000_000 else 5e-5
 
 
 def finetune_classify(cfg: ClassifyConfig, *, stop_after: int | None = None) -> ClassifyResult:
