@@ -154,13 +154,23 @@ def cmd_eval(args) -> None:
     if not cfg.model:
         raise UserError("llmscratch eval needs --model (or: eval instruct --responses FILE)")
     from ..checkpoints.run import load_model
-    from ..evaluation.lm import evaluate_lm, pretraining_data_of
+    from ..evaluation.lm import evaluate_lm, evaluate_mlm_data, pretraining_data_of
     from ..utils import pick_device
 
-    data, val_fraction, what = _eval_data(cfg, pretraining_data_of(cfg.model))
+    own = pretraining_data_of(cfg.model)
+    data, val_fraction, what = _eval_data(cfg, own)
     device = pick_device(cfg.device)
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), kernels=cfg.kernels)
+    if model.kind.can("fill-mask"):  # an encoder: masked-token loss and accuracy, as its pretraining measured
+        r = evaluate_mlm_data(model, tokenizer, data, batch_size=cfg.batch_size, context_length=cfg.context_length,
+                              max_batches=cfg.max_batches, encoding_errors=cfg.encoding_errors, device=device,
+                              val_fraction=val_fraction, progress=cfg.progress, seed=(own or {}).get("seed", 0),
+                              whole_word=(own or {}).get("whole_word_masking", False))
+        print(f"data         {data}, {what}: {r['tokens']:,} tokens, {r['windows']} windows of {r['context_length']}")
+        print(f"masked-token loss      {r['loss']:.4f} nats/token (15% of tokens masked, seeded as pretraining's)")
+        print(f"masked-token accuracy  {100 * r['accuracy']:.2f}%")
+        return
     model.kind.require("score", "eval lm (next-token loss)")  # a decoder's command
     r = evaluate_lm(model, tokenizer, data, batch_size=cfg.batch_size, context_length=cfg.context_length,
                     max_batches=cfg.max_batches, encoding_errors=cfg.encoding_errors, device=device,
