@@ -213,10 +213,11 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def automatic_scores(records: list[dict]) -> dict:
-    """Mean exact match and token F1 over the records."""
+    """Mean exact match and token F1 over the records, and how many responses are empty."""
     n = len(records)
     return {
         "n": n,
+        "n_empty": sum(not r["response"].strip() for r in records),
         "exact_match": sum(exact_match(r["response"], r["output"]) for r in records) / n,
         "token_f1": sum(token_f1(r["response"], r["output"]) for r in records) / n,
     }
