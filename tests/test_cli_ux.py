@@ -235,7 +235,7 @@ def test_chat_on_a_base_model_says_so_once_and_prints_no_blank_lines(random_run)
     chat.send = lambda text: iter(["\n", "\n\n", "  ", "\n"])
     chat_loop(chat, io.StringIO("Hello\nAgain\n/exit\n"), stdout, stderr)
     assert stderr.getvalue().count("not instruction-tuned") == 1
-    assert stdout.getvalue() == "\n\n"  # one line per reply, no blank lines streamed
+    assert stdout.getvalue() == ">>> Hello\n\n\n>>> Again\n\n"  # a transcript; no blank lines streamed
     assert stderr.getvalue().count("no reply") == 2
 
 

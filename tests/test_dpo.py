@@ -138,7 +138,14 @@ def test_dpo_raises_heldout_accuracy_and_margin(tmp_path, tiny_instruct):
     assert after["val_loss"] < math.log(2)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "pref_accuracy" in r]
-    assert len(evals) == 2 and all(k in evals[0] for k in ("reward_margin", "chosen_logp", "rejected_logp"))
+    assert len(evals) >= 8 and all(k in evals[0] for k in ("reward_margin", "chosen_logp", "rejected_logp"))
+    assert before["pref_ties"] == 1.0 and before["pref_accuracy"] == 0.0  # tied, not wrong
+    from llmscratch.finetune.dpo import dpo_figure
+    fig = dpo_figure([before | {"examples": 0}] + records)
+    acc_ax, *rest = fig.axes
+    assert any(list(line.get_ydata()) == [0.5, 0.5] for line in acc_ax.get_lines())  # the chance line
+    assert len(acc_ax.get_lines()[0].get_xdata()) == len(evals) + 1
+    assert all(ax.yaxis.get_major_formatter().get_useOffset() is False for ax in fig.axes)
     for name in ("loss.png", "dpo.png", "metrics.json", "model.safetensors"):
         assert (out / name).is_file(), name
     assert not (out / "train_state.safetensors").exists()
@@ -215,6 +222,7 @@ def test_cli_finetune_instruct_then_dpo_then_eval_instruct(tmp_path, tiny_instru
             str(tmp_path / "dpo"), "--lr", "1e-3", "--beta", "0.5", *common)
     assert r.returncode == 0, r.stderr
     assert "held-out preference accuracy" in r.stdout and "eval instruct" in r.stdout
+    assert "before held-out preference accuracy 0.00% (every pair tied: no preference yet, chance is 50%)" in r.stdout
     r = cli("eval", "instruct", "--responses", str(tmp_path / "dpo" / "responses.json"))
     assert r.returncode == 0 and "exact match" in r.stdout, r.stderr
     r = cli("finetune", "dpo", "--model", str(tmp_path / "inst"), "--data", str(tmp_path / "nope.json"),

@@ -4,6 +4,7 @@ one-line refusals (no [MASK], a GPT given to fill-mask, an encoder given to gene
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -54,7 +55,9 @@ def test_fill_mask_cli(encoder_run, capsys):
     (["embed", "--model", "{gpt}", "a text"], "embed needs an encoder"),
     (["generate", "--model", "{enc}", "--prompt", "hello"], "generate needs a decoder"),
     (["embed", "--model", "{enc}"], "give a text to embed"),
-    (["eval", "--model", "{enc}", "--data", "{data}"], "eval lm (next-token loss) needs a decoder"),
+    (["fill-mask", "--model", "bert-tiny", "a [MASK]"], "an encoder preset has no vocabulary of its own"),
+    (["embed", "--model", "nope", "x"], "encoder: bert-tiny, bert-mini"),
+    (["pretrain", "--model", "nope", "--out", "{enc}/x"], "not a preset; choose one of: GPT: gpt2-124m"),
     (["eval", "tasks", "--model", "{enc}", "--tasks", "pattern"], "eval tasks (log-likelihood scoring) needs a decoder"),
 ])
 def test_bad_input_is_one_line(encoder_run, gpt_run, corpus_file, capsys, argv, message):
@@ -155,8 +158,9 @@ def test_finetune_classify_an_encoder(tmp_path, sms_tsv, capsys):
                enc, tok)
     out = tmp_path / "clf"
     result = finetune_classify(ClassifyConfig(model=str(enc), data=str(sms_tsv), out=str(out), epochs=3,
-                                              text_column="1", label_column="0", trainable="all",
+                                              text_column="1", label_column="0",  # default: all layers
                                               batch_size=8, lr=3e-3, progress=False, seed=1))
+    assert result.metrics["settings"]["trainable"] == "all"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "loss.png", "confusion.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -171,3 +175,45 @@ def test_finetune_classify_an_encoder(tmp_path, sms_tsv, capsys):
     capsys.readouterr()
     assert main(["classify", "--model", str(out), texts[0]]) == 0
     assert capsys.readouterr().out.split("\t")[0] == preds[0][0]
+
+
+def test_classify_defaults_follow_the_model_kind(encoder_run, gpt_run, tmp_path):
+    """An encoder trains all layers at 1e-3 when small (bert-tiny stalls at chance with a
+    GPT's last-1 at 5e-5), at 5e-5 when BERT-base sized; a GPT keeps the book's last-1 at
+    5e-5; what the user sets is kept."""
+    from llmscratch.finetune.classify import ClassifyConfig, resolve_defaults
+
+    def resolved(model, **kw):
+        cfg = ClassifyConfig(model=str(model), **kw)
+        resolve_defaults(cfg)
+        return cfg.trainable, cfg.lr
+
+    assert resolved(encoder_run) == ("all", 1e-3)
+    assert resolved("bert-tiny") == ("all", 1e-3)
+    assert resolved(gpt_run) == ("last-1", 5e-5)
+    assert resolved("small") == ("last-1", 5e-5)
+    assert resolved(encoder_run, trainable="last-2", lr=3e-4) == ("last-2", 3e-4)
+    base = tmp_path / "bert-base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768,
+                                                  "num_hidden_layers": 12, "vocab_size": 30522}))
+    assert resolved(base) == ("all", 5e-5)
+
+
+def test_eval_on_an_encoder_reports_masked_token_figures(tmp_path, corpus_file, capsys):
+    """`eval --model <encoder run>` reports held-out masked-token loss and accuracy: on the
+    run's own validation text, the figures its pretraining reported at the end."""
+    from llmscratch.train import TrainConfig, pretrain
+
+    out = tmp_path / "bert"
+    pretrain(TrainConfig(model="bert-tiny", data=str(corpus_file), tokenizer="wordpiece:300", context_length=34,
+                         batch_size=4, max_steps=4, eval_every=4, eval_batches=100, warmup_steps=1,
+                         sample_tokens=0, precision="fp32", progress=False, seed=3, out=str(out)))
+    last = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in l][-1]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--no-progress", "--batch-size", "4"]) in (0, None)
+    text = capsys.readouterr().out
+    loss = float(re.search(r"masked-token loss\s+([\d.]+)", text).group(1))
+    acc = float(re.search(r"masked-token accuracy\s+([\d.]+)%", text).group(1))
+    assert loss == pytest.approx(last["val_loss"], abs=1e-3)
+    assert acc == pytest.approx(100 * last["val_mlm_acc"], abs=0.01)

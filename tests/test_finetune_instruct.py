@@ -115,7 +115,7 @@ def test_too_small_dataset_writes_nothing(tmp_path, tiny_run):
 
 
 @pytest.mark.parametrize("template, lora", [("alpaca", 0), ("phi3", 4)])
-def test_finetune_instruct_end_to_end(tmp_path, tiny_run, template, lora):
+def test_finetune_instruct_end_to_end(tmp_path, tiny_run, template, lora, capsys):
     data = tmp_path / "d.json"
     data.write_text(json.dumps(RECORDS))
     out = tmp_path / "inst"
@@ -125,6 +125,14 @@ def test_finetune_instruct_end_to_end(tmp_path, tiny_run, template, lora):
     result = finetune_instruct(cfg)
     responses = json.loads((out / "responses.json").read_text())
     assert len(responses) == 4
+    # the Alpaca layout's preamble makes some examples longer than the 96-token context: said, counted
+    err = capsys.readouterr().err
+    if template == "alpaca":
+        assert 0 < result.metrics["n_truncated"] < 16
+        assert f"{result.metrics['n_truncated']} of 16 train/val examples are longer than 96 tokens" in err
+    else:
+        assert result.metrics["n_truncated"] == 0 and "are cut to it" not in err
+    assert result.metrics["n_empty_responses"] == sum(not r["response"].strip() for r in responses)
     assert set(responses[0]) == {"instruction", "input", "output", "response"}
     assert responses[0]["output"] == RECORDS[16]["output"]
     assert read_run_config(out)["template"] == template
@@ -285,6 +293,16 @@ def test_cli_eval_instruct_with_judge_and_errors(tmp_path, judge_server):
     (tmp_path / "bad.json").write_text('[{"instruction": "a",\n "output": }]')
     r = cli("eval", "instruct", "--responses", str(tmp_path / "bad.json"))
     assert r.returncode == 2 and "bad.json:2: malformed JSON" in r.stderr
+
+
+def test_cli_eval_instruct_says_how_many_responses_are_empty(tmp_path):
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(RESPONSES + [{**RESPONSES[0], "response": " \n "}]))
+    r = cli("eval", "instruct", "--responses", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "empty        1 of 3 responses hold only whitespace" in r.stdout
+    path.write_text(json.dumps(RESPONSES))
+    assert "empty" not in cli("eval", "instruct", "--responses", str(path)).stdout
 
 
 def test_cli_eval_instruct_reference_loss_and_lm_eval_still_work(tmp_path, tiny_run, corpus_file):

@@ -67,7 +67,20 @@ def test_acc_and_acc_norm_by_hand():
            Example("x", ["b", "a"], 1), Example("x", ["aaaa", "a"], 0)]
     r = evaluate_task(model, ByteTok(), Task("hand", "choice", exs))
     # example: acc (sum) / acc_norm (per char): 0/1, 1/0, 1/1, 0/1
-    assert r == {"task": "hand", "kind": "choice", "shots": 0, "n": 4, "acc": 0.5, "acc_norm": 0.75}
+    gold = r.pop("gold_logprob")
+    assert r == {"task": "hand", "kind": "choice", "shots": 0, "n": 4, "acc": 0.5, "acc_norm": 0.75,
+                 "predictions": [0, 0, 1, 1]}
+    assert gold == pytest.approx(3.5 * math.log(0.3))
+    # a model that ignores its context: 2 shots change no prediction, and the note says so
+    from llmscratch.cli.tasks import shots_notes
+
+    task = Task("hand", "choice", exs * 2)
+    rows = [evaluate_task(model, ByteTok(), task, shots=k) for k in (0, 2)]
+    notes = shots_notes(rows)
+    assert len(notes) == 1 and "hand: 2 shots change no prediction of the 0-shot run" in notes[0]
+    assert f"moved {rows[0]['gold_logprob']:.3f} -> {rows[1]['gold_logprob']:.3f} nats" in notes[0]
+    rows[1]["predictions"][0] = 1
+    assert shots_notes(rows) == []
     lp = loglikelihoods(model, [encode_request(ByteTok(), "x", " aaaa")])[0][0]
     assert lp == pytest.approx(5 * math.log(0.3), rel=1e-6)
 

@@ -129,3 +129,19 @@ def test_train_vocab_has_specials_first_and_word_starts():
     assert starts[0] and sum(starts) == 2
     with pytest.raises(UserError, match="needs more than 5"):
         train_vocab(["a b"], 5)
+
+
+def test_a_vocabulary_that_stops_short_says_its_real_size():
+    from llmscratch.tokenizer import BPETokenizer
+
+    text = "the cat sat on the mat. the cat sat."
+    with pytest.warns(UserWarning, match=r"WordPiece vocabulary stopped at \d+ pieces of the 8,192 asked") as got:
+        tok = WordPieceTokenizer.from_corpus([text], 8192)
+    assert f"stopped at {tok.vocab_size:,} pieces" in str(got[0].message)
+    with pytest.warns(UserWarning, match=r"BPE vocabulary stopped at \d+ tokens of the 8,192 asked") as got:
+        bpe = BPETokenizer().train(text, 8192)
+    assert f"stopped at {bpe.vocab_size:,} tokens" in str(got[0].message)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        WordPieceTokenizer.from_corpus([text], 12)  # reached: no warning

@@ -197,3 +197,83 @@ def fields_in_order(cls) -> list[dataclasses.Field]:
     """
     order = {name: i for i, name in enumerate(getattr(cls, "FIELD_ORDER", ()))}
     return sorted(dataclasses.fields(cls), key=lambda f: order.get(f.name, len(order)))
+
+
+PROGRESS_INTERVAL_ENV = "LLMSCRATCH_PROGRESS_INTERVAL"
+"""Seconds between the plain progress lines written when stderr is not a terminal (default 30)."""
+
+
+class _PlainLines:
+    """A stream for tqdm when it is not writing to a terminal (a log file, a pipe): a redraw
+    becomes one plain line, at most one per `interval` seconds (the last one always, at
+    close), without the carriage returns and padding that redraw a bar in place; blank
+    writes (tqdm clearing its line) and repeats are dropped."""
+
+    def __init__(self, stream, interval: float):
+        self.stream = stream
+        self.interval = interval
+        self.last = None
+        self.last_time = None
+        self.pending = None
+
+    def write(self, text: str, force: bool = False) -> None:
+        import time
+
+        line = text.replace("\r", "").strip()
+        if not line or line == self.last:
+            return
+        now = time.monotonic()
+        if force or self.last_time is None or now - self.last_time >= self.interval:
+            self.stream.write(line + "\n")
+            self.last, self.last_time, self.pending = line, now, None
+        else:
+            self.pending = line
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            self.write(self.pending, force=True)
+
+    def flush(self) -> None:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            self.stream.flush()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm progress bar (same arguments) that follows the convention of tools writing to
+    a log: on a terminal it redraws in place; otherwise (stderr piped or redirected) it
+    writes one plain line at the start, one every `$LLMSCRATCH_PROGRESS_INTERVAL` seconds
+    (default 30) and one at the end, so a log holds a readable line per interval instead of
+    every redraw."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    stream = kwargs.pop("file", None) or sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    if kwargs.get("disable") or (callable(isatty) and isatty()):
+        return tqdm(iterable, file=stream, **kwargs)
+    try:
+        interval = max(float(os.environ.get(PROGRESS_INTERVAL_ENV, "30")), 0.0)
+    except ValueError:
+        interval = 30.0
+    kwargs.update(dynamic_ncols=False, ncols=100, ascii=True, mininterval=min(interval, 0.1))
+    return _plain_tqdm()(iterable, file=_PlainLines(stream, interval), **kwargs)
+
+
+_PLAIN_TQDM = []
+
+
+def _plain_tqdm():
+    """tqdm whose close writes the last line its `_PlainLines` held back."""
+    if not _PLAIN_TQDM:
+        from tqdm.auto import tqdm
+
+        class PlainTqdm(tqdm):
+            def close(self):
+                super().close()
+                finish = getattr(self.fp, "finish", None) or getattr(getattr(self.fp, "wrapped", None), "finish", None)
+                if finish is not None:
+                    finish()
+
+        _PLAIN_TQDM.append(PlainTqdm)
+    return _PLAIN_TQDM[0]

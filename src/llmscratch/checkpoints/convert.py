@@ -8,9 +8,12 @@ Qwen3, Mistral, BERT). Reading goes through `load_run_model` / `load_hf`, writin
 The tokenizer travels with the model. Into a run folder goes the Hugging Face folder's own
 (a Llama's `tokenizer.json`, a BERT's `vocab.txt`), else the `llmscratch_tokenizer.json` an
 earlier export kept, else GPT-2's. Into a Hugging Face folder goes the run's tokenizer in
-the family's own format when it has one; otherwise the run's `tokenizer.json` is copied
-as `llmscratch_tokenizer.json` (with a warning unless it is GPT-2's, which Hugging Face
-tools assume).
+the family's own format when it has one (a BERT's `vocab.txt`); otherwise a `tokenizer.json`
++ `tokenizer_config.json` that `transformers.AutoTokenizer` loads with the same ids as ours
+(byte-level BPE, GPT-2's, WordPiece: `tokenizer.hf_export`), with `chat_template` (the
+Jinja layout the model was tuned on) in the config. The run's own `tokenizer.json` is also
+kept as `llmscratch_tokenizer.json`; a word-level tokenizer, which has no `tokenizers`
+form, only there (with a warning).
 
 Example::
 
@@ -33,6 +36,8 @@ from ..hf.common import CONFIG_FILE, TOKENIZER_COPY
 from ..hf.registry import has_hf_tokenizer, is_hf_dir, load_hf, load_hf_tokenizer, save_hf
 from ..tokenizer import get_tokenizer, load_tokenizer
 from ..tokenizer.base import read_tokenizer_file
+from ..tokenizer.hf import HF_TOKENIZER_FILE
+from ..tokenizer.hf_export import to_hf_tokenizer
 from .run import is_run_dir, load_run_model, read_run_config, save_model
 
 __all__ = ["convert", "staged_folder"]
@@ -89,7 +94,8 @@ def staged_folder(dst: Path) -> Iterator[Path]:
         raise
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None) -> Path:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None,
+            chat_template: str | None = None) -> Path:
     """Convert a checkpoint between a Hugging Face folder and our run folder.
 
     - Hugging Face -> run: `config.json` + `model.safetensors` + `tokenizer.json` (the
@@ -107,6 +113,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
         to: "hf" or "run" to choose the output format; default the other one from `src`'s.
             The same format as `src` re-writes the checkpoint (e.g. a `pytorch_model.bin`
             folder becomes safetensors).
+        chat_template: a Jinja chat template for the Hugging Face folder's
+            `tokenizer_config.json` (the CLI passes the run's prompt template,
+            `Template.jinja()`); a tokenizer with a template of its own keeps that one.
 
     Returns:
         `dst` as a Path.
@@ -145,12 +154,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
             save_model(model, tmp, tokenizer, extra={"converted_from": str(src)})
         else:
             save_hf(model, tmp, tokenizer=tokenizer, labels=labels)
-            if tok_file is not None and not has_hf_tokenizer(tmp):  # no format of the family's own
-                if read_tokenizer_file(tok_file).get("type") != "gpt2":
+            if not has_hf_tokenizer(tmp) and not (tmp / HF_TOKENIZER_FILE).is_file():  # none of the family's own
+                exported = to_hf_tokenizer(tokenizer, chat_template)
+                if exported is not None:
+                    exported.save_hf(tmp)
+                elif tok_file is not None:
                     warnings.warn(
-                        f"{src}: the model uses a {tokenizer.name} tokenizer, not GPT-2's; Hugging Face "
-                        f"tools will assume GPT-2's. It is saved as {dst / TOKENIZER_COPY}",
+                        f"{src}: the model uses a {tokenizer.name} tokenizer, which transformers' AutoTokenizer "
+                        f"cannot load; it is kept for llmscratch as {dst / TOKENIZER_COPY}",
                         stacklevel=2,
                     )
-                shutil.copyfile(tok_file, tmp / TOKENIZER_COPY)
+                if tok_file is not None:
+                    read_tokenizer_file(tok_file)  # one of ours (UserError otherwise)
+                    shutil.copyfile(tok_file, tmp / TOKENIZER_COPY)  # ours, exactly, for a convert back
     return dst

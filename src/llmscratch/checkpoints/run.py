@@ -34,12 +34,13 @@ from ..hf.registry import is_hf_dir, load_hf, load_hf_tokenizer
 from ..kernels import apply_kernels
 from ..kernels.quantize import quantize_int8
 from ..models.bert import Bert, BertConfig, is_encoder_config
+from ..models.configs import all_presets_text
 from ..models.gpt import GPT, GPTConfig
 from ..tokenizer import get_tokenizer, load_tokenizer
 from ..models.configs import check_fits_in_memory
 from ..utils import load_safetensors, read_json, save_safetensors, write_json
 
-__all__ = ["FORMAT", "is_run_dir", "load_model", "load_run_model", "model_state", "read_run_config",
+__all__ = ["FORMAT", "is_run_dir", "load_model", "model_kind_of", "load_run_model", "model_state", "read_run_config",
            "save_model", "save_safetensors"]
 
 FORMAT = "llmscratch"
@@ -149,6 +150,28 @@ def _tied_weights(model) -> dict[str, str]:
     return tied
 
 
+def model_kind_of(model: str) -> tuple[bool, int]:
+    """(is an encoder, about how many parameters: 12 x layers x width^2 + vocab x width) of
+    a run folder, Hugging Face folder or preset, from its config alone; (False, 0) when it
+    cannot be told (load_model then says what is wrong)."""
+    path = Path(model)
+    try:
+        if (path / "config.json").is_file():
+            data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            if is_encoder_config(data.get("model")):  # one of our run folders
+                m = data["model"]
+                return True, 12 * m["n_layer"] * m["n_embd"] ** 2 + m["vocab_size"] * m["n_embd"]
+            if data.get("model_type") == "bert":  # a Hugging Face BERT folder
+                d = data.get("hidden_size", 768)
+                return True, 12 * data.get("num_hidden_layers", 12) * d ** 2 + data.get("vocab_size", 30522) * d
+        elif model in BertConfig.presets():
+            c = BertConfig.from_name(model)
+            return True, 12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return False, 0
+
+
 def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0, kernels: bool | str = False):
     """A model and its tokenizer from a run folder, a Hugging Face folder or a preset.
 
@@ -192,9 +215,13 @@ def _load_model(name_or_path: str, device, dtype, seed: int):
         torch.manual_seed(seed)
         model = GPT(GPTConfig.from_name(name_or_path)).to(device=device, dtype=dtype)
         return model.eval(), get_tokenizer("gpt2")
+    if name_or_path in BertConfig.presets():
+        raise UserError(f"--model {name_or_path}: an encoder preset has no vocabulary of its own to start from; "
+                        f"pretrain it first (llmscratch pretrain --model {name_or_path} --data TEXT --out runs/bert) "
+                        f"and pass the run folder")
     if path.exists():
-        raise UserError(f"{path}: expected a folder (run folder or Hugging Face GPT-2 folder)")
+        raise UserError(f"{path}: expected a folder (run folder or Hugging Face folder)")
     raise UserError(
         f"--model {name_or_path!r}: no such folder, and not a preset "
-        f"(presets: {', '.join(GPTConfig.presets())})"
+        f"(presets: {all_presets_text()})"
     )

@@ -251,7 +251,8 @@ class ModelArgs:
     """Which model a command loads, and where."""
 
     model: str
-    """run folder, Hugging Face GPT-2 folder, or preset name"""
+    """run folder, Hugging Face folder (GPT-2, Llama, Qwen3, Mistral), or GPT preset name
+    (random weights, GPT-2's tokenizer)"""
     device: str = "auto"
     """cpu, cuda, cuda:N, mps or auto"""
     dtype: Literal["bf16", "fp16", "fp32", "int8"] | None = None

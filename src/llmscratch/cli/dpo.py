@@ -24,7 +24,10 @@ def cmd_finetune_dpo(args) -> int:
     for when in ("before", "after"):
         e = m[when]
         if e.get("pref_accuracy") is not None:
-            print(f"{when:6s} held-out preference accuracy {100 * e['pref_accuracy']:.2f}%  reward margin "
+            ties = e.get("pref_ties") or 0.0
+            tied = (" (every pair tied: no preference yet, chance is 50%)" if ties >= 1.0
+                    else f" ({100 * ties:.2f}% of pairs tied)" if ties > 0 else "")
+            print(f"{when:6s} held-out preference accuracy {100 * e['pref_accuracy']:.2f}%{tied}  reward margin "
                   f"{e['reward_margin']:+.4f}  log-prob chosen {e['chosen_logp']:.2f} rejected {e['rejected_logp']:.2f}")
     print(f"run folder:  {result.out}  (metrics.json, metrics.jsonl, loss.png, dpo.png)")
     print(f"responses:   {result.out / 'responses_before.json'} -> {result.out / 'responses.json'}")

@@ -16,6 +16,9 @@ from .args import ModelArgs, add_command, add_config_flags, config_from_args
 class FillMaskArgs(ModelArgs):
     """Settings of `llmscratch fill-mask`."""
 
+    model: str
+    """an encoder: a run folder of `pretrain --model bert-tiny` (or another bert-* preset), or a
+    Hugging Face BERT folder (`download bert-base-uncased`)"""
     top_k: int = 5
     """fillings shown for each [MASK]"""
 
@@ -24,6 +27,9 @@ class FillMaskArgs(ModelArgs):
 class EmbedArgs(ModelArgs):
     """Settings of `llmscratch embed`."""
 
+    model: str
+    """an encoder: a run folder of `pretrain --model bert-tiny` (or another bert-* preset), or a
+    Hugging Face BERT folder (`download bert-base-uncased`)"""
     file: str | None = None
     """a file with one text per line (besides any texts given as arguments)"""
     pooling: Literal["mean", "cls"] = "mean"

@@ -139,7 +139,11 @@ def cmd_finetune_instruct(args) -> int:
     if m["val_loss"] is not None:
         print(f"validation loss {m['val_loss']:.4f}")
     print(f"run folder:  {result.out}  (template {m['template']}; metrics.json, loss.png)")
-    print(f"responses:   {result.out / 'responses.json'} ({m['n_test']} test examples)")
+    empty = m.get("n_empty_responses") or 0
+    print(f"responses:   {result.out / 'responses.json'} ({m['n_test']} test examples"
+          + (f"; {empty} of {m['n_responses']} responses are empty: the model wrote only whitespace, "
+             "as greedy decoding of an undertrained model often does; train longer (--epochs, --lr)" if empty
+             else "") + ")")
     print(f"try:         llmscratch chat --model {result.out}")
     print(f"             llmscratch eval instruct --responses {result.out / 'responses.json'}")
     return 130 if result.interrupted else 0
@@ -195,6 +199,9 @@ def cmd_eval_instruct(args, common) -> None:
     report: dict = {"responses": str(cfg.responses), **automatic_scores(records)}
     print(f"responses    {cfg.responses}: {len(records)} records" + (f", answered anew by {common.model}"
                                                                      if cfg.generate else ""))
+    if report["n_empty"]:
+        print(f"empty        {report['n_empty']} of {len(records)} responses hold only whitespace (scored 0): "
+              "the model wrote nothing")
     print(f"exact match  {100 * report['exact_match']:.2f}%")
     print(f"token F1     {100 * report['token_f1']:.2f}%")
     if common.model:
@@ -251,7 +258,8 @@ def register(sub) -> None:
     from ..finetune.classify import ClassifyConfig
     from ..finetune.instruct import InstructConfig
 
-    ft = sub.add_parser("finetune", help="fine-tune a model: classifier or instruction follower",
+    ft = sub.add_parser("finetune", help="fine-tune a model: classify, instruct, dpo (preferences); "
+                                         "unlabeled (texts for domain pretraining)",
                         description="Fine-tune a pretrained model. `llmscratch finetune TASK --help` shows "
                                     "a task's options and examples.",
                         epilog="examples:\n"

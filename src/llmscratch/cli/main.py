@@ -112,7 +112,8 @@ def warn_if_untrained(model: str) -> None:
 # ------------------------------------------------------------------------ generate
 def cmd_generate(args) -> None:
     """Stream a continuation of --prompt to stdout. Sampling settings default to what reads
-    best from a small model (see SamplingArgs); --temperature 0 is greedy."""
+    best from a small model (temperature 0.8, top-k 40; docs/benchmarks.md#decoding-defaults);
+    --temperature 0 is greedy."""
     cfg = config_from_args(GenerateArgs, args)
     from ..checkpoints.run import load_model
     from ..decoding.generate import stream_text
@@ -153,13 +154,23 @@ def cmd_eval(args) -> None:
     if not cfg.model:
         raise UserError("llmscratch eval needs --model (or: eval instruct --responses FILE)")
     from ..checkpoints.run import load_model
-    from ..evaluation.lm import evaluate_lm, pretraining_data_of
+    from ..evaluation.lm import evaluate_lm, evaluate_mlm_data, pretraining_data_of
     from ..utils import pick_device
 
-    data, val_fraction, what = _eval_data(cfg, pretraining_data_of(cfg.model))
+    own = pretraining_data_of(cfg.model)
+    data, val_fraction, what = _eval_data(cfg, own)
     device = pick_device(cfg.device)
     warn_if_untrained(cfg.model)
     model, tokenizer = load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype), kernels=cfg.kernels)
+    if model.kind.can("fill-mask"):  # an encoder: masked-token loss and accuracy, as its pretraining measured
+        r = evaluate_mlm_data(model, tokenizer, data, batch_size=cfg.batch_size, context_length=cfg.context_length,
+                              max_batches=cfg.max_batches, encoding_errors=cfg.encoding_errors, device=device,
+                              val_fraction=val_fraction, progress=cfg.progress, seed=(own or {}).get("seed", 0),
+                              whole_word=(own or {}).get("whole_word_masking", False))
+        print(f"data         {data}, {what}: {r['tokens']:,} tokens, {r['windows']} windows of {r['context_length']}")
+        print(f"masked-token loss      {r['loss']:.4f} nats/token (15% of tokens masked, seeded as pretraining's)")
+        print(f"masked-token accuracy  {100 * r['accuracy']:.2f}%")
+        return
     model.kind.require("score", "eval lm (next-token loss)")  # a decoder's command
     r = evaluate_lm(model, tokenizer, data, batch_size=cfg.batch_size, context_length=cfg.context_length,
                     max_batches=cfg.max_batches, encoding_errors=cfg.encoding_errors, device=device,
@@ -210,11 +221,20 @@ def cmd_download(args) -> None:
     print(f"try: llmscratch generate --model {folder} --prompt \"Hello, I'm a language model,\"")
 
 
+def _run_chat_template(src) -> str | None:
+    """The Jinja form of the prompt layout a run folder is chatted with (its recorded
+    template, else plain), for the exported `tokenizer_config.json`; None for other folders."""
+    from ..checkpoints.run import is_run_dir
+    from ..decoding.prompts import template_for
+
+    return template_for(src).jinja() if is_run_dir(src) else None
+
+
 def cmd_convert(args) -> None:
     """Convert between a Hugging Face folder (GPT-2, Llama, Qwen3, Mistral, BERT) and an llmscratch run folder."""
     from ..checkpoints.convert import convert
 
-    dst = convert(args.src, args.dst, to=args.to)
+    dst = convert(args.src, args.dst, to=args.to, chat_template=_run_chat_template(args.src))
     print(f"wrote {dst}")
 
 
@@ -246,9 +266,10 @@ def cmd_serve(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="llmscratch",
-        description="A GPT-style language model built from scratch: pretrain, load GPT-2, "
-                    "fine-tune, generate, chat and serve. `llmscratch COMMAND --help` shows a "
-                    "command's options and examples.",
+        description="Language models built from scratch: GPT-2 and Llama/Qwen-style decoders and a "
+                    "BERT-style encoder. Pretrain one, load Hugging Face weights, fine-tune (classifier, "
+                    "instructions, DPO), evaluate, generate, chat and serve. `llmscratch COMMAND --help` "
+                    "shows a command's options and examples.",
         epilog="examples:\n"
                "  llmscratch pretrain --out runs/pretrain\n"
                "  llmscratch generate --model runs/pretrain --prompt \"The with statement\"\n"
@@ -264,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "llmscratch info --model runs/spam        # a classifier: its labels and head",
     ])
     p.add_argument("--model", default="gpt2-124m",
-                   help="preset name, run folder, Hugging Face GPT-2 folder or classifier folder (default: gpt2-124m)")
+                   help="preset name, run folder, Hugging Face folder or classifier folder (default: gpt2-124m)")
 
     p = add_command(sub, "generate", cmd_generate, "continue a prompt", [
         'llmscratch generate --model gpt2-124m --prompt "Hello, I\'m a language model,"',
@@ -274,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..train import TrainConfig
 
-    p = add_command(sub, "pretrain", cmd_pretrain, "pretrain a GPT from scratch", [
+    p = add_command(sub, "pretrain", cmd_pretrain, "pretrain a model from scratch: a GPT (next token) or an encoder (masked LM)", [
         "llmscratch pretrain --data python-docs --model small --max-steps 240 --out runs/pretrain",
         "llmscratch pretrain --config run.toml --lr 3e-4   # flags override the file",
         "llmscratch pretrain --resume --out runs/pretrain",
@@ -282,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     ])
     add_config_flags(p, TrainConfig, config_file=True)
 
-    p = add_command(sub, "eval", cmd_eval, "loss, perplexity and bits/byte on a dataset; or score instruct responses", [
+    p = add_command(sub, "eval", cmd_eval, "held-out loss (lm; an encoder's masked-token loss), zero-/few-shot tasks, "
+                    "instruction scores", [
         "llmscratch eval --model runs/pretrain                 # the run's own held-out validation text",
         "llmscratch eval --model runs/pretrain --data notes.txt",
         "llmscratch eval instruct --responses runs/instruct/responses.json --model runs/instruct",
@@ -319,12 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or huggingface.co)")
     p.add_argument("--revision", default="main", help="Hub branch, tag or commit (default: main)")
 
-    p = add_command(sub, "convert", cmd_convert, "Hugging Face folder (GPT-2, Llama, Qwen3, Mistral) <-> run folder", [
+    p = add_command(sub, "convert", cmd_convert, "Hugging Face folder (GPT-2, Llama, Qwen3, Mistral, BERT) <-> run folder", [
         "llmscratch convert runs/instruct runs/instruct-hf            # to Hugging Face format",
         "llmscratch convert checkpoints/gpt2 runs/gpt2 --to run",
         "llmscratch convert checkpoints/qwen3-0.6b runs/qwen3         # with its tokenizer and chat template",
     ])
-    p.add_argument("src", help="a Hugging Face folder (gpt2, llama, qwen3, mistral) or an llmscratch run folder")
+    p.add_argument("src", help="a Hugging Face folder (gpt2, llama, qwen3, mistral, bert) or an llmscratch run folder")
     p.add_argument("dst", help="new folder to write")
     p.add_argument("--to", choices=("hf", "run"), default=None, help="target format: hf or run (default: the other one)")
 

@@ -32,6 +32,24 @@ def format_row(r: dict) -> str:
     return f"{r['task']:24s} {r['shots']:5d} {r['n']:6d}  {scores}"
 
 
+def shots_notes(rows: list[dict]) -> list[str]:
+    """For one task's rows (one per shot count): a note for each shot count that changed no
+    prediction of the first row's, with the gold answers' log-likelihood change, so equal
+    scores read as "the shots were used and moved nothing", not as "ignored"."""
+    notes = []
+    base = rows[0]
+    for r in rows[1:]:
+        if r["predictions"] != base["predictions"]:
+            continue
+        change = ""
+        if "gold_logprob" in r:
+            change = (f"; the gold answers' mean log-likelihood moved {base['gold_logprob']:.3f} -> "
+                      f"{r['gold_logprob']:.3f} nats")
+        notes.append(f"note: {r['task']}: {r['shots']} shots change no prediction of the {base['shots']}-shot "
+                     f"run (the same answer on all {r['n']} examples){change}")
+    return notes
+
+
 def cmd_eval_tasks(args, common) -> None:
     """Score --model on --tasks with each number of --shots; print a table (and write
     --scores-out)."""
@@ -54,13 +72,18 @@ def cmd_eval_tasks(args, common) -> None:
     model, tokenizer = load_model(common.model, device=pick_device(common.device), dtype=dtype, kernels=common.kernels)
     model.kind.require("score", "eval tasks (log-likelihood scoring)")  # a decoder's command
     print(f"{'task':24s} {'shots':>5s} {'n':>6s}  scores")
-    results = []
+    results, notes = [], []
     for task in tasks:
+        rows = []
         for k in args.shots:
             r = evaluate_task(model, tokenizer, task, shots=k, seed=args.seed, limit=args.limit,
                               batch_size=common.batch_size)
-            results.append(r)
+            rows.append(r)
             print(format_row(r), flush=True)
+        notes += shots_notes(rows)
+        results += [{k: v for k, v in r.items() if k != "predictions"} for r in rows]
+    for note in notes:
+        print(note)
     out = getattr(args, "scores_out", None)  # the --scores-out flag eval instruct declares
     if out:
         write_json(out, {"model": common.model, "seed": args.seed, "results": results})

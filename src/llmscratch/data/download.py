@@ -15,10 +15,9 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..utils import atomic_write, sha256_file
+from ..utils import atomic_write, progress_bar, sha256_file
 
 __all__ = ["ENV_DATA_DIR", "download_file", "extract_member", "reject_unless"]
 
@@ -133,7 +132,7 @@ def _fetch_into(url: str, part: Path, *, progress: bool, desc: str) -> None:
         mode = "ab" if have else "wb"
         with (
             open(part, mode) as f,
-            tqdm(
+            progress_bar(
                 total=total,
                 initial=have,
                 unit="B",

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .corpora import cache_root
 from ..errors import UserError
-from ..utils import atomic_write, write_json
+from ..utils import atomic_write, progress_bar, write_json
 from .ids import as_1d, check_length, check_positive
 
 __all__ = ["load_bin", "split_train_val", "token_ids", "tokenize_to_bin"]
@@ -156,7 +155,7 @@ def tokenize_to_bin(
     total_chars = sum(len(text) for _, text in docs)
     with (
         atomic_write(bin_path, "wb") as f,
-        tqdm(
+        progress_bar(
             total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress
         ) as bar,
     ):

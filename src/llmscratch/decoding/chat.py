@@ -20,9 +20,9 @@ import sys
 from typing import IO, Iterable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..utils import progress_bar
 from .engine import Engine
 from .prompts import NO_TEMPLATE, Template, encode_conversation, get_template, read_template, template_for
 from .sampling import Sampling
@@ -134,6 +134,10 @@ def chat_loop(chat: Chat, stdin: IO[str] | None = None, stdout: IO[str] | None =
               stderr: IO[str] | None = None) -> int:
     """Read messages line by line and stream replies until `/exit` or end of input.
 
+    On a terminal each message is typed after a `>>> ` prompt; from a pipe or a file the
+    output is a transcript: each message echoed as `>>> message`, its reply below it, and a
+    blank line between exchanges, so the replies of several messages stay apart.
+
     Returns:
         The number of replies given.
     """
@@ -163,6 +167,8 @@ def chat_loop(chat: Chat, stdin: IO[str] | None = None, stdout: IO[str] | None =
         if text.startswith("/") and text.split()[0] in ("/help", "/?"):
             print(HELP, file=stderr)
             continue
+        if not interactive:  # a transcript: each message echoed as the prompt shows it, exchanges apart
+            stdout.write(("\n" if replies else "") + f">>> {text}\n")
         pieces = chat.send(text)
         first = next(pieces, "")
         if chat.dropped:
@@ -242,6 +248,6 @@ def respond_batch(model, tokenizer, template: Template, conversations: list[list
     # the start of a prompt longer than the window cannot be seen anyway: cut it silently
     rows = [engine.row(encode_conversation(tokenizer, template, m, for_generation=True)[0][-ctx:],
                        max_new_tokens, sampling, tokenizer.eot_id) for m in conversations]
-    with tqdm(total=len(rows), desc="test responses", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=len(rows), desc="test responses", disable=not progress, dynamic_ncols=True) as bar:
         engine.run(rows, batch_size, on_done=lambda _: bar.update(1))
     return [r.text.strip() for r in rows]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -80,6 +81,43 @@ class Template:
     def prompt(self, instruction: str, input: str = "") -> str:
         """The whole single-turn prompt, as text (what the response follows)."""
         return self.system_text(None) + self.user_text(instruction, input)
+
+    def jinja(self) -> str | None:
+        """This layout as a Hugging Face Jinja chat template (`tokenizer_config.json`'s
+        `chat_template`), rendering the text `encode_conversation` encodes, `<|endoftext|>`
+        written as `eos_token`; None for `"model"` (the tokenizer's own template). Written
+        into folders `convert` exports, so transformers' `apply_chat_template` lays a
+        conversation out as this model was tuned on."""
+        if self.name == MODEL_TEMPLATE:
+            return None
+        q = json.dumps
+        system = _jinja_format(self.system_fmt, system="ns.system")
+        extra = _jinja_format(self.input_fmt, input="m['input']")
+        user = _jinja_format(self.user_fmt, content="m['content']",
+                             input=f"(({extra}) if m['input'] is defined and m['input'] and m['input'].strip() else '')")
+        reply = _jinja_format(self.reply_fmt, content="m['content']")
+        eos = " ~ eos_token" if self.reply_ends_with_eot else ""
+        return ("{%- set ns = namespace(parts=[]) -%}"
+                "{%- for m in messages if m['role'] in ['system', 'developer'] -%}"
+                "{%- set ns.parts = ns.parts + [m['content'] or ''] -%}{%- endfor -%}"
+                f"{{%- set ns.system = ns.parts | join({q(chr(10) * 2)}) if ns.parts else {q(self.default_system)} -%}}"
+                f"{{%- if ns.system -%}}{{{{ {system} }}}}{{%- endif -%}}"
+                "{%- for m in messages -%}"
+                f"{{%- if m['role'] == 'user' -%}}{{{{ {user} }}}}"
+                f"{{%- elif m['role'] == 'assistant' -%}}{{{{ {reply}{eos} }}}}{{%- endif -%}}"
+                "{%- endfor -%}")
+
+
+def _jinja_format(fmt: str, **fields: str) -> str:
+    """A `str.format` string as a Jinja expression: literals quoted, `{name}` replaced by
+    the Jinja expression `fields[name]`, joined with `~`."""
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(fmt):
+        if literal:
+            parts.append(json.dumps(literal))
+        if name is not None:
+            parts.append(f"({fields[name]} or '')")
+    return " ~ ".join(parts) or "''"
 
 
 TEMPLATES = {

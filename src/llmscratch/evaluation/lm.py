@@ -42,8 +42,9 @@ from ..train import metrics_from_loss
 
 
 def pretraining_data_of(model: str | os.PathLike) -> dict | None:
-    """`{"data", "val_fraction"}` of the pretraining run in the folder `model` (from its
-    config.json), or None for anything else (a preset, a GPT-2 folder, a fine-tuned run)."""
+    """`{"data", "val_fraction", "seed", "whole_word_masking"}` of the pretraining run in the
+    folder `model` (from its config.json), or None for anything else (a preset, a GPT-2
+    folder, a fine-tuned run)."""
     from ..checkpoints.run import read_run_config
 
     if not Path(model).is_dir():
@@ -54,7 +55,8 @@ def pretraining_data_of(model: str | os.PathLike) -> dict | None:
         return None
     if not isinstance(train, dict) or not isinstance(train.get("data"), str):
         return None
-    return {"data": train["data"], "val_fraction": float(train.get("val_fraction", 0.1))}
+    return {"data": train["data"], "val_fraction": float(train.get("val_fraction", 0.1)),
+            "seed": int(train.get("seed", 0)), "whole_word_masking": bool(train.get("whole_word_masking"))}
 
 
 def same_data(a: str, b: str) -> bool:
@@ -113,6 +115,40 @@ def evaluate_lm(model, tokenizer, data, *, batch_size: int = 8, context_length: 
         n_windows = min(n_windows, max_batches * batch_size)
     return {"loss": m["val_loss"], "ppl": m["val_ppl"], "bpb": m["val_bpb"], "tokens": len(ids),
             "bytes": round(bytes_per_token * len(ids)), "windows": n_windows, "context_length": T}
+
+
+def evaluate_mlm_data(model, tokenizer, data, *, batch_size: int = 8, context_length: int | None = None,
+                      max_batches: int | None = None, encoding_errors: str = "strict",
+                      device: torch.device | None = None, progress: bool = True,
+                      val_fraction: float | None = None, whole_word: bool = False, seed: int = 0) -> dict:
+    """An encoder's masked-token loss (nats/token) and accuracy on text, as its pretraining
+    measured them: the same preparation, windows of `[CLS] ... [SEP]`, 15% of the tokens
+    selected (80/10/10), masks seeded by (`seed`, batch), so the run's own validation text
+    with its seed gives the `val_loss` / `val_mlm_acc` its training reported.
+
+    Returns:
+        `{"loss", "accuracy", "masked", "tokens", "windows", "context_length"}`.
+    """
+    from ..train.mlm import MaskedWindows, MaskingRule, evaluate_mlm
+
+    device = device if device is not None else next(model.parameters()).device
+    T = min(context_length or model.config.context_length, model.config.context_length)
+    window = T - 2  # room for [CLS] and [SEP]
+    source = str(data) if isinstance(data, (str, os.PathLike)) else None
+    if source is not None:
+        data = load_text(source, encoding_errors=encoding_errors)
+    ids, _ = token_ids(data, tokenizer, source=source, progress=progress)
+    if val_fraction is not None:
+        ids = split_train_val(ids, val_fraction, window)[1]
+    if len(ids) < window + 1:
+        raise UserError(f"--data {source or 'documents'}: {len(ids)} tokens, fewer than one window of {window} + 1")
+    masker = MaskedWindows(tokenizer, MaskingRule(whole_word=whole_word))
+    m = evaluate_mlm(model, ids, masker, batch_size, window, max_batches, device, seed=seed)
+    n_windows = (len(ids) - 1) // window
+    if max_batches:
+        n_windows = min(n_windows, max_batches * batch_size)
+    return {"loss": m["val_loss"], "accuracy": m["val_mlm_acc"], "tokens": len(ids), "windows": n_windows,
+            "context_length": T}
 
 
 def load_responses(path: str | Path) -> list[dict]:
@@ -177,10 +213,11 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def automatic_scores(records: list[dict]) -> dict:
-    """Mean exact match and token F1 over the records."""
+    """Mean exact match and token F1 over the records, and how many responses are empty."""
     n = len(records)
     return {
         "n": n,
+        "n_empty": sum(not r["response"].strip() for r in records),
         "exact_match": sum(exact_match(r["response"], r["output"]) for r in records) / n,
         "token_f1": sum(token_f1(r["response"], r["output"]) for r in records) / n,
     }
@@ -300,11 +337,11 @@ def judge_scores(records: list[dict], url: str, model: str, api_key: str | None 
         `{"scores": [int | None, ...], "mean": mean of the parsed scores, "n_scored": ...}`;
         a reply with no number 0-100 counts as unscored (None), not as 0.
     """
-    from tqdm.auto import tqdm
+    from ..utils import progress_bar
 
     api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
     scores = []
-    for rec in tqdm(records, desc="judging", disable=not progress, dynamic_ncols=True):
+    for rec in progress_bar(records, desc="judging", disable=not progress, dynamic_ncols=True):
         scores.append(parse_score(ask_judge(url, model, judge_prompt(rec), api_key)))
     valid = [s for s in scores if s is not None]
     return {"scores": scores, "mean": sum(valid) / len(valid) if valid else None, "n_scored": len(valid)}

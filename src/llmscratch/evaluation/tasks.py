@@ -216,9 +216,11 @@ def evaluate_task(model, tokenizer, task: Task, shots: int = 0, seed: int = 1234
 
     Returns:
         `{"task", "kind", "shots", "n"}` and `acc`, `acc_norm` (choice), `exact_match`
-        (generate) or `acc`, `ppl` (greedy).
+        (generate) or `acc`, `ppl` (greedy); `predictions` (each example's chosen index,
+        generated text or greedy hit) and, but for generate, `gold_logprob` (the gold
+        continuation's mean log-likelihood, nats), to tell whether shots changed anything.
     """
-    from tqdm.auto import tqdm
+    from ..utils import progress_bar
 
     check_shots(task, shots)
     if limit is not None and limit <= 0:
@@ -228,29 +230,37 @@ def evaluate_task(model, tokenizer, task: Task, shots: int = 0, seed: int = 1234
     model.eval()
     hits = norm_hits = 0.0
     total_lp, total_tokens = 0.0, 0
-    for i in tqdm(range(n), desc=task.name, disable=not progress, dynamic_ncols=True):
+    predictions: list = []
+    gold_lp = 0.0
+    for i in progress_bar(range(n), desc=task.name, disable=not progress, dynamic_ncols=True):
         ex = task.examples[i]
         context = build_context(task, i, shots, seed)
         if task.kind == "generate":
             got = generate_until(model, tokenizer, context, task.stop, task.max_new_tokens)
             hits += float(got.strip() == ex.answer.strip())
+            predictions.append(got.strip())
             continue
         reqs = [encode_request(tokenizer, context, task.target_delimiter + c) for c in ex.choices]
         if all(r[0] == reqs[0][0] for r in reqs):  # the usual case: the context once, then the choices
             scores = score_choices(model, reqs[0][0], [cont for _, cont in reqs])
         else:
             scores = loglikelihoods(model, reqs, batch_size=max(batch_size, len(reqs)))  # one forward
+        gold_lp += scores[ex.gold][0]
         if task.kind == "greedy":
+            predictions.append(bool(scores[ex.gold][1]))
             hits += float(scores[ex.gold][1])
             total_lp += scores[ex.gold][0]
             total_tokens += len(reqs[ex.gold][1])
             continue
         lps = [s for s, _ in scores]
-        hits += float(max(range(len(lps)), key=lps.__getitem__) == ex.gold)
+        predictions.append(max(range(len(lps)), key=lps.__getitem__))
+        hits += float(predictions[-1] == ex.gold)
         normed = [lp / max(len(c), 1) for lp, c in zip(lps, ex.choices)]
         norm_hits += float(max(range(len(normed)), key=normed.__getitem__) == ex.gold)
     model.train(was_training)
-    result = {"task": task.name, "kind": task.kind, "shots": shots, "n": n}
+    result = {"task": task.name, "kind": task.kind, "shots": shots, "n": n, "predictions": predictions}
+    if task.kind != "generate":
+        result["gold_logprob"] = gold_lp / n
     if task.kind == "choice":
         result.update(acc=hits / n, acc_norm=norm_hits / n)
     elif task.kind == "generate":

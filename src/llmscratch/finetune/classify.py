@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.bert import is_encoder_config
-from ..checkpoints.run import FORMAT, load_run_model, read_run_config, save_safetensors
+from ..checkpoints.run import FORMAT, load_run_model, model_kind_of, read_run_config, save_safetensors
 from ..errors import UserError
 from ..models.gpt import GPT, GPTConfig
 from ..train import distributed_setup, rank0_first
@@ -278,8 +278,11 @@ class ClassifyConfig(FinetuneConfig):
     seeds on the same test set"""
     max_length: int | None = None
     """truncate texts to this many tokens (default: the longest training text, capped at the context length)"""
-    trainable: str = "last-1"
-    """all, last-N (last N blocks + final LayerNorm; the head always trains) or lora"""
+    trainable: str | None = None
+    """all, last-N (last N blocks + final LayerNorm; the head always trains) or lora
+    (default: last-1 for a GPT, all for an encoder)"""
+    lr: float | None = None
+    """peak learning rate (default: 5e-5; 1e-3 for an encoder under 10M parameters, e.g. bert-tiny)"""
 
 
 @dataclass
@@ -335,6 +338,16 @@ def unlabeled_texts(cfg: ClassifyConfig) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
+def resolve_defaults(cfg: ClassifyConfig) -> None:
+    """Fill `trainable` and `lr` left unset by the kind of `cfg.model` (a bert-tiny pretrained
+    here stalls at chance with a GPT's last-1 at 5e-5; BERT-base takes 5e-5, all layers)."""
+    encoder, n_params = model_kind_of(cfg.model)
+    if cfg.trainable is None:
+        cfg.trainable = "all" if encoder else "last-1"
+    if cfg.lr is None:
+        cfg.lr = 1e-3 if encoder and n_params < 10_000_000 else 5e-5
+
+
 def finetune_classify(cfg: ClassifyConfig, *, stop_after: int | None = None) -> ClassifyResult:
     """Fine-tune a classifier as described by `cfg`; writes the classifier folder.
 
@@ -346,6 +359,7 @@ def finetune_classify(cfg: ClassifyConfig, *, stop_after: int | None = None) -> 
     """
     from ..checkpoints.run import load_model
 
+    resolve_defaults(cfg)
     cfg.validate()
     if cfg.lora_rank:
         cfg.trainable = "lora"

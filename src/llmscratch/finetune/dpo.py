@@ -30,6 +30,8 @@ metrics and the loss plot come from there. `finetune_dpo` writes a run folder us
 
 from __future__ import annotations
 
+import math
+
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -171,11 +173,13 @@ def reference_logps(model, examples: list, collate, batch_size: int = 8) -> list
 @torch.no_grad()
 def evaluate_dpo(model, examples: list, collate, beta: float, batch_size: int = 8) -> dict:
     """Held-out metrics: `val_loss` (the DPO loss), `pref_accuracy`, `reward_margin`,
-    `chosen_logp`, `rejected_logp` (means over the pairs). A pair counts as preferred when
-    its chosen reward is strictly higher, so the accuracy starts at 0 (policy = reference:
-    every reward is 0)."""
+    `chosen_logp`, `rejected_logp` (means over the pairs), and `pref_ties`, the share of
+    pairs whose two rewards are equal. A pair counts as preferred when its chosen reward is
+    strictly higher, so before the first update (policy = reference: every reward is 0) the
+    accuracy is 0 with every pair tied: no preference yet, which is chance (50%), not
+    "always wrong"."""
     device = next(model.parameters()).device
-    sums = dict.fromkeys(("val_loss",) + METRICS, 0.0)
+    sums = dict.fromkeys(("val_loss",) + METRICS + ("pref_ties",), 0.0)
     n = 0
     for inputs, targets, ref in iter_batches(examples, batch_size, collate):
         t = dpo_terms(sequence_logps(model, inputs.to(device), targets.to(device)), ref.to(device), beta)
@@ -183,6 +187,7 @@ def evaluate_dpo(model, examples: list, collate, beta: float, batch_size: int = 
         sums["val_loss"] += t["loss"].item() * b
         sums["pref_accuracy"] += (t["chosen_rewards"] > t["rejected_rewards"]).float().sum().item()
         sums["reward_margin"] += (t["chosen_rewards"] - t["rejected_rewards"]).sum().item()
+        sums["pref_ties"] += ((t["chosen_rewards"] - t["rejected_rewards"]).abs() <= 1e-6).float().sum().item()
         sums["chosen_logp"] += t["chosen_logps"].sum().item()
         sums["rejected_logp"] += t["rejected_logps"].sum().item()
         n += b
@@ -191,6 +196,13 @@ def evaluate_dpo(model, examples: list, collate, beta: float, batch_size: int = 
 
 def plot_dpo(records: list[dict], path: Path, x: str = "examples") -> None:
     """The four held-out metrics against the examples seen, one panel each, atomically."""
+    fig = dpo_figure(records, x)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+
+
+def dpo_figure(records: list[dict], x: str = "examples"):
+    """`plot_dpo`'s figure: accuracy with its 50% chance line, plain tick labels (no offset)."""
     from matplotlib.figure import Figure
 
     titles = {"pref_accuracy": "preference accuracy", "reward_margin": "reward margin (chosen - rejected)",
@@ -199,14 +211,18 @@ def plot_dpo(records: list[dict], path: Path, x: str = "examples") -> None:
     for ax, key in zip(fig.subplots(2, 2).flat, METRICS):
         pts = [(r.get(x, 0), r[key]) for r in records if key in r]
         if pts:
-            ax.plot(*zip(*pts), "o-")
+            ax.plot(*zip(*pts), "o-", markersize=3)
+        if key == "pref_accuracy":
+            ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance (50%)")
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(loc="lower right")
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.set_title(titles[key])
         ax.set_xlabel(f"{x} seen")
         ax.grid(alpha=0.3)
     fig.suptitle("DPO on held-out pairs")
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
+    return fig
 
 
 # ------------------------------------------------------------------------------ command
@@ -231,6 +247,8 @@ class DPOConfig(InstructConfig):
     """score the replies only (--no-mask-prompt: the prompt tokens count too)"""
     epochs: int = 1
     lr: float = 5e-6
+    eval_every: int = 0
+    """evaluate and checkpoint every N steps (default 0: about 20 times over the run, the points of dpo.png)"""
 
 
 @dataclass
@@ -308,6 +326,9 @@ def finetune_dpo(cfg: DPOConfig, *, stop_after: int | None = None) -> DPOResult:
     if master:
         print(f"{len(train)} train / {len(val)} val / {len(test)} test pairs, template {template.name}, "
               f"beta {cfg.beta}, max length {max_length} tokens; {params_line}", file=sys.stderr)
+    if not cfg.eval_every:  # enough held-out points to draw the curves in dpo.png
+        steps = math.ceil(len(train_ex) / cfg.batch_size) * cfg.epochs // max(cfg.grad_accum, 1)
+        cfg.eval_every = max(1, steps // 20)
     result = fit_examples(model, partial(dpo_loss, beta=cfg.beta), train_ex, collate, cfg, device=device, evaluate=evaluate, out=out,
                           rank=rank, world=world, stop_after=stop_after, title="DPO loss", desc="dpo")
     merge_lora(model)

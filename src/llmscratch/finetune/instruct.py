@@ -205,6 +205,8 @@ class InstructConfig(FinetuneConfig):
     """truncate examples to this many tokens (default and maximum: the context length)"""
     trainable: str = "all"
     """all, last-N or lora"""
+    seed: int = 123
+    """seed for the data split, the shuffling, dropout and LoRA's initial weights"""
     max_new_tokens: int = 256
     """longest test-set response generated"""
     max_test: int | None = None
@@ -244,11 +246,15 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
     pad_id = tokenizer.eot_id
     encode = lambda recs: [encode_conversation(tokenizer, template, r["messages"]) for r in recs]  # noqa: E731
     train_ex, val_ex = encode(train), encode(val)
+    n_cut = sum(len(ids) > max_length + 1 for ids, _ in train_ex + val_ex)  # collate_instruct cuts them
     set_dropout(model, cfg.dropout)
     params_line = set_trainable(model, cfg.trainable, cfg.lora_rank, cfg.lora_alpha)
     if master:
         print(f"{len(train)} train / {len(val)} val / {len(test)} test examples, template {template.name}, "
               f"max length {max_length} tokens; {params_line}", file=sys.stderr)
+        if n_cut:
+            print(f"note: {n_cut} of {len(train_ex) + len(val_ex)} train/val examples are longer than "
+                  f"{max_length} tokens and are cut to it (their ends are not trained on)", file=sys.stderr)
 
     collate = partial(collate_instruct, pad_id=pad_id, mask_prompt=cfg.mask_prompt, max_length=max_length)
     evaluate = partial(evaluate_instruct, examples=val_ex, collate=collate, batch_size=cfg.batch_size)
@@ -272,6 +278,7 @@ def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> 
     val_loss = result.last_eval.get("val_loss")
     metrics = {"val_loss": val_loss, "template": template.name, "mask_prompt": cfg.mask_prompt,
                "trainable": cfg.trainable, "n_train": len(train), "n_val": len(val), "n_test": len(test),
+               "n_truncated": n_cut, "n_responses": len(responses), "n_empty_responses": sum(not r["response"].strip() for r in responses),
                "interrupted": result.interrupted, "steps": result.step, "history": result.records}
     if not master:
         return InstructResult(out=out, metrics=metrics, interrupted=result.interrupted, params_line=params_line)

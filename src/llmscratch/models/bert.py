@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import FusedSelfAttention
-from .configs import check_sizes, config_from_dict, config_from_name
+from .configs import check_sizes, config_from_dict, config_from_name, register_presets
 from .kind import ENCODER
 from ..errors import UserError
 
@@ -45,6 +45,7 @@ _PRESETS: dict[str, dict] = {
     "bert-small": dict(n_layer=4, n_embd=512, n_head=8),
     "bert-base": dict(n_layer=12, n_embd=768, n_head=12),
 }
+register_presets("encoder", _PRESETS)
 
 
 @dataclass(frozen=True)

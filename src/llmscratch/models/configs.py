@@ -21,11 +21,30 @@ def check_fields(cls: type, names, where: str = "") -> None:
         raise UserError(f"unknown {cls.__name__} field(s) {sorted(unknown)}{where}; valid: {sorted(fields)}")
 
 
+PRESET_TABLES: dict[str, dict[str, dict]] = {}
+"""Each family's presets by what it is ("GPT", "encoder"): filled by `config_from_name`'s
+callers as their module loads (`register_presets`), so a message can list them all."""
+
+
+def register_presets(what: str, presets: dict[str, dict]) -> None:
+    PRESET_TABLES[what] = presets
+
+
+def all_presets_text() -> str:
+    """Every family's presets, e.g. `"GPT: tiny, mini, ...; encoder: bert-tiny, ..."`."""
+    return "; ".join(f"{what}: {', '.join(table)}" for what, table in PRESET_TABLES.items())
+
+
 def config_from_name(cls: type, presets: dict[str, dict], name: str, overrides: dict, what: str = "model"):
     """`cls` built from the preset `name` of `presets`, with `overrides` applied; a UserError
-    names an unknown preset (a `what` preset: "model", "encoder") or field."""
+    names an unknown preset (a `what` preset: "GPT", "encoder"), listing every family's,
+    or an unknown field."""
     if name not in presets:
-        raise UserError(f"unknown {what} preset {name!r}; choose one of: {', '.join(presets)}")
+        other = [w for w, table in PRESET_TABLES.items() if name in table]
+        mine = [w for w, table in PRESET_TABLES.items() if table is presets]
+        if other and mine:
+            raise UserError(f"{name!r} is an {other[0]} preset, not a {mine[0]} one")
+        raise UserError(f"unknown {what} preset {name!r}; choose one of: {all_presets_text()}")
     check_fields(cls, overrides)
     return cls(**{**presets[name], **overrides})
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import FusedSelfAttention, KVCache, RMSNorm, rope_cos_sin, rope_frequencies
-from .configs import check_sizes, config_from_dict, config_from_name
+from .configs import check_sizes, config_from_dict, config_from_name, register_presets
 from .kind import DECODER
 from ..errors import UserError
 
@@ -61,6 +61,7 @@ _PRESETS: dict[str, dict] = {
     "smollm2-135m": dict(_MODERN, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
                          intermediate_size=1536, context_length=8192, norm_eps=1e-5, rope_theta=100000.0),
 }
+register_presets("GPT", _PRESETS)
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")

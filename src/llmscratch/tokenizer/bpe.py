@@ -14,6 +14,7 @@ importable from here too.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -171,6 +172,10 @@ class BPETokenizer(Tokenizer):
         self._set_special_tokens({s: n_ordinary + k for k, s in enumerate(specials)})
         if verbose:
             print(f"trained BPE: {len(self.merges)} merges, vocab_size {self.vocab_size}")
+        if self.vocab_size < vocab_size:
+            warnings.warn(f"the BPE vocabulary stopped at {self.vocab_size:,} tokens of the {vocab_size:,} asked: "
+                          "no pair of tokens is left to merge in the text (more text gives a larger one)",
+                          stacklevel=2)
         return self
 
     # ---------------------------------------------------------------- encode / decode

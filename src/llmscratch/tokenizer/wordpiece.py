@@ -420,4 +420,8 @@ def train_vocab(texts: Iterable[str], vocab_size: int, lowercase: bool = True,
                 del pair_count[pair]
         if verbose and len(vocab) % 1000 == 0:
             print(f"wordpiece vocabulary: {len(vocab)} / {vocab_size}")
+    if len(vocab) < vocab_size:
+        warnings.warn(f"the WordPiece vocabulary stopped at {len(vocab):,} pieces of the {vocab_size:,} asked: "
+                      "no pair of pieces occurs twice more in the text (more text gives a larger one)",
+                      stacklevel=2)
     return vocab

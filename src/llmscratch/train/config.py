@@ -37,7 +37,9 @@ class TrainConfig(RunConfig):
     """run folder for config, weights, tokenizer, state, metrics, plot"""
     tokenizer: str = "bpe:8192"
     """bpe:VOCAB (train a byte-level BPE on the data), wordpiece:VOCAB (train an uncased
-    WordPiece, as BERT's), gpt2, or a tokenizer.json"""
+    WordPiece, as BERT's), gpt2, or a tokenizer.json (default: bpe:8192 for a GPT,
+    wordpiece:8192 for an encoder, which reads bpe:N as wordpiece:N; a vocabulary the text
+    cannot fill stops short, with a warning giving its real size)"""
     max_steps: int = 240
     """optimizer steps to train for"""
     time_budget: str | None = None
@@ -101,6 +103,12 @@ class TrainConfig(RunConfig):
     def validate(self) -> None:
         """Raise `UserError` for a setting no run can use (the shared checks, then pretraining's)."""
         super().validate()
+        from ..models.bert import BertConfig
+        from ..models.gpt import GPTConfig
+        from ..models.configs import all_presets_text
+
+        if self.model not in GPTConfig.presets() + BertConfig.presets():
+            raise UserError(f"--model {self.model!r}: not a preset; choose one of: {all_presets_text()}")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.warmup_steps < 0:

@@ -32,10 +32,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..utils import atomic_write, pick_device, remove_stale_temporaries
+from ..utils import atomic_write, pick_device, progress_bar, remove_stale_temporaries
 from .config import budget_calibration, get_lr, steps_for_budget
 from .settings import LoopSettings
 from .state import METRICS_FILE, append_metrics, load_train_state, read_metrics, save_train_state
@@ -302,8 +301,8 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
     last_eval: dict = {}
     interrupted = False
     # while a time budget is still timing its first steps the total is unknown: no bar, a count
-    bar = tqdm(total=None if budget_open else cfg.max_steps, initial=step, disable=not (cfg.progress and master),
-               desc=cfg.desc, unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=None if budget_open else cfg.max_steps, initial=step, disable=not (cfg.progress and master),
+                       desc=cfg.desc, unit="step", dynamic_ncols=True)
     t_last, seen_last = time.perf_counter(), seen
     model.train()
     with StopFlag() as stop:

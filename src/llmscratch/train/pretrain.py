@@ -134,10 +134,10 @@ def evaluate(model: GPT, val_ids, batch_size: int, context_length: int, max_batc
     ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
     batches = iter_eval_batches(val_ids, batch_size, context_length, max_batches, rank=rank, world_size=world_size)
     if progress:
-        from tqdm.auto import tqdm
+        from ..utils import progress_bar
 
         n = -(-((len(val_ids) - 1) // context_length) // batch_size)
-        batches = tqdm(batches, total=min(n, max_batches or n), desc="eval", unit="batch", dynamic_ncols=True)
+        batches = progress_bar(batches, total=min(n, max_batches or n), desc="eval", unit="batch", dynamic_ncols=True)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with ctx:
