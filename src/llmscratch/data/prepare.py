@@ -261,8 +261,8 @@ def _tokenizer(cfg: PrepareConfig, out: Path, resuming: bool):
     trained = str(cfg.tokenizer).startswith(("bpe:", "wordpiece:"))
     texts = list(_sample_texts(cfg)) if trained else []
     if trained and not texts:
-        raise UserError(f"{cfg.input}: no text to train the tokenizer on (the corpus is empty"
-                        f"{' or all of it is held out' if cfg.val_fraction else ''})")
+        raise UserError(f"{cfg.input}: the corpus holds no text to train the tokenizer on (every document is "
+                        f"empty{' or held out for validation' if cfg.val_fraction else ''})")
     tok = build_tokenizer(cfg.tokenizer, texts)
     return tok
 
@@ -338,6 +338,11 @@ def prepare(cfg: PrepareConfig, *, stop_after_shards: int | None = None) -> Prep
     if state is not None and state["settings"] != settings:
         raise UserError(f"{out} holds an unfinished prepare with another tokenizer; delete it or pick another --out")
     saved = (state or {}).get("splits", {})
+    for split in SPLITS:  # a shard written after the state was last saved: written again below
+        done = {e["file"] for e in saved.get(split, {}).get("shards", [])}
+        for p in out.glob(f"{split}_*.bin"):
+            if p.name not in done:
+                p.unlink()
     writers = {s: _SplitWriter(out, s, dtype, cfg.shard_tokens, eot, saved.get(s)) for s in SPLITS}
     written = [0]
 
