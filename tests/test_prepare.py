@@ -138,12 +138,16 @@ def test_workers_do_not_change_a_byte(tmp_path, documents, tok_file, monkeypatch
     assert shard_bytes(run(tmp_path, src, "w3", tok_file, workers=3).out) == one
 
 
-def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, documents, tok_file):
+def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, documents, tok_file, monkeypatch):
+    from llmscratch.data import prepare as prep
+
     src = jsonl(tmp_path / "c.jsonl", documents)
     full = run(tmp_path, src, "full", tok_file)
     want = shard_bytes(full.out)
+    monkeypatch.setattr(prep, "_WRITE_TOKENS", 64)  # from here a shard file is written in pieces
     first = run(tmp_path, src, "split", tok_file, stop_after_shards=3)
     assert first.interrupted and first.shards_written == 3
+    assert not list(first.out.glob(".*.tmp"))  # the unfinished shard's file is gone
     assert not (first.out / "manifest.json").exists() and (first.out / "prepare_state.json").exists()
     kept = shard_bytes(first.out)
     assert kept and all(want[k] == v for k, v in kept.items())  # finished shards are kept

@@ -32,6 +32,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import multiprocessing
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..utils import atomic_write, remove_stale_temporaries, write_json
+from ..utils import remove_stale_temporaries, write_json
 from .shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, STATE, read_manifest, shard_name
 from .sources import ReadStats, Segment, describe_input, input_files, iter_segments
 from .tokens import token_dtype, tokenizer_fingerprint
@@ -49,6 +51,7 @@ from .tokens import token_dtype, tokenizer_fingerprint
 __all__ = ["PrepareConfig", "PrepareResult", "is_validation", "prepare"]
 
 BATCH_CHARS = 1 << 20  # text per batch sent to a worker
+_WRITE_TOKENS = 1 << 20  # ids a split keeps in memory before they go to its shard file
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -175,12 +178,18 @@ class _Stop(Exception):
 
 
 class _SplitWriter:
-    """One split's token stream -> shard files, with what a resume needs (`saved`)."""
+    """One split's token stream -> shard files, with what a resume needs (`saved`).
+
+    The shard being filled is an open temporary file (at most `_WRITE_TOKENS` ids wait in
+    memory), renamed to its name once full: memory does not grow with `shard_tokens`."""
 
     def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, eot: int, saved: dict | None):
         self.out, self.split, self.dtype, self.eot = out, split, dtype, eot
-        self.buf = np.empty(shard_tokens, dtype=dtype)
-        self.fill = 0
+        self.shard_tokens = shard_tokens
+        self.buf = np.empty(min(shard_tokens, _WRITE_TOKENS), dtype=dtype)
+        self.fill = 0  # ids waiting in buf
+        self.in_shard = 0  # ids of the shard being filled (in its file and in buf)
+        self.file = self.tmp = self.hasher = None
         self.saved = saved or {"shards": [], "start_segment": 0, "start_offset": 0, "prev": None,
                                "counts": {"tokens": 0, "documents": 0, "segments": 0, "bytes": 0}}
         self.shards = list(self.saved["shards"])
@@ -198,7 +207,7 @@ class _SplitWriter:
         before_prev, before_counts = self.prev, dict(self.counts)
         cont = self.prev is not None and self.prev == (seg.doc, seg.piece - 1)
         sep = self.prev is not None and not cont
-        contribution = np.concatenate([np.array([self.eot], dtype=np.uint32), ids]) if sep else ids
+        contribution = np.concatenate([np.array([self.eot], dtype=ids.dtype), ids]) if sep else ids
         self.counts["segments"] += 1
         self.counts["documents"] += 0 if cont else 1
         self.counts["bytes"] += nbytes
@@ -206,28 +215,53 @@ class _SplitWriter:
         pos = self.saved["start_offset"] if g == self.saved["start_segment"] else 0
         n = len(contribution)
         while pos < n:
-            take = min(n - pos, len(self.buf) - self.fill)
+            take = min(n - pos, len(self.buf) - self.fill, self.shard_tokens - self.in_shard)
             self.buf[self.fill:self.fill + take] = contribution[pos:pos + take]
             self.fill += take
+            self.in_shard += take
             pos += take
             if self.fill == len(self.buf):
-                self._flush()
+                self._spill()
+            if self.in_shard == self.shard_tokens:
+                self._close_shard()
                 self.saved = {"shards": list(self.shards), "start_segment": g, "start_offset": pos,
                               "prev": list(before_prev) if before_prev else None, "counts": before_counts}
                 self.on_shard()
         self.counts["tokens"] += n
 
-    def _flush(self) -> None:
+    def _spill(self) -> None:
+        """The waiting ids -> the shard's temporary file."""
+        if self.file is None:
+            name = shard_name(self.split, len(self.shards))
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out)
+            self.file, self.hasher = os.fdopen(fd, "wb"), hashlib.sha256()
         data = self.buf[:self.fill].tobytes()
-        name = shard_name(self.split, len(self.shards))
-        with atomic_write(self.out / name, "wb") as f:
-            f.write(data)
-        self.shards.append({"file": name, "tokens": self.fill, "sha256": hashlib.sha256(data).hexdigest()})
+        self.file.write(data)
+        self.hasher.update(data)
         self.fill = 0
 
+    def _close_shard(self) -> None:
+        self._spill()
+        self.file.flush()
+        os.fsync(self.file.fileno())  # on disk before the name points at it
+        self.file.close()
+        name = shard_name(self.split, len(self.shards))
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.out / name)
+        self.shards.append({"file": name, "tokens": self.in_shard, "sha256": self.hasher.hexdigest()})
+        self.file = self.tmp = self.hasher = None
+        self.in_shard = 0
+
+    def abort(self) -> None:
+        """Drop the unfinished shard file (a resume writes it again)."""
+        if self.file is not None:
+            self.file.close()
+            Path(self.tmp).unlink(missing_ok=True)
+            self.file = self.tmp = None
+
     def finish(self) -> dict:
-        if self.fill:
-            self._flush()
+        if self.in_shard:
+            self._close_shard()
         return {**self.counts, "shards": self.shards}
 
 
@@ -373,10 +407,14 @@ def prepare(cfg: PrepareConfig, *, stop_after_shards: int | None = None) -> Prep
     except _Stop:
         encoder.close(terminate=True)
         bar.close()
+        for w in writers.values():
+            w.abort()
         return PrepareResult(out, None, True, written[0], stats.replaced_bytes, stats.first_bad)
     except BaseException as e:
         encoder.close(terminate=True)
         bar.close()
+        for w in writers.values():
+            w.abort()
         if isinstance(e, UserError) and not any(w.shards for w in writers.values()):
             _undo(out, created)  # bad input found before any shard: leave no half-made folder
         raise
