@@ -128,6 +128,12 @@ def _init_worker(tokenizer) -> None:
 def _encode_batch(texts: list[str], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
     """`(ids of all texts concatenated as uint32, the count of each)`."""
     tok = tokenizer if tokenizer is not None else _WORKER_TOKENIZER
+    to_numpy = getattr(getattr(tok, "encoding", None), "encode_to_numpy", None)
+    if to_numpy is not None:  # GPT-2's (tiktoken): ids straight into an array, no Python ints
+        arrays = [to_numpy(t, allowed_special=set(), disallowed_special=()) for t in texts]
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        flat = np.concatenate(arrays).astype(np.uint32, copy=False) if arrays else np.empty(0, np.uint32)
+        return flat, lengths
     encode = tok.encode_ordinary
     lists = [encode(t) for t in texts]
     lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
