@@ -314,6 +314,12 @@ def test_pretrain_from_shards_resumes_exactly_and_checks_the_tokenizer(tmp_path,
     assert full.val_bpb == pytest.approx(full.val_loss / np.log(2) / (m["bytes"] / m["tokens"]))
     model, tok = load_model(str(full.out))  # the run folder carries the shards' tokenizer
     assert tok.vocab_size == 300 and tok.encode("the") == BPETokenizer.load(tok_file).encode("the")
+    # eval lm on the prepared folder: its held-out shards give the run's own validation loss
+    from llmscratch.evaluation.lm import evaluate_lm
+
+    r = evaluate_lm(model, tok, str(data), batch_size=4, max_batches=2, val_fraction=0.1, progress=False)
+    assert r["loss"] == pytest.approx(full.val_loss, abs=1e-4) and r["tokens"] == m["tokens"]
+    assert evaluate_lm(model, tok, str(data), batch_size=4, max_batches=1, progress=False)["tokens"] > m["tokens"]
     # the spec it was prepared with, or the folder's tokenizer, both name the same tokenizer
     pretrain(cfg("byfolder", tokenizer=str(data), max_steps=1))
     with pytest.raises(UserError, match=r"--tokenizer gpt2: .*manifest\.json was prepared with --tokenizer"):
