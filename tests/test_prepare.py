@@ -197,6 +197,20 @@ def test_validation_is_held_out_documents_chosen_by_their_text(tmp_path, documen
     assert m["dtype"] == "uint16" and m["tokenizer"]["vocab_size"] == 300
 
 
+def test_a_vocabulary_past_uint16_writes_uint32_shards(tmp_path, documents, tok_file, monkeypatch):
+    """The dtype follows the vocabulary (forced here: a >65,536-id tokenizer is slow to train);
+    the ids read back are the same."""
+    from llmscratch.data import prepare as prep
+
+    src = jsonl(tmp_path / "c.jsonl", documents)
+    small = run(tmp_path, src, "u16", tok_file)
+    monkeypatch.setattr(prep, "token_dtype", lambda vocab_size: np.dtype(np.uint32))
+    big = run(tmp_path, src, "u32", tok_file)
+    assert (small.manifest["dtype"], big.manifest["dtype"]) == ("uint16", "uint32")
+    assert sum(p.stat().st_size for p in big.out.glob("train_*.bin")) == 4 * big.manifest["splits"]["train"]["tokens"]
+    assert stream(big.out, "train").tolist() == stream(small.out, "train").tolist()
+
+
 def test_sharded_tokens_read_like_one_array(tmp_path):
     rng = np.random.default_rng(0)
     parts = [rng.integers(0, 60000, n).astype(np.uint16) for n in (5, 17, 1, 30)]

@@ -17,7 +17,12 @@ def cmd_prepare(args) -> int:
     from ..data.prepare import PrepareConfig, prepare
 
     cfg = config_from_args(PrepareConfig, args)
-    result = prepare(cfg)
+    try:
+        result = prepare(cfg)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished shards stay in {cfg.out}; run the same command to resume",
+              file=sys.stderr)
+        return 130
     if result.interrupted:
         print(f"\ninterrupted after {result.shards_written} shard(s); run the same command to resume",
               file=sys.stderr)

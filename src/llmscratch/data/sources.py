@@ -181,16 +181,18 @@ def _txt_pieces(path: Path, replacer: _Replacer) -> Iterator[str]:
             buf += decoder.decode(block, final=not block)
             if first and buf:
                 buf, first = buf.removeprefix("\ufeff"), False
-            while len(buf) >= PIECE_CHARS:
-                m = _SAFE_CUT.search(buf, PIECE_CHARS - 1)
+            start = 0  # pieces are cut from buf[start:]; buf is shortened once per block
+            while len(buf) - start >= PIECE_CHARS:
+                m = _SAFE_CUT.search(buf, start + PIECE_CHARS - 1)
                 if m is None:
-                    if len(buf) < _FORCE_CUT:
+                    if len(buf) - start < _FORCE_CUT:
                         break
-                    cut = _FORCE_CUT
+                    cut = start + _FORCE_CUT
                 else:
                     cut = m.end()
-                yield buf[:cut]
-                buf = buf[cut:]
+                yield buf[start:cut]
+                start = cut
+            buf = buf[start:]
             if not block:
                 break
     if buf:
@@ -227,7 +229,7 @@ def _jsonl_texts(path: Path, text_field: str, replacer: _Replacer) -> Iterator[s
             if not line:
                 return
             lineno += 1
-            if not line.strip():
+            if line.isspace():
                 continue
             where = f"{path} line {lineno}"
             replacer.where = where
