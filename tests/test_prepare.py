@@ -165,6 +165,55 @@ def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, documents, tok_
     assert run(tmp_path, src, "split", tok_file).shards_written == 0
 
 
+KILLED_CHILD = """
+import sys, time
+from llmscratch.data import prepare as prep
+close = prep._SplitWriter._close_shard
+def slow_close(self):  # time for the parent to kill us between two shards
+    close(self)
+    time.sleep(0.3)
+prep._SplitWriter._close_shard = slow_close
+prep.BATCH_CHARS = 3000
+prep.prepare(prep.PrepareConfig(input=sys.argv[1], out=sys.argv[2], tokenizer=sys.argv[3], progress=False,
+                                shard_tokens=700, val_fraction=0.2, workers=2))
+"""
+
+
+def test_a_killed_prepare_resumes_to_the_same_bytes(tmp_path, documents, tok_file):
+    """kill -9 in the middle of a 2-worker prepare; the same prepare again finishes it, and the
+    folder is what an uninterrupted run writes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = jsonl(tmp_path / "c.jsonl", documents)
+    want = shard_bytes(run(tmp_path, src, "full", tok_file).out)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(src), str(out), str(tok_file)], env=env)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            try:
+                state = json.loads((out / "prepare_state.json").read_text())
+            except (OSError, ValueError):
+                state = {}
+            if len(state.get("splits", {}).get("train", {}).get("shards", [])) >= 3:
+                break
+            time.sleep(0.02)
+        assert child.poll() is None, "the prepare finished before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    assert not (out / "manifest.json").exists()
+    done = run(tmp_path, src, "killed", tok_file)
+    assert not done.interrupted and 0 < done.shards_written < len(want)
+    assert shard_bytes(out) == want
+    assert sorted(p.name for p in out.iterdir()) == sorted([*want, "manifest.json", "tokenizer.json"])
+
+
 def test_validation_is_held_out_documents_chosen_by_their_text(tmp_path, documents, tok_file):
     """The val shards hold exactly the documents whose hash says so, in order, separated by
     <|endoftext|>; shuffling the corpus holds out the same documents."""
