@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .encoder import register as register_encoder
 
     register_encoder(sub)  # fill-mask, embed
+    from .prepare import register as register_prepare
+
+    register_prepare(sub)  # prepare: corpus -> token shards
 
     from ..checkpoints.hub import MODEL_REPOS
 

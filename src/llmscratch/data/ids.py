@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .shards import ShardedTokens
 
 
 def as_1d(ids, what: str = "ids"):
@@ -17,7 +18,7 @@ def as_1d(ids, what: str = "ids"):
     arrays. Lists become int64 arrays."""
     if isinstance(ids, torch.Tensor):
         arr = ids
-    elif isinstance(ids, np.ndarray):
+    elif isinstance(ids, (np.ndarray, ShardedTokens)):  # shards: read on demand, never loaded whole
         arr = ids
     else:
         arr = np.asarray(ids, dtype=np.int64)

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..utils import atomic_write, progress_bar, write_json
 from .ids import as_1d, check_length, check_positive
 
-__all__ = ["load_bin", "split_train_val", "token_ids", "tokenize_to_bin"]
+__all__ = ["load_bin", "split_train_val", "token_dtype", "token_ids", "tokenize_to_bin", "tokenizer_fingerprint"]
 
 # Bumped whenever the .bin layout or the cache key changes, so old caches are not reused.
 _BIN_FORMAT = 1
@@ -36,7 +36,7 @@ _BIN_FORMAT = 1
 # --------------------------------------------------------------------------- token storage
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer) -> str:
     """A hex digest that changes whenever the tokenizer would encode text differently.
 
     Name and vocab size alone cannot tell two BPE tokenizers trained on different text
@@ -73,7 +73,7 @@ def _eot_id(tokenizer, needed: bool) -> int | None:
         return None
 
 
-def _bin_dtype(vocab_size: int) -> np.dtype:
+def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (GPT-2's 50,257 does), halving disk and memory; else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
@@ -114,7 +114,7 @@ def tokenize_to_bin(
     tokenizer, source and the cache key.
 
     The cache key hashes the texts (in order) and the tokenizer's identity (name, vocab
-    size, eot id and its saved form, see `_tokenizer_fingerprint`); the same corpus and
+    size, eot id and its saved form, see `tokenizer_fingerprint`); the same corpus and
     tokenizer find the existing file and skip encoding entirely. Both files are written
     atomically, the sidecar last, so a crash never leaves a file that looks complete.
 
@@ -135,11 +135,11 @@ def tokenize_to_bin(
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "tokens"
     vocab_size = int(tokenizer.vocab_size)
     eot_id = _eot_id(tokenizer, needed=len(docs) > 1)
-    dtype = _bin_dtype(vocab_size)
+    dtype = token_dtype(vocab_size)
 
     h = hashlib.sha256()
     h.update(f"llmscratch-bin-v{_BIN_FORMAT}\0{dtype.str}\0".encode())
-    h.update(_tokenizer_fingerprint(tokenizer).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
     for _, text in docs:
         data = text.encode("utf-8", errors="surrogatepass")
         # Length prefix: ["ab", "c"] and ["a", "bc"] must hash differently.

@@ -31,6 +31,8 @@ import torch
 
 from ..data import split_train_val, token_ids
 from ..data.corpora import load_text
+from ..data.shards import ShardedTokens, is_prepared_dir, open_prepared
+from ..data.tokens import tokenizer_fingerprint
 from ..errors import UserError
 from ..finetune.common import iter_batches
 from ..decoding.chat import respond_batch
@@ -98,14 +100,18 @@ def evaluate_lm(model, tokenizer, data, *, batch_size: int = 8, context_length: 
     """
     device = device if device is not None else next(model.parameters()).device
     T = min(context_length or model.config.context_length, model.config.context_length)
-    if isinstance(data, (str, os.PathLike)):
+    if isinstance(data, (str, os.PathLike)) and is_prepared_dir(data):  # `llmscratch prepare` shards
         source = str(data)
-        data = load_text(source, encoding_errors=encoding_errors)
+        ids, bytes_per_token = _prepared_ids(source, tokenizer, held_out=val_fraction is not None)
     else:
-        source = None
-    ids, bytes_per_token = token_ids(data, tokenizer, source=source, progress=progress)
-    if val_fraction is not None:
-        ids = split_train_val(ids, val_fraction)[1]
+        if isinstance(data, (str, os.PathLike)):
+            source = str(data)
+            data = load_text(source, encoding_errors=encoding_errors)
+        else:
+            source = None
+        ids, bytes_per_token = token_ids(data, tokenizer, source=source, progress=progress)
+        if val_fraction is not None:
+            ids = split_train_val(ids, val_fraction)[1]
     if len(ids) < T + 1:
         raise UserError(f"--data {source or 'documents'}: {len(ids)} tokens, fewer than one window of {T} + 1")
     loss = mean_lm_loss(model, ids, batch_size, T, max_batches, device, progress=progress)
@@ -149,6 +155,22 @@ def evaluate_mlm_data(model, tokenizer, data, *, batch_size: int = 8, context_le
         n_windows = min(n_windows, max_batches * batch_size)
     return {"loss": m["val_loss"], "accuracy": m["val_mlm_acc"], "tokens": len(ids), "windows": n_windows,
             "context_length": T}
+
+
+def _prepared_ids(folder: str, tokenizer, held_out: bool):
+    """`(ids, bytes per token)` of a prepared folder: its validation shards (`held_out`, the
+    documents pretraining held out), or all its shards."""
+    data = open_prepared(folder)
+    if tokenizer_fingerprint(tokenizer) != data.fingerprint:
+        raise UserError(f"--data {folder}: prepared with another tokenizer ({data.manifest['tokenizer']['spec']}) "
+                        "than the model's")
+    splits = ["val"] if held_out else ["train", "val"]
+    parts = [s for s in splits if getattr(data, s) is not None]
+    if not parts:
+        raise UserError(f"--data {folder}: no validation shards; use --split all")
+    ids = ShardedTokens([a for s in parts for a in getattr(data, s).arrays])
+    info = data.manifest["splits"]
+    return ids, sum(info[s]["bytes"] for s in parts) / max(1, sum(info[s]["tokens"] for s in parts))
 
 
 def load_responses(path: str | Path) -> list[dict]:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from .base import Tokenizer
+from .base import EOT, Tokenizer
 from .bpe import BPETokenizer
 from .gpt2 import GPT2Tokenizer
 from .hf import HFTokenizer, is_hf_tokenizer_file
@@ -31,6 +31,7 @@ __all__ = [
     "BPETokenizer",
     "GPT2Tokenizer",
     "HFTokenizer",
+    "build_tokenizer",
     "get_tokenizer",
     "load_tokenizer",
 ]
@@ -96,3 +97,29 @@ def get_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
         f"unknown tokenizer {str(name_or_path)!r}: valid choices are 'gpt2' or the path of a "
         f"saved tokenizer JSON file (or a folder holding {TOKENIZER_FILE}){hint}"
     )
+
+
+def build_tokenizer(spec: str, texts) -> Tokenizer:
+    """A tokenizer from a `--tokenizer` spec: a byte-level BPE trained on `texts`
+    (`bpe:VOCAB`), an uncased WordPiece trained on them (`wordpiece:VOCAB`, BERT's kind),
+    `gpt2`, or a saved tokenizer file (see `get_tokenizer`).
+
+    Args:
+        spec: the spec.
+        texts: an iterable of strings to train on (read only for `bpe:` and `wordpiece:`).
+
+    Raises:
+        UserError: a malformed spec or a vocabulary too small.
+    """
+    kind, _, size = str(spec).partition(":")
+    if kind in ("bpe", "wordpiece") and ":" in str(spec):
+        try:
+            vocab = int(size)
+        except ValueError:
+            raise UserError(f"--tokenizer {spec!r}: expected {kind}:VOCAB_SIZE, e.g. {kind}:4096") from None
+        if kind == "bpe":
+            if vocab < 257:
+                raise UserError(f"--tokenizer {spec}: a byte-level BPE needs a vocabulary of at least 257")
+            return BPETokenizer().train("\n\n".join(texts), vocab, special_tokens=(EOT,))
+        return WordPieceTokenizer.from_corpus(texts, vocab)
+    return get_tokenizer(spec)

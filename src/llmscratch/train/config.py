@@ -19,7 +19,7 @@ class TrainConfig(RunConfig):
     (`settings.py`); those re-declared here have pretraining's defaults and docs."""
 
     data: str = "python-stdlib"
-    """dataset name, text file, or folder of .txt files"""
+    """dataset name, text file, folder of .txt files, or a folder of token shards made by llmscratch prepare"""
     model: str = "mini"
     """model preset to train from scratch (a GPT: tiny, mini, small, ...; an encoder: bert-tiny, bert-mini, ...)"""
     n_layer: int | None = None

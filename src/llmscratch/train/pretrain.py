@@ -45,9 +45,10 @@ from ..data.corpora import load_text
 from ..errors import UserError
 from ..kernels import lm_head_loss
 from ..models.gpt import GPT, GPTConfig, lm_loss
-from .config import TrainConfig, budget_calibration, parse_duration, vocab_size_of
+from .config import TrainConfig, budget_calibration, parse_duration
 from .loop import Objective, fit, rank0_first
 from .mlm import objective_of, pretrain_mlm
+from .prepared import is_prepared_dir, prepared_splits, prepared_tokenizer
 from .start import build_model, start_run
 
 # ------------------------------------------------------------------------ the objective
@@ -88,18 +89,9 @@ class LMBatches:
 def build_tokenizer(spec: str, documents):
     """The run's tokenizer: GPT-2's, a BPE trained on the data (`bpe:4096`), an uncased
     WordPiece trained on it (`wordpiece:4096`, BERT's kind: no case, no accents), or a file."""
-    from ..tokenizer import BPETokenizer, WordPieceTokenizer, get_tokenizer
+    from ..tokenizer import build_tokenizer as build
 
-    if spec.startswith("bpe:"):
-        vocab = vocab_size_of(spec)
-        if vocab < 257:
-            raise UserError(f"--tokenizer {spec}: a byte-level BPE needs a vocabulary of at least 257")
-        tok = BPETokenizer()
-        tok.train("\n\n".join(d.text for d in documents), vocab, special_tokens=("<|endoftext|>",))
-        return tok
-    if spec.startswith("wordpiece:"):
-        return WordPieceTokenizer.from_corpus((d.text for d in documents), vocab_size_of(spec))
-    return get_tokenizer(spec)
+    return build(spec, (d.text for d in documents))
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, context_length: int, documents):
@@ -202,6 +194,11 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     rank, world, device, master, out, settings = run.rank, run.world, run.device, run.master, run.out, run.settings
 
     def load_data():
+        if is_prepared_dir(cfg.data):  # token shards from `llmscratch prepare` (prepared.py)
+            tokenizer, data = prepared_tokenizer(cfg, out, verify=master)
+            model_cfg = GPTConfig.from_name(cfg.model, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout,
+                                            **cfg.model_overrides())
+            return (tokenizer, model_cfg, *prepared_splits(data, cfg, model_cfg.context_length))
         documents = load_text(cfg.data, encoding_errors=cfg.encoding_errors, progress=cfg.progress and master)
         if cfg.resume and (out / "tokenizer.json").is_file():
             from ..tokenizer import load_tokenizer
