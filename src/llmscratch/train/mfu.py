@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -110,7 +111,9 @@ class TensorBoardTracker:
 
     def __init__(self, folder: Path, step: int):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            with warnings.catch_warnings():  # tensorboard's import trips torch's deprecation warnings
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError("--logger tensorboard needs the tensorboard package: pip install tensorboard") from None
         self.writer = SummaryWriter(str(folder), purge_step=step + 1 if step else None)
