@@ -166,3 +166,33 @@ def test_only_a_marked_checkpoint_counts(tmp_path):
     (temp_folder(out, 12) / MARKER).write_text("{}")  # marked, but never renamed: still a temp
     assert latest_sharded(out) == step_folder(out, 4)
     assert saved_run(out) == ({"lr": 1.0}, 4)
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_saves_a_sharded_checkpoint(tmp_path, corpus_file):
+    """A scheduler's SIGTERM to the whole job (torchrun and its 2 workers): the workers
+    finish the step, write a complete sharded checkpoint together and exit; --resume on 1
+    process finishes the run."""
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llmscratch",
+           "pretrain", *_args(corpus_file, out, max_steps=100000, eval_every=100000, strategy="fsdp")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert "checkpoint saved" in err, err[-3000:]
+    folder = latest_sharded(out)
+    assert folder is not None and len(list(folder.glob("*.distcp"))) == 2
+    step = saved_run(out)[1]
+    assert step >= 3 and (out / "model.safetensors").is_file()
+    r = _cli("pretrain", *_args(corpus_file, out, max_steps=step + 2, eval_every=100000, strategy="fsdp",
+                                resume=True), nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(metrics.read_text().splitlines()) == step + 2
