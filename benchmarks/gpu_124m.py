@@ -37,7 +37,7 @@ from llmscratch.checkpoints.run import save_model
 from llmscratch.data import BatchSampler
 from llmscratch.kernels import apply_kernels
 from llmscratch.models.gpt import GPT, GPTConfig
-from llmscratch.train.loop import Objective, autocast_dtype, configure_optimizer, fit
+from llmscratch.train.loop import Objective, autocast_dtype, fit
 from llmscratch.train.mfu import device_peak_flops, mfu
 from llmscratch.train.pretrain import LMBatches, lm_train_loss
 from llmscratch.train.settings import LoopSettings

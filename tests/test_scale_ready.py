@@ -22,7 +22,7 @@ TINY = dict(model="tiny", tokenizer="bpe:320", context_length=32, batch_size=4, 
 def test_flops_per_token_and_mfu_by_hand():
     # GPT-2's block at width C: qkv C*3C+3C, attention out C*C+C, MLP C*4C+4C and 4C*C+C,
     # two LayerNorms 2*2C = 12C^2 + 13C; plus ln_f 2C and the (tied) head's matmul V*C
-    L, H, C, V, T = 2, 4, 64, 320, 32
+    L, C, V, T = 2, 64, 320, 32  # tiny: 4 heads of 16
     model = GPT(GPTConfig.from_name("tiny", vocab_size=V, context_length=T))
     n_blocks = L * (12 * C * C + 13 * C) + 2 * C
     assert model.num_params(include_embeddings=False) == n_blocks
