@@ -100,3 +100,19 @@ def test_gpt2_124m_recipe_parses_and_builds_the_model():
     assert tokens_per_step == 2**19  # ~0.5M tokens per optimizer step
     assert 9.9e9 < cfg.max_steps * tokens_per_step < 10.1e9  # ~10B tokens
     assert 0 < cfg.warmup_steps < cfg.max_steps // 10 and cfg.precision == "bf16" and cfg.compile
+
+
+def test_cuda_training_puts_flash_attention_first():
+    """The loop's SDPA priority on CUDA (entered here without a GPU: it only sets the order)."""
+    from torch.nn.attention import SDPBackend
+
+    from llmscratch.train.loop import flash_attention_first
+
+    before = torch._C._get_sdp_priority_order()
+    with flash_attention_first(torch.device("cuda")):
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == int(SDPBackend.FLASH_ATTENTION) and order[-1] != int(SDPBackend.FLASH_ATTENTION)
+        assert order.index(int(SDPBackend.MATH)) > order.index(int(SDPBackend.CUDNN_ATTENTION))
+    assert torch._C._get_sdp_priority_order() == before
+    with flash_attention_first(torch.device("cpu")):  # the CPU's dispatch is left alone
+        assert torch._C._get_sdp_priority_order() == before

@@ -197,6 +197,22 @@ def rank0_first(world: int, master: bool, fn: Callable):
     return fn()
 
 
+def flash_attention_first(device: torch.device):
+    """On CUDA, SDPA tries FlashAttention first (then memory-efficient, cuDNN, math): the
+    attention calls SDPA causal and unmasked, which flash serves for bf16 and fp16. Elsewhere
+    (and on a PyTorch without backend priorities) a no-op."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+             SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # PyTorch < 2.6: no priorities, its own order (flash first) applies
+        return nullcontext()
+
+
 class StopFlag:
     """Ctrl-C and SIGTERM set a flag; the loop finishes its step, saves, and stops. A second
     Ctrl-C raises at once (the last checkpoint on disk stays intact)."""
@@ -338,7 +354,7 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
                desc=cfg.desc, unit="step", dynamic_ncols=True)
     t_last, seen_last = time.perf_counter(), seen
     model.train()
-    with StopFlag() as stop:
+    with StopFlag() as stop, flash_attention_first(device):
         while step < cfg.max_steps:
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
