@@ -73,10 +73,16 @@ def test_metrics_carry_mfu_and_tensorboard_logs_them(tmp_path, corpus_file):
 @pytest.mark.slow
 def test_compile_trains_like_eager(tmp_path, corpus_file):
     """`--compile` (torch.compile of the model and its loss) on the CPU: the same losses as eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     eager = pretrain(TrainConfig(**TINY, data=str(corpus_file), out=str(tmp_path / "eager"), max_steps=2,
                                  kernels=False))
+    assert counters["stats"]["unique_graphs"] == 0
     compiled = pretrain(TrainConfig(**TINY, data=str(corpus_file), out=str(tmp_path / "compiled"), max_steps=2,
                                     kernels=False, compile=True))
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did capture the loss module
 
     def losses(out):
         return [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
