@@ -125,6 +125,15 @@ def test_consolidate_command_and_a_checkpoint_of_another_shape(tmp_path, corpus_
     # the run generates from the consolidated weights, unchanged
     r = _cli("generate", "--model", str(out), "--prompt", "The", "--max-new-tokens", "3", "--seed", "1")
     assert r.returncode == 0, r.stderr
+    # a damaged shard (a truncated copy): one line naming the checkpoint, the weights untouched
+    shard = next(latest_sharded(out).glob("*.distcp"))
+    saved = shard.read_bytes()
+    shard.write_bytes(saved[:1000])
+    r = _cli("consolidate", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "missing or damaged" in r.stderr and "step-00000003" in r.stderr
+    assert load_file(str(out / "model.safetensors")).keys() == trained.keys()
+    shard.write_bytes(saved)
     # a config of another shape: one line naming the tensor, nothing written
     conf = json.loads((out / "config.json").read_text())
     conf["model"]["n_embd"] = 32

@@ -105,6 +105,20 @@ def check_shapes(folder: Path, marker: dict, state: dict[str, torch.Tensor], wha
                             f"needs {tuple(t.shape)} (a checkpoint of another model shape)")
 
 
+def read_shards(folder: Path, load):
+    """`load()` (a DCP load from `folder`), a missing or damaged shard file becoming one
+    UserError naming the folder. Every process reads the same files, so all fail alike."""
+    try:
+        return load()
+    except BaseException as e:  # DCP's CheckpointException (wrapping the reader's error) is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first if "Error" in line or "error" in line), first[0] if first else "")
+        raise UserError(f"{folder}: a shard of this checkpoint is missing or damaged ({type(e).__name__}: "
+                        f"{detail[:200]})") from None
+
+
 def consolidate(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
     """Write `model.safetensors` of run folder `run` from a sharded checkpoint (default: its
     latest complete one), so `generate`, `eval`, `convert` and fine-tuning load it. Reads
@@ -131,7 +145,7 @@ def consolidate(run: str | os.PathLike, checkpoint: str | os.PathLike | None = N
     state = {"model": weights}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+        read_shards(folder, lambda: dcp.load(state, checkpoint_id=str(folder), no_dist=True))
     path = run / "model.safetensors"
     save_safetensors({k: v.contiguous() for k, v in state["model"].items()}, path, metadata={"format": "pt"})
     return path

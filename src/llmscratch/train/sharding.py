@@ -125,7 +125,7 @@ def load_sharded(out: Path, model, optimizer) -> tuple[int, int]:
     marker = ckpt.read_marker(folder)
     state = _states(model, optimizer)
     ckpt.check_shapes(folder, marker, {f"model.{k}": v for k, v in state["model"].items()})
-    dcp.load(state, checkpoint_id=str(folder))
+    ckpt.read_shards(folder, lambda: dcp.load(state, checkpoint_id=str(folder)))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     set_rng_state(load_file(str(folder / ckpt.RNG_FILE)))
     return int(marker["step"]), int(marker["seen"])
