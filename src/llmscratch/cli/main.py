@@ -17,7 +17,7 @@ from .args import (ModelArgs, Parser, SamplingArgs, add_command, add_config_flag
                    kernel_choice)
 from .bench import cmd_bench
 from .info import cmd_info
-from .pretrain import cmd_pretrain
+from .pretrain import cmd_consolidate, cmd_pretrain
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
 
@@ -300,8 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
         "llmscratch pretrain --config run.toml --lr 3e-4   # flags override the file",
         "llmscratch pretrain --resume --out runs/pretrain",
         "llmscratch pretrain --model bert-tiny --tokenizer wordpiece:8192 --out runs/bert   # an encoder: masked LM",
+        "torchrun --nproc_per_node 8 -m llmscratch pretrain --config recipes/gpt2-124m.toml --strategy fsdp",
     ])
     add_config_flags(p, TrainConfig, config_file=True)
+
+    p = add_command(sub, "consolidate", cmd_consolidate,
+                    "write a run's model.safetensors from its sharded (FSDP) checkpoint", [
+                        "llmscratch consolidate runs/gpt2-124m",
+                        "llmscratch consolidate runs/gpt2-124m --checkpoint runs/gpt2-124m/sharded/step-00001000",
+                    ])
+    p.add_argument("run", help="run folder of a `pretrain --strategy fsdp` run")
+    p.add_argument("--checkpoint", default=None,
+                   help="a sharded checkpoint folder (default: the run's latest complete one, RUN/sharded/step-*)")
 
     p = add_command(sub, "eval", cmd_eval, "held-out loss (lm; an encoder's masked-token loss), zero-/few-shot tasks, "
                     "instruction scores", [

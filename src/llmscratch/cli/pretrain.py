@@ -32,7 +32,8 @@ def cmd_pretrain(args) -> int:
     if result.sample:
         print(f"\nsample (temperature 0.8, top-k 40):\n{result.sample}\n")
     print(f"run folder:  {out}")
-    print(f"checkpoint:  {out / 'model.safetensors'} (+ train_state.safetensors for --resume)")
+    resume_from = "sharded/ (one shard per process)" if cfg.strategy == "fsdp" else "train_state.safetensors"
+    print(f"checkpoint:  {out / 'model.safetensors'} (+ {resume_from} for --resume)")
     print(f"loss plot:   {out / 'loss.png'}")
     print(f"metrics:     {out / 'metrics.jsonl'}")
     print(f"try:         llmscratch {'generate' if result.val_bpb is not None else 'fill-mask'} --model {out} "
@@ -55,3 +56,12 @@ def resume_settings(given: dict):
               f"now decays to step {cfg.max_steps}, so the learning rate at step {step} goes from "
               f"{get_lr(step, before):.3g} to {get_lr(step, cfg):.3g}")
     return cfg
+
+
+def cmd_consolidate(args) -> int:
+    """Write a run folder's model.safetensors from a sharded (FSDP) checkpoint."""
+    from ..checkpoints.sharded import consolidate
+
+    path = consolidate(args.run, args.checkpoint)
+    print(f"wrote {path} from {args.checkpoint or 'the latest sharded checkpoint'}")
+    return 0

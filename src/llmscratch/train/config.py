@@ -77,6 +77,11 @@ class TrainConfig(RunConfig):
     """fp32, bf16 (autocast, fp32 master weights) or auto"""
     compile: bool = False
     """torch.compile the model and its loss"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: ddp (every process holds the whole model) or fsdp (FSDP2: parameters,
+    gradients and optimizer state sharded across the processes; sharded checkpoints)"""
+    logger: Literal["none", "tensorboard"] = "none"
+    """also log the metrics to TensorBoard, in OUT/tensorboard (beside metrics.jsonl)"""
     kernels: bool = True
     """swap in the speed kernels (llmscratch.kernels); --no-kernels trains the plain reference model"""
     gradient_checkpointing: bool = False
@@ -90,7 +95,7 @@ class TrainConfig(RunConfig):
                    "tokenizer", "max_steps", "time_budget", "batch_size", "grad_accum", "context_length",
                    "dropout", "lr", "min_lr_ratio", "warmup_steps", "optimizer", "weight_decay", "beta1",
                    "beta2", "grad_clip", "eval_every", "eval_batches", "val_fraction", "sample_tokens", "seed",
-                   "device", "precision", "compile", "kernels", "gradient_checkpointing", "encoding_errors",
+                   "device", "precision", "compile", "strategy", "logger", "kernels", "gradient_checkpointing", "encoding_errors",
                    "resume", "progress")
     POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "context_length",
                 "n_layer", "n_head", "n_embd")
@@ -123,14 +128,14 @@ class TrainConfig(RunConfig):
 
     # Changing these between a run and its resume would silently train something else.
     RESUME_FIXED = ("data", "model", "n_layer", "n_head", "n_embd", "tokenizer", "batch_size", "grad_accum",
-                    "context_length", "dropout", "seed", "val_fraction")
+                    "context_length", "dropout", "seed", "val_fraction", "strategy")
 
     # What `resume_config` lets a resume change: how long to train (the cosine schedule is
     # a function of max_steps, so it stretches from the step the run stopped at), how
     # often to evaluate, and where and how fast to compute. Every other setting keeps the
     # value the run was started with.
     RESUME_SAFE = ("out", "resume", "max_steps", "eval_every", "eval_batches", "sample_tokens", "device",
-                   "precision", "compile", "kernels", "gradient_checkpointing", "progress")
+                   "precision", "compile", "logger", "kernels", "gradient_checkpointing", "progress")
 
 
 def vocab_size_of(spec: str) -> int:

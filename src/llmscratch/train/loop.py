@@ -14,8 +14,9 @@ An objective is three small things (`Objective`):
 A new objective (masked LM, DPO, ...) is a loss function and a batch source; the loop does
 the rest once for all: AdamW (fused where PyTorch has it) with weight decay on matrices
 only, linear warmup and cosine decay (`get_lr`), gradient accumulation, gradient clipping,
-bf16 autocast, DDP under torchrun, atomic checkpoints with exact resume (`state.py`),
-Ctrl-C/SIGTERM that finish the step and checkpoint, `metrics.jsonl` and a loss plot.
+bf16 autocast, DDP or FSDP2 (`sharding.py`, sharded checkpoints) under torchrun, atomic
+checkpoints with exact resume (`state.py`), Ctrl-C/SIGTERM that finish the step and
+checkpoint, `metrics.jsonl` (with MFU, `mfu.py`; TensorBoard too with `logger`) and a loss plot.
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.distributed as dist
 
+from ..checkpoints.run import is_run_dir
+from ..checkpoints.sharded import consolidate, remove_stale
 from ..errors import UserError
 from ..utils import atomic_write, pick_device, progress_bar, remove_stale_temporaries
 from .config import budget_calibration, get_lr, steps_for_budget
+from .mfu import device_peak_flops, mfu, open_tracker
 from .settings import LoopSettings
+from .sharding import load_sharded, local_bytes, require_launcher, save_sharded, shard_model
 from .state import METRICS_FILE, append_metrics, load_train_state, read_metrics, save_train_state
 
 
@@ -80,6 +85,8 @@ class FitResult:
     """Ctrl-C, SIGTERM or `stop_after` ended the run before `cfg.max_steps`"""
     last_eval: dict = field(default_factory=dict)
     """the metrics of the last evaluation"""
+    shard_bytes: dict = field(default_factory=dict)
+    """under FSDP: the bytes this process holds (`sharding.local_bytes`) after its first step"""
 
 
 # ------------------------------------------------------------------------------ setup
@@ -146,11 +153,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if ok else None
 
 
-def distributed_setup(device_arg: str) -> tuple[int, int, torch.device]:
+def distributed_setup(device_arg: str, strategy: str = "ddp") -> tuple[int, int, torch.device]:
     """`(rank, world_size, device)`; initialises torch.distributed under torchrun (gloo on
-    CPU, NCCL on CUDA)."""
+    CPU, NCCL on CUDA), also for one process with `strategy="fsdp"` (UserError without
+    torchrun). On CUDA, float32 matmuls may use TF32 (what bf16 autocast leaves in fp32)."""
+    require_launcher(strategy)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and strategy != "fsdp":
         return 0, 1, pick_device(device_arg)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_arg)
@@ -182,6 +194,22 @@ def rank0_first(world: int, master: bool, fn: Callable):
     if box[0] is not None:
         raise UserError(box[0])
     return fn()
+
+
+def flash_attention_first(device: torch.device):
+    """On CUDA, SDPA tries FlashAttention first (then memory-efficient, cuDNN, math): the
+    attention calls SDPA causal and unmasked, which flash serves for bf16 and fp16. Elsewhere
+    (and on a PyTorch without backend priorities) a no-op."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+             SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # PyTorch < 2.6: no priorities, its own order (flash first) applies
+        return nullcontext()
 
 
 class StopFlag:
@@ -245,33 +273,46 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
         settings: stored in the checkpoint, for `state.check_resume`.
         rank, world: this process and the process count (`distributed_setup`).
         on_checkpoint: called on rank 0 after each checkpoint with the step (e.g. to
-            write the inference weights beside it).
+            write the inference weights beside it). Under `cfg.strategy == "fsdp"` the
+            loop writes a run folder's `model.safetensors` itself, from the sharded
+            checkpoint (`checkpoints.sharded.consolidate`), and does not call it.
 
     Returns:
         A `FitResult`; the model holds the weights of the last finished step.
     """
     master = rank == 0
+    sharded = cfg.strategy == "fsdp"
+    if sharded and not dist.is_initialized():
+        raise UserError("--strategy fsdp needs torch.distributed set up (run under torchrun)")
     if master and out is not None and out.is_dir():
         remove_stale_temporaries(out)  # left by a process killed in the middle of a write
+        remove_stale(out)
     batches = objective.batches
+    amp = autocast_dtype(cfg.precision, device)
+    ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+    # MFU: the model's training FLOPs per token (6N + attention) over the device's peak
+    flops = model.flops_per_token() if batches.unit == "tokens" and hasattr(model, "flops_per_token") else None
+    peak = device_peak_flops(device, amp) if flops else None
+    if sharded:
+        shard_model(model, device, amp)  # before the optimizer: it holds the sharded parameters
     optimizer = configure_optimizer(model, cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     metrics_path = out / METRICS_FILE if out is not None else None
     step, seen = 0, 0
     records: list[dict] = []
     if cfg.resume:
-        step, seen = load_train_state(out, model, optimizer)
+        step, seen = (load_sharded if sharded else load_train_state)(out, model, optimizer)
         if master:
             records = read_metrics(metrics_path, step)
             print(f"resuming from step {step} of {cfg.max_steps}", flush=True)
     elif master and out is not None:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
-    amp = autocast_dtype(cfg.precision, device)
-    ctx = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+    tracker = open_tracker(cfg.logger, out, step) if master else None
+    shard_bytes: dict = {}
 
     fwd = _LossModule(model, objective.loss)
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
@@ -286,10 +327,17 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
         return result
 
     def checkpoint(step: int) -> None:
-        if master and out is not None:
-            save_train_state(out, model, optimizer, step, seen, settings)
-            if on_checkpoint is not None:
-                on_checkpoint(step)
+        if out is None:
+            return
+        if sharded:  # every process writes its shard
+            save_sharded(out, model, optimizer, step, seen, settings, rank, world)
+        if master:
+            if not sharded:
+                save_train_state(out, model, optimizer, step, seen, settings)
+                if on_checkpoint is not None:
+                    on_checkpoint(step)
+            elif is_run_dir(out):  # the inference weights, read back from the shards on disk
+                consolidate(out)
             plot_losses(records, out / "loss.png", cfg.plot_title, x=batches.unit)
 
     budget_open = cfg.deadline is not None and not cfg.resume
@@ -305,7 +353,7 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
                        desc=cfg.desc, unit="step", dynamic_ncols=True)
     t_last, seen_last = time.perf_counter(), seen
     model.train()
-    with StopFlag() as stop:
+    with StopFlag() as stop, flash_attention_first(device):
         while step < cfg.max_steps:
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
@@ -313,8 +361,9 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 batch = batches.get(step, micro, rank, world, device)
-                # only the last micro-batch all-reduces gradients under DDP
-                sync = nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else fwd.no_sync()
+                # only the last micro-batch all-reduces gradients under DDP (FSDP
+                # reduce-scatters every micro-batch's: the gradients stay sharded)
+                sync = nullcontext() if world == 1 or sharded or micro == cfg.grad_accum - 1 else fwd.no_sync()
                 with sync:
                     with ctx:
                         loss = fwd(batch) / cfg.grad_accum
@@ -323,6 +372,11 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            if sharded and not shard_bytes:
+                shard_bytes = local_bytes(model, optimizer)
+                b = shard_bytes  # every rank says what it holds
+                tqdm.write(f"fsdp rank {rank}/{world} holds params {b['params']:,} B, grads {b['grads']:,} B, "
+                           f"optimizer state {b['optimizer']:,} B (the whole model's params: {b['full_params']:,} B)")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seen = batches.seen(step)
@@ -339,6 +393,8 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
             t_last, seen_last = now, seen
             rec = {"step": step, batches.unit: seen, "train_loss": train_loss, "lr": lr,
                    f"{batches.unit}_per_s": rate}
+            if peak:
+                rec["mfu"] = mfu(flops, rate, peak, world)
             if budget_open and step == calib_from:
                 t_calibration = now
             elif budget_open and step == calib_at:
@@ -351,7 +407,8 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
                 if on_max_steps is not None:
                     on_max_steps(cfg.max_steps)
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", **{f"{batches.unit[:3]}_s": f"{rate:,.0f}"})
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", **{f"{batches.unit[:3]}_s": f"{rate:,.0f}"},
+                            **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
 
             stop_now = stop.set or step == cfg.stop_after
             if world > 1:  # every rank must agree to stop at the same step
@@ -372,6 +429,8 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
                 records.append(rec)
                 if metrics_path is not None:
                     append_metrics(metrics_path, rec)
+                if tracker is not None:
+                    tracker.log(rec)
             if boundary:
                 checkpoint(step)
                 if budget_open and t_calibration is not None:  # not training: left out of the timing
@@ -381,10 +440,13 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
                 interrupted = True
                 break
     bar.close()
+    if tracker is not None:
+        tracker.close()
     model.eval()
-    if world > 1:
+    if world > 1 or sharded:
         dist.barrier()
-    return FitResult(step=step, seen=seen, records=records, interrupted=interrupted, last_eval=last_eval)
+    return FitResult(step=step, seen=seen, records=records, interrupted=interrupted, last_eval=last_eval,
+                     shard_bytes=shard_bytes)
 
 
 def plot_losses(records: list[dict], path: str | Path, title: str = "", x: str = "tokens") -> None:

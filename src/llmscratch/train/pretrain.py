@@ -155,7 +155,8 @@ def evaluate_pretraining(model: GPT, val_ids, bytes_per_token: float, cfg: Train
     loss = evaluate(model, val_ids, cfg.batch_size, model.config.context_length, cfg.eval_batches,
                     device, amp, rank, world)
     result = metrics_from_loss(loss, bytes_per_token)
-    if rank == 0 and tokenizer is not None and cfg.sample_tokens > 0:
+    # under FSDP every rank samples (each forward all-gathers the weights); rank 0's is shown
+    if (rank == 0 or cfg.strategy == "fsdp") and tokenizer is not None and cfg.sample_tokens > 0:
         with torch.autocast(device.type, enabled=False):  # sampled in the weights' own dtype
             result["sample"] = _sample(model, tokenizer, val_ids, cfg.sample_tokens, device, cfg.seed)
     return result

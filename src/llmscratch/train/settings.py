@@ -48,6 +48,10 @@ class LoopSettings:
     grad_accum: int = 1
     precision: Precision = "fp32"
     compile: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """several processes: ddp (each holds the whole model) or fsdp (each holds 1/N, `sharding.py`)"""
+    logger: Literal["none", "tensorboard"] = "none"
+    """also log the metrics to TensorBoard (`out/tensorboard`)"""
     eval_batches: int = 0  # per evaluation: a time budget's estimate of its cost (0: unknown)
     progress: bool = True
 

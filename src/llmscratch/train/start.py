@@ -19,7 +19,7 @@ from ..kernels.choice import KERNELS_FILE, record_run
 from ..utils import seed_everything
 from .config import TrainConfig
 from .loop import autocast_dtype, distributed_setup
-from .state import STATE_FILE, check_resume
+from .state import check_resume, has_checkpoint
 
 
 @dataclass
@@ -40,12 +40,12 @@ def start_run(cfg: TrainConfig, resume_fixed: tuple[str, ...]) -> RunStart:
     """Validate `cfg`, set up the processes and seed. A resume must keep every setting in
     `resume_fixed`; a fresh run must not land on another run's checkpoint (UserError)."""
     cfg.validate()
-    rank, world, device = distributed_setup(cfg.device)
+    rank, world, device = distributed_setup(cfg.device, getattr(cfg, "strategy", "ddp"))
     out = Path(cfg.out)
     settings = cfg.settings()
     if cfg.resume:
         check_resume(out, settings, resume_fixed)
-    elif (out / STATE_FILE).exists():
+    elif has_checkpoint(out):
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or pick another --out")
     seed_everything(cfg.seed)
     return RunStart(rank, world, device, out, settings)

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoints.run import model_state
+from ..checkpoints.sharded import latest_sharded, read_marker
 from ..errors import UserError
 from ..utils import atomic_write, load_safetensors, save_safetensors
 
@@ -93,6 +94,12 @@ def load_train_state(out: Path, model: torch.nn.Module, optimizer) -> tuple[int,
     return int(meta["step"]), int(meta.get("seen", meta.get("tokens_seen", 0)))
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether run folder `out` holds a checkpoint to resume: `train_state.safetensors`, or
+    a complete sharded one (an FSDP run's, `checkpoints/sharded.py`)."""
+    return (Path(out) / STATE_FILE).is_file() or latest_sharded(out) is not None
+
+
 def saved_run(out: Path) -> tuple[dict, int]:
     """`(settings, step)` of the checkpoint in `out`: the settings the run was started with
     and the last step it finished.
@@ -101,7 +108,11 @@ def saved_run(out: Path) -> tuple[dict, int]:
         UserError: no checkpoint in `out`.
     """
     if not (Path(out) / STATE_FILE).is_file():
-        raise UserError(f"--resume: {out} holds no checkpoint ({STATE_FILE})")
+        sharded = latest_sharded(out)
+        if sharded is None:
+            raise UserError(f"--resume: {out} holds no checkpoint ({STATE_FILE} or a complete sharded one)")
+        marker = read_marker(sharded)
+        return marker.get("settings") or {}, int(marker["step"])
     meta = _metadata(Path(out))
     saved_json = meta.get("settings")
     if saved_json is not None:
