@@ -283,20 +283,48 @@ def test_wsd_schedule_is_stable_then_linear_to_the_floor_and_re_aims_continuousl
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_time_budget_holds_when_the_machine_slows_down_and_max_steps_replays_it(tmp_path, capsys, request):
+@pytest.fixture
+def quiet_clock():
+    """What a time-budget test times is the schedule, not the noise: one thread (on a loaded
+    2-core machine two threads spin and stall for seconds) and the one-time costs of a fresh
+    process paid before (the first plot's import, the first optimizer)."""
+    import importlib
+
+    importlib.import_module("matplotlib.figure")
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_time_budget_run_resumes_on_the_time_it_has_left(tmp_path, quiet_clock):
+    """A 6 s budget run stopped after 5 steps (in its stable phase) and resumed: its clock goes
+    on from the stopped run's elapsed time, its decay starts at 80% of the budget and completes."""
+    import time
+
+    kw = dict(time_budget="6s", eval_every=25, max_steps=3, kernels=False)
+    first = pretrain(cfg(tmp_path, **kw), stop_after=5)
+    assert first.interrupted and first.step == 5
+    stopped_at = records(first.out)[-1]["elapsed_s"]
+    time.sleep(1.0)  # time between the runs is not the run's
+    second = pretrain(cfg(tmp_path, **kw, resume=True), step_hook=lambda step: time.sleep(0.01))
+    recs = records(second.out)
+    saved = json.loads((second.out / "config.json").read_text())["train"]
+    start = saved["decay_start"]
+    assert recs[4]["elapsed_s"] == stopped_at and recs[5]["elapsed_s"] > stopped_at
+    assert recs[start - 1]["elapsed_s"] >= 0.8 * 6 > recs[start - 2]["elapsed_s"]
+    assert second.step == saved["max_steps"] == len(recs) > start > 5
+    assert recs[-1]["lr"] == pytest.approx(TINY["lr"] * 0.1) and 0.8 * 6 < recs[-1]["elapsed_s"] <= 6 * 1.05
+
+
+def test_time_budget_holds_when_the_machine_slows_down_and_max_steps_replays_it(tmp_path, capsys, quiet_clock):
     """An 8 s budget on a machine whose speed changes partway, 2.5x and 5x (an injected
     per-step delay), before the decay and during it: the run ends within 5% of 8 s (tokenizer training,
     evaluations and checkpoints included), its decay complete; the steps taken and the decay's
     start and ends saved in config.json replay it bit for bit."""
-    import importlib
     import time
 
-    # one-time costs of a fresh process, not the clock's subject: the first plot's import, the first optimizer
-    importlib.import_module("matplotlib.figure")
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a loaded 2-core machine, 2 threads spin and stall for seconds: noise
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
     budget, t0 = 8.0, time.perf_counter()
     changes = []
 
