@@ -78,7 +78,7 @@ def test_formats_that_cannot_express_a_cap_refuse_it(tmp_path):
     from llmscratch.hf.registry import save_hf
     from llmscratch.kernels.quantize import quantize_int8
 
-    with pytest.raises(UserError, match="caps its logits"):
+    with pytest.raises(UserError, match="logit_softcap=30.0, value_residual=False"):
         save_hf(GPT(tiny(logit_softcap=30.0)), tmp_path / "gpt2")
     modern = GPTConfig.from_name("llama-tiny", vocab_size=97, logit_softcap=30.0)
     with pytest.raises(UserError, match="logit_softcap=30.0"):
@@ -122,3 +122,30 @@ def test_sequence_length_warmup_grows_the_windows_and_resumes_exactly(tmp_path, 
     saved = json.loads((full.out / "config.json").read_text())
     assert saved["model"]["mlp"] == "relu2" and saved["model"]["logit_softcap"] == 20.0
     assert saved["model"]["tie_weights"] is False and saved["train"]["seq_len_warmup"] == 4
+
+
+def test_value_residual_mixes_the_first_layers_values_and_decodes_with_a_cache():
+    torch.manual_seed(0)
+    model = GPT(tiny(value_residual=True, n_layer=3)).eval()
+    plain = GPT(tiny(n_layer=3)).eval()
+    plain.load_state_dict(model.state_dict())  # no new parameters: the same weights load
+    idx = torch.randint(0, 97, (2, 10))
+    full = model(idx)
+    assert not torch.allclose(full, plain(idx))
+    # by hand for layer 1: its values are the mean of its own and layer 0's
+    seen = {}
+    for i in range(2):
+        model.h[i].attn.c_attn.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+    attn1 = model.h[1].attn
+    captured = {}
+    attn1.attend = lambda q, k, v, mask, f=attn1.attend: captured.setdefault("v", v) is not None and f(q, k, v, mask)
+    model(idx)
+    v0, v1 = (seen[i][..., 2 * 64:].view(2, 10, 4, 16).transpose(1, 2) for i in range(2))
+    torch.testing.assert_close(captured["v"], 0.5 * (v1 + v0))
+    # incremental decoding with KV caches gives the full pass's logits
+    caches = model.make_kv_caches(2)
+    steps = [model(idx[:, :6], caches, 0)] + [model(idx[:, t:t + 1], caches, t) for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert TrainConfig(value_residual=True).model_overrides() == {"value_residual": True}
+    with pytest.raises(UserError, match="--value-residual and --gradient-checkpointing"):
+        TrainConfig(value_residual=True, gradient_checkpointing=True).validate()

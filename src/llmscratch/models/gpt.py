@@ -101,6 +101,7 @@ class GPTConfig:
     # training levers from the speedrun literature (off by default: GPT-2 and the presets unchanged)
     zero_init: bool = False  # residual branches' output projections (and an untied head) start at zero
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2; e.g. 30)
+    value_residual: bool = False  # each layer after the first attends to the mean of its values and the first's
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head"):
@@ -250,8 +251,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 key_mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start, key_mask, rope)
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, values: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start, key_mask, rope, values)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -335,12 +336,14 @@ class GPT(nn.Module):
             rope = rope_cos_sin(positions, self.rope_frequencies(idx.device))  # 2 x (.., T, hs)
         else:
             x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        values = {} if self.config.value_residual else None  # the first layer's values (ResFormer)
         for i, block in enumerate(self.h):
             cache = caches[i] if caches is not None else None
-            if self.gradient_checkpointing and self.training and cache is None:
+            # (not with the value residual: a recomputed block would find the first values already set)
+            if self.gradient_checkpointing and self.training and cache is None and values is None:
                 x = checkpoint(block, x, None, start, key_mask, rope, use_reentrant=False)
             else:
-                x = block(x, cache, start, key_mask, rope)
+                x = block(x, cache, start, key_mask, rope, values)
         return self.ln_f(x)  # (B, T, C)
 
     def rope_frequencies(self, device=None) -> torch.Tensor:

@@ -39,6 +39,9 @@ class TrainConfig(RunConfig):
     """start the residual branches' output projections (and an untied head) at zero"""
     logit_softcap: float | None = None
     """cap the logits smoothly at +-this (cap * tanh(logits / cap); e.g. 30)"""
+    value_residual: bool = False
+    """value residual (ResFormer): each layer after the first attends to the mean of its own
+    values and the first layer's"""
     seq_len_warmup: int = 0
     """grow the training sequences from an eighth of --context-length to all of it over this
     many steps (0 = off)"""
@@ -113,7 +116,7 @@ class TrainConfig(RunConfig):
     """continue the run in --out from its last checkpoint"""
 
     FIELD_ORDER = ("data", "model", "n_layer", "n_head", "n_embd", "mlp", "qk_norm", "untied_head", "zero_init",
-                   "logit_softcap", "seq_len_warmup", "objective", "whole_word_masking", "out",
+                   "logit_softcap", "value_residual", "seq_len_warmup", "objective", "whole_word_masking", "out",
                    "tokenizer", "max_steps", "time_budget", "schedule", "decay_fraction", "decay_start",
                    "decay_ends", "batch_size", "grad_accum", "context_length",
                    "dropout", "lr", "min_lr_ratio", "warmup_steps", "optimizer", "weight_decay", "beta1",
@@ -125,7 +128,8 @@ class TrainConfig(RunConfig):
 
     def model_overrides(self) -> dict:
         """The preset fields this config changes: its shape flags, --context-length and the
-        model levers (--mlp, --qk-norm, --untied-head, --zero-init, --logit-softcap)."""
+        model levers (--mlp, --qk-norm, --untied-head, --zero-init, --logit-softcap,
+        --value-residual)."""
         names = ("n_layer", "n_head", "n_embd", "context_length", "mlp", "logit_softcap")
         changes = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         if self.qk_norm:
@@ -134,6 +138,8 @@ class TrainConfig(RunConfig):
             changes["tie_weights"] = False
         if self.zero_init:
             changes["zero_init"] = True
+        if self.value_residual:
+            changes["value_residual"] = True
         return changes
 
     def validate(self) -> None:
@@ -145,6 +151,8 @@ class TrainConfig(RunConfig):
             raise UserError("--warmup-steps must be >= 0")
         if self.seq_len_warmup < 0:
             raise UserError("--seq-len-warmup must be >= 0")
+        if self.value_residual and self.gradient_checkpointing:
+            raise UserError("--value-residual and --gradient-checkpointing do not go together yet; drop one")
         if not 0 < self.decay_fraction <= 1:
             raise UserError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
         ends = parse_decay_ends(self.decay_ends)
@@ -168,7 +176,7 @@ class TrainConfig(RunConfig):
     # Changing these between a run and its resume would silently train something else.
     RESUME_FIXED = ("data", "model", "n_layer", "n_head", "n_embd", "tokenizer", "batch_size", "grad_accum",
                     "context_length", "dropout", "seed", "val_fraction", "mlp", "qk_norm", "untied_head", "zero_init",
-                    "logit_softcap", "seq_len_warmup")
+                    "logit_softcap", "value_residual", "seq_len_warmup")
 
     # What `resume_config` lets a resume change: how long to train (the cosine schedule is
     # a function of max_steps, so it stretches from the step the run stopped at), how
