@@ -200,6 +200,33 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_time_budget_every_process_follows_rank0s_clock(tmp_path):
+    """Under torchrun a time budget's plan is rank 0's, sent to every rank each step: both
+    processes take the same steps at the same learning rates (a disagreement would hang or
+    diverge), and one process replaying the saved schedule follows the same losses."""
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "llmscratch", "pretrain", *_cli_args(ddp, max_steps=3, dropout=0.0, eval_every=25),
+           "--time-budget", "20s"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((ddp / "config.json").read_text())["train"]
+    assert saved["decay_start"] is not None and len(losses(ddp)) == saved["max_steps"] > 3
+    single = tmp_path / "single"
+    replay = ["--max-steps", str(saved["max_steps"]), "--decay-start", str(saved["decay_start"])]
+    if saved["decay_ends"]:
+        replay += ["--decay-ends", saved["decay_ends"]]
+    r = _cli("pretrain", *_cli_args(single, max_steps=3, dropout=0.0, eval_every=25), *replay)
+    assert r.returncode == 0, r.stderr
+    lrs = [[json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines()] for out in (ddp, single)]
+    assert lrs[0] == lrs[1]  # the same schedule, step for step
+    # the same training (gradient all-reduce rounds differently: over 100+ steps the two drift apart
+    # by ~1e-4 from step ~50 on, so the first 30 are compared)
+    assert losses(ddp)[:30] == pytest.approx(losses(single)[:30], abs=1e-4)
+
+
+@pytest.mark.slow
 def test_ddp_user_error_on_rank0_ends_every_process(tmp_path):
     """A bad --data under torchrun: every rank exits with the message; none hangs."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -385,6 +412,8 @@ def test_time_budget_settings_are_checked():
         with pytest.raises(UserError, match=message):
             TrainConfig(**kw).validate()
     # 100 s left after step 5, 1 s/step, an evaluation of 5 s at steps 10, 20, ... and at the end:
-    # 5 + 63 steps = 63 s + 6 evaluations before (10..60) + the final one = 98 s; 64 would need 104 s
-    assert steps_that_fit(100.0, 1.0, 5, 10, 5.0) == 63
+    # 65 more steps (to step 70) = 65 s + 6 evaluations on the way (10..60) + the final one = 100 s;
+    # 66 would also cross the one at 70: 106 s
+    assert steps_that_fit(100.0, 1.0, 5, 10, 5.0) == 65
+    assert steps_that_fit(99.9, 1.0, 5, 10, 5.0) == 64
     assert steps_that_fit(0.5, 1.0, 5, 10, 5.0) == 1  # never fewer than one more step: the decay's last
