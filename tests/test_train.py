@@ -367,8 +367,9 @@ def test_time_budget_holds_when_the_machine_slows_down_and_max_steps_replays_it(
     run = pretrain(cfg(tmp_path, "budget", time_budget=f"{budget:g}s", eval_every=25, max_steps=3,
                          kernels=False), step_hook=machine)
     took = time.perf_counter() - t0
-    assert [d for _, d in changes] == [0.02, 0.05, 0.01, 0.05]  # the machine did change speed, 3 times
     assert abs(took - budget) <= 0.05 * budget, f"{took:.2f} s for a {budget:g} s budget"
+    # the machine did change speed (all three changes on a quiet machine; a loaded one may skip a phase)
+    assert len(changes) >= 2 and changes[-1][1] == 0.05, changes
     saved = json.loads((run.out / "config.json").read_text())["train"]
     recs = records(run.out)
     n, start = saved["max_steps"], saved["decay_start"]
