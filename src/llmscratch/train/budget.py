@@ -4,7 +4,7 @@ A step count fixed once from a few early steps wastes the budget or overruns it 
 machine's speed changes (another job starts or ends). Here nothing is fixed early:
 
 - warmup: `warmup_steps` steps, linear, as without a budget;
-- stable: the peak learning rate until the budget's clock (started with the command, so
+- stable: the peak learning rate until the budget's clock (started with pretraining, so
   tokenizer training, data preparation, evaluations and checkpoints all count) reaches
   `1 - decay_fraction` of the budget;
 - decay: linear to `lr * min_lr_ratio`, ending at the step the budget runs out. Its end is
@@ -15,8 +15,9 @@ machine's speed changes (another job starts or ends). Here nothing is fixed earl
 
 Every re-estimate that moved the end is recorded as `step:end` (`decay_ends`); with it, the
 decay start and the steps taken, `config.get_lr` gives every step's learning rate as a pure
-function of the step, so `--max-steps N --schedule wsd --decay-start D --decay-ends ...`
-replays a budget run bit for bit, and a resume continues it exactly.
+function of the step, so `--max-steps N --decay-start D --decay-ends ...`
+replays a budget run bit for bit; a resumed budget run keeps the schedule of its steps so far and
+goes on by the clock with the time it has left.
 """
 
 from __future__ import annotations

@@ -57,13 +57,13 @@ class TrainConfig(RunConfig):
     max_steps: int = 240
     """optimizer steps to train for"""
     time_budget: str | None = None
-    """train for this long instead (e.g. 4m, 90s, 1h, counted from the command's start, so
+    """train for this long instead (e.g. 4m, 90s, 1h, counted from the start of pretraining, so
     tokenizer training, evaluations and checkpoints count): warmup, then the peak learning
     rate until the last --decay-fraction of the budget, then a linear decay whose end is
     re-estimated from the recent step speed after every step, so the run ends at the budget
     with its decay complete whatever the machine does meanwhile; the steps taken and the
-    decay's start and ends are saved in config.json, and --max-steps N --schedule wsd
-    --decay-start D --decay-ends E (printed at the end) replays the run exactly"""
+    decay's start and ends are saved in config.json, and --max-steps N --decay-start D
+    --decay-ends E (printed at the end) replays the run exactly"""
     schedule: Literal["auto", "cosine", "wsd"] = "auto"
     """learning-rate schedule after the warmup: cosine (to min_lr_ratio at max_steps), wsd
     (stable, then a linear decay over the last --decay-fraction), or auto: wsd with
