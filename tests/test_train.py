@@ -393,6 +393,33 @@ def test_time_budget_holds_when_the_machine_slows_down_and_max_steps_replays_it(
         torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("speeds", [(1.0, 0.5), (1.0, 2.0)])
+def test_clock_schedule_on_a_simulated_clock(speeds):
+    """`ClockSchedule` against a fake clock (no sleeping): a 100 s budget, 1 s steps, then 2x
+    faster or 2x slower from 90 s on (inside the decay, which starts at 80 s): the plan ends
+    at the budget within one step (the decay's last step always runs), the final evaluation
+    costed, and re-aims the decay's end when the speed changes."""
+    from llmscratch.train.budget import ClockSchedule
+    from llmscratch.train.config import wsd_lr
+
+    clock = ClockSchedule(deadline=100.0, budget_s=100.0, decay_fraction=0.2, warmup_steps=5, eval_every=1000,
+                          eval_batches=3, grad_accum=1)  # an evaluation: 3 batches, about a step's work
+    t, step, max_steps, start, ends = 0.0, 0, 10**9, None, []
+    while step < max_steps:
+        dt = speeds[0] if t < 90 else speeds[1]
+        t, step = t + dt, step + 1
+        clock.step_done(dt)
+        max_steps, start, ends = clock.plan(step, t, max_steps)
+        if start is None:
+            assert max_steps > step and t < 80
+    final_eval = speeds[1]  # the estimate's cost of the final evaluation (none was measured)
+    assert abs(t + final_eval - 100) <= speeds[1]
+    assert start == 80 and ends[0] == (80, 100 - 1)  # at 80 s: 19 more 1 s steps + a 1 s evaluation fit
+    assert len(ends) >= 2 and ends[-1][1] == max_steps == step  # re-aimed, and the run ended at the last end
+    lrs = [wsd_lr(s, 1.0, 0.1, start, ends, max_steps) for s in range(start - 1, max_steps)]
+    assert lrs[0] == 1.0 and lrs[-1] == pytest.approx(0.1) and all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
 def test_time_budget_settings_are_checked():
     from llmscratch.train.budget import steps_that_fit
     from llmscratch.train.config import parse_duration

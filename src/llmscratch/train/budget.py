@@ -88,7 +88,7 @@ class ClockSchedule:
     def estimate(self, step: int, now: float, eval_now: bool) -> int:
         """The step the budget runs out at, seen after `step` steps at clock time `now`
         (`eval_now`: an evaluation at `step` is still to come)."""
-        step_s = statistics.median(self.recent)
+        step_s = max(statistics.median(self.recent), 1e-6)
         # the median of the last three: the first one also paid one-time costs (imports, caches)
         eval_s = statistics.median(self.evals) if self.evals else step_s * self.eval_share
         left = self.deadline - now - (eval_s if eval_now else 0.0)
