@@ -6,8 +6,8 @@ the block differs: `small` (LayerNorm, learned positions, GELU MLP, 6 heads, bia
 parameter counts differ by 0.2% (1.1% without the shared embedding). Two budgets, each with
 every seed:
 
-- the same wall-clock budget (`--time-budget`, 5 minutes by default: the trainer fixes the
-  step count from its warmup speed), which rewards the faster block;
+- the same wall-clock budget (`--time-budget`, 5 minutes by default: the trainer's clock-driven
+  warmup-stable-decay schedule ends at the budget), which rewards the faster block;
 - the same token budget (`--steps`, default: the mean number of steps the GPT-2 block reached
   in its wall-clock runs), which compares what each block learns per token.
 

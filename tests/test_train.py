@@ -211,6 +211,33 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_time_budget_every_process_follows_rank0s_clock(tmp_path):
+    """Under torchrun a time budget's plan is rank 0's, sent to every rank each step: both
+    processes take the same steps at the same learning rates (a disagreement would hang or
+    diverge), and one process replaying the saved schedule follows the same losses."""
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "llmscratch", "pretrain", *_cli_args(ddp, max_steps=3, dropout=0.0, eval_every=25),
+           "--time-budget", "20s"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((ddp / "config.json").read_text())["train"]
+    assert saved["decay_start"] is not None and len(losses(ddp)) == saved["max_steps"] > 3
+    single = tmp_path / "single"
+    replay = ["--max-steps", str(saved["max_steps"]), "--decay-start", str(saved["decay_start"])]
+    if saved["decay_ends"]:
+        replay += ["--decay-ends", saved["decay_ends"]]
+    r = _cli("pretrain", *_cli_args(single, max_steps=3, dropout=0.0, eval_every=25), *replay)
+    assert r.returncode == 0, r.stderr
+    lrs = [[json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines()] for out in (ddp, single)]
+    assert lrs[0] == lrs[1]  # the same schedule, step for step
+    # the same training (gradient all-reduce rounds differently: over 100+ steps the two drift apart
+    # by ~1e-4 from step ~50 on, so the first 30 are compared)
+    assert losses(ddp)[:30] == pytest.approx(losses(single)[:30], abs=1e-4)
+
+
+@pytest.mark.slow
 def test_ddp_user_error_on_rank0_ends_every_process(tmp_path):
     """A bad --data under torchrun: every rank exits with the message; none hangs."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -269,39 +296,163 @@ def test_cli_config_file_and_flags(tmp_path, corpus_file):
     assert "bits/byte" in r.stdout and "perplexity" in r.stdout
 
 
-def test_time_budget_fixes_the_step_count_and_max_steps_repeats_the_run(tmp_path):
-    """A --time-budget run times its first warmup steps, fixes max_steps from them, saves it in
-    config.json; a run with --max-steps N (no budget) is then the same run, step for step."""
-    budget = pretrain(cfg(tmp_path, "budget", time_budget="4s", warmup_steps=5, max_steps=3))
-    saved = json.loads((budget.out / "config.json").read_text())["train"]
-    n = saved["max_steps"]
-    assert n == budget.step and n > 5  # fixed from the timing (not the 3 passed in)
-    assert len(losses(budget.out)) == n
-    again = pretrain(cfg(tmp_path, "again", warmup_steps=5, max_steps=n))
-    assert losses(again.out) == losses(budget.out)
-    wb, wa = weights(budget.out), weights(again.out)
+def records(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_wsd_schedule_is_stable_then_linear_to_the_floor_and_re_aims_continuously():
+    from llmscratch.train.config import wsd_lr
+
+    c = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
+    assert get_lr(9, c) == pytest.approx(1.0)
+    assert get_lr(87, c) == 1.0  # stable until the last fifth: decay from step 88 (110 - 22)
+    assert get_lr(88, c) == pytest.approx(1.0 - 0.9 / 22)
+    assert get_lr(109, c) == pytest.approx(0.1)  # the last step runs at the floor
+    c2 = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, decay_start=50)  # auto -> wsd
+    assert get_lr(49, c2) == 1.0 and get_lr(79, c2) == pytest.approx(0.55)
+    # re-aimed at step 60 from end 110 to end 80: from the rate of step 59 linearly to the floor at step 79
+    at59 = wsd_lr(59, 1.0, 0.1, 50, [], 110)
+    assert at59 == pytest.approx(1.0 - 0.9 * 10 / 60)
+    ends = [(50, 110), (60, 80)]
+    assert wsd_lr(59, 1.0, 0.1, 50, ends, 80) == at59  # steps before the re-aim are unchanged
+    assert wsd_lr(60, 1.0, 0.1, 50, ends, 80) == pytest.approx(at59 + (0.1 - at59) / 20)
+    assert wsd_lr(79, 1.0, 0.1, 50, ends, 80) == pytest.approx(0.1)
+    lrs = [wsd_lr(s, 1.0, 0.1, 50, ends, 80) for s in range(50, 80)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.fixture
+def quiet_clock():
+    """What a time-budget test times is the schedule, not the noise: one thread (on a loaded
+    2-core machine two threads spin and stall for seconds) and the one-time costs of a fresh
+    process paid before (the first plot's import, the first optimizer)."""
+    import importlib
+
+    importlib.import_module("matplotlib.figure")
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_time_budget_run_resumes_on_the_time_it_has_left(tmp_path, quiet_clock):
+    """A 6 s budget run stopped after 5 steps (in its stable phase) and resumed: its clock goes
+    on from the stopped run's elapsed time, its decay starts at 80% of the budget and completes."""
+    import time
+
+    kw = dict(time_budget="6s", eval_every=25, max_steps=3, kernels=False)
+    first = pretrain(cfg(tmp_path, **kw), stop_after=5)
+    assert first.interrupted and first.step == 5
+    stopped_at = records(first.out)[-1]["elapsed_s"]
+    time.sleep(1.0)  # time between the runs is not the run's
+    second = pretrain(cfg(tmp_path, **kw, resume=True), step_hook=lambda step: time.sleep(0.01))
+    recs = records(second.out)
+    saved = json.loads((second.out / "config.json").read_text())["train"]
+    start = saved["decay_start"]
+    assert recs[4]["elapsed_s"] == stopped_at and recs[5]["elapsed_s"] > stopped_at
+    assert recs[start - 1]["elapsed_s"] >= 0.8 * 6 > recs[start - 2]["elapsed_s"]
+    assert second.step == saved["max_steps"] == len(recs) > start > 5
+    assert recs[-1]["lr"] == pytest.approx(TINY["lr"] * 0.1) and 0.8 * 6 < recs[-1]["elapsed_s"] <= 6 * 1.05
+
+
+def test_time_budget_holds_when_the_machine_slows_down_and_max_steps_replays_it(tmp_path, capsys, quiet_clock):
+    """An 8 s budget on a machine whose speed changes partway, 2.5x and 5x (an injected
+    per-step delay), before the decay and during it: the run ends within 5% of 8 s (tokenizer training,
+    evaluations and checkpoints included), its decay complete; the steps taken and the decay's
+    start and ends saved in config.json replay it bit for bit."""
+    import time
+
+    budget, t0 = 8.0, time.perf_counter()
+    changes = []
+
+    def machine(step: int) -> None:
+        # a step takes 20 ms, then 50 ms from 3 s on (slower in the stable phase), 10 ms from 5.5 s
+        # on (faster), and 50 ms again from 6.9 s on: 5x slower in the decay (which starts at 6.4 s)
+        t = time.perf_counter() - t0
+        delay = 0.02 if t < 3 else 0.05 if t < 5.5 else 0.01 if t < 6.9 else 0.05
+        if not changes or changes[-1][1] != delay:
+            changes.append((step, delay))
+        time.sleep(delay)
+
+    run = pretrain(cfg(tmp_path, "budget", time_budget=f"{budget:g}s", eval_every=25, max_steps=3,
+                         kernels=False), step_hook=machine)
+    took = time.perf_counter() - t0
+    assert abs(took - budget) <= 0.05 * budget, f"{took:.2f} s for a {budget:g} s budget"
+    # the machine did change speed (all three changes on a quiet machine; a loaded one may skip a phase)
+    assert len(changes) >= 2 and changes[-1][1] == 0.05, changes
+    saved = json.loads((run.out / "config.json").read_text())["train"]
+    recs = records(run.out)
+    n, start = saved["max_steps"], saved["decay_start"]
+    assert run.step == n == len(recs) and not run.interrupted
+    assert recs[-1]["lr"] == pytest.approx(TINY["lr"] * 0.1)  # the decay completed: the last step at the floor
+    assert [r["lr"] for r in recs[:start]][-1] == TINY["lr"]  # stable up to the decay
+    assert recs[start]["lr"] < TINY["lr"]
+    # the decay began once the clock reached 80% of the budget (the first step after it)
+    assert recs[start - 1]["elapsed_s"] >= 0.8 * budget > recs[start - 2]["elapsed_s"]
+    assert all(b["elapsed_s"] > a["elapsed_s"] for a, b in zip(recs, recs[1:]))
+    assert recs[-1]["elapsed_s"] <= took
+    assert saved["decay_ends"] and saved["decay_ends"].startswith(f"{start}:")
+    assert f"--max-steps {n} --decay-start {start} --decay-ends {saved['decay_ends']}" in capsys.readouterr().out
+
+    again = pretrain(cfg(tmp_path, "again", max_steps=n, decay_start=start, decay_ends=saved["decay_ends"],
+                         eval_every=25, kernels=False))
+    assert [r["lr"] for r in records(again.out)] == [r["lr"] for r in recs]
+    assert losses(again.out) == losses(run.out)
+    wb, wa = weights(run.out), weights(again.out)
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
 
 
-def test_time_budget_times_the_later_warmup_steps():
-    from llmscratch.train.config import budget_calibration
+@pytest.mark.parametrize("speeds", [(1.0, 0.5), (1.0, 2.0)])
+def test_clock_schedule_on_a_simulated_clock(speeds):
+    """`ClockSchedule` against a fake clock (no sleeping): a 100 s budget, 1 s steps, then 2x
+    faster or 2x slower from 90 s on (inside the decay, which starts at 80 s): the plan ends
+    at the budget within one step (the decay's last step always runs), the final evaluation
+    costed, and re-aims the decay's end when the speed changes."""
+    from llmscratch.train.budget import ClockSchedule
+    from llmscratch.train.config import wsd_lr
 
-    assert budget_calibration(5) == (1, 5)  # the fewest: steps 2-5
-    assert budget_calibration(30) == (6, 30)  # steps 7-30: the slow first fifth left out
-    assert budget_calibration(500) == (10, 50)  # at most 50 steps before the count is fixed
+    clock = ClockSchedule(deadline=100.0, budget_s=100.0, decay_fraction=0.2, warmup_steps=5, eval_every=1000,
+                          eval_batches=3, grad_accum=1)  # an evaluation: 3 batches, about a step's work
+    t, step, max_steps, start, ends = 0.0, 0, 10**9, None, []
+    while step < max_steps:
+        dt = speeds[0] if t < 90 else speeds[1]
+        t, step = t + dt, step + 1
+        clock.step_done(dt)
+        max_steps, start, ends = clock.plan(step, t, max_steps)
+        if start is None:
+            assert max_steps > step and t < 80
+    final_eval = speeds[1]  # the estimate's cost of the final evaluation (none was measured)
+    assert abs(t + final_eval - 100) <= speeds[1]
+    assert start == 80 and ends[0] == (80, 100 - 1)  # at 80 s: 19 more 1 s steps + a 1 s evaluation fit
+    assert len(ends) >= 2 and ends[-1][1] == max_steps == step  # re-aimed, and the run ended at the last end
+    lrs = [wsd_lr(s, 1.0, 0.1, start, ends, max_steps) for s in range(start - 1, max_steps)]
+    assert lrs[0] == 1.0 and lrs[-1] == pytest.approx(0.1) and all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_time_budget_settings_are_checked():
-    from llmscratch.train.config import parse_duration, steps_for_budget
+    from llmscratch.train.budget import steps_that_fit
+    from llmscratch.train.config import parse_duration
 
     assert parse_duration("4m") == 240 and parse_duration("90s") == 90 and parse_duration("1.5h") == 5400
     assert parse_duration("30") == 30
     for bad in ("soon", "-1m", "0s", "nan", ""):
         with pytest.raises(UserError, match="expected a positive duration"):
             parse_duration(bad)
-    with pytest.raises(UserError, match="raise --warmup-steps from 2 to at least 5"):
-        TrainConfig(time_budget="1m", warmup_steps=2).validate()
-    # 100 s left, 1 s/step, an evaluation of 5 s every 10 steps and at the end: 63 more steps
-    assert steps_for_budget(100.0, 1.0, 5, 10, 5.0) == 5 + 63
-    assert steps_for_budget(0.5, 1.0, 5, 10, 5.0) == 6  # never fewer than one more step
+    for kw, message in ((dict(time_budget="1m", schedule="cosine"), "drop --schedule cosine"),
+                        (dict(time_budget="1m", decay_start=60), "sets the decay's start"),
+                        (dict(decay_fraction=0.0), "--decay-fraction must be in"),
+                        (dict(decay_ends="10:5"), "each STEP must be below its END"),
+                        (dict(decay_ends="a:b"), "STEP:END pairs"),
+                        (dict(decay_start=20, decay_ends="30:40"), "not at --decay-start 20"),
+                        (dict(decay_start=5, warmup_steps=10), "inside the warmup"),
+                        (dict(decay_start=50, schedule="cosine"), "belong to the wsd schedule")):
+        with pytest.raises(UserError, match=message):
+            TrainConfig(**kw).validate()
+    # 100 s left after step 5, 1 s/step, an evaluation of 5 s at steps 10, 20, ... and at the end:
+    # 65 more steps (to step 70) = 65 s + 6 evaluations on the way (10..60) + the final one = 100 s;
+    # 66 would also cross the one at 70: 106 s
+    assert steps_that_fit(100.0, 1.0, 5, 10, 5.0) == 65
+    assert steps_that_fit(99.9, 1.0, 5, 10, 5.0) == 64
+    assert steps_that_fit(0.5, 1.0, 5, 10, 5.0) == 1  # never fewer than one more step: the decay's last

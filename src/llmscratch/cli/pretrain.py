@@ -52,8 +52,8 @@ def resume_settings(given: dict):
     cfg, step = resume_config(out, given)
     before = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     if cfg.max_steps != before.max_steps:
-        print(f"--max-steps {cfg.max_steps} (the run was started for {before.max_steps}): the cosine schedule "
-              f"now decays to step {cfg.max_steps}, so the learning rate at step {step} goes from "
+        print(f"--max-steps {cfg.max_steps} (the run was started for {before.max_steps}): the schedule "
+              f"now ends at step {cfg.max_steps}, so the learning rate at step {step} goes from "
               f"{get_lr(step, before):.3g} to {get_lr(step, cfg):.3g}")
     return cfg
 

@@ -297,6 +297,9 @@ def save_hf_gpt2(model: GPT, path: str | os.PathLike) -> Path:
     if (config.norm, config.position, config.mlp) != ("layernorm", "learned", "gelu"):
         raise UserError(f"this model has norm={config.norm!r}, position={config.position!r}, mlp={config.mlp!r}, "
                         "which GPT-2's format cannot express; save it with save_hf (Llama/Qwen3 format)")
+    if config.logit_softcap is not None or config.value_residual:
+        raise UserError(f"this model has logit_softcap={config.logit_softcap}, value_residual={config.value_residual}, "
+                        "which GPT-2's format cannot express; keep it in llmscratch's own format")
     if not config.qkv_bias:
         raise UserError(
             "this model has qkv_bias=False, which GPT-2's format cannot express "

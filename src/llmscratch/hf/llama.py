@@ -171,9 +171,13 @@ def llama_family_of(config: GPTConfig) -> str:
     UserError naming the option no Llama-family format has."""
     modern = dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, qkv_bias=False)
     off = [f"{k}={getattr(config, k)!r}" for k, v in modern.items() if getattr(config, k) != v]
+    if config.logit_softcap is not None:
+        off.append(f"logit_softcap={config.logit_softcap!r}")
+    if config.value_residual:
+        off.append("value_residual=True")
     if off:
         raise UserError(f"this model has {', '.join(off)}, which the Llama/Qwen3 format cannot express "
-                        f"(it needs {', '.join(f'{k}={v!r}' for k, v in modern.items())})")
+                        f"(it needs {', '.join(f'{k}={v!r}' for k, v in modern.items())}, no logit_softcap or value_residual)")
     return "qwen3" if config.qk_norm else "llama"
 
 

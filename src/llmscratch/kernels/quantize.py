@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
 from ..models.gpt import GPT
 
 
@@ -74,6 +75,8 @@ def quantize_int8(model: GPT, compute_dtype: torch.dtype = torch.bfloat16) -> GP
     (embeddings, LayerNorms, the KV cache) moves to `compute_dtype`. Returns the model, in
     eval mode. It can no longer be trained or saved as a checkpoint.
     """
+    if getattr(getattr(model, "config", None), "logit_softcap", None) is not None:
+        raise UserError("int8 weights do not support a model with logit soft-capping yet; use bf16 or fp32")
     model.eval()
     head = model.lm_head
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()

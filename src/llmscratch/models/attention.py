@@ -302,7 +302,8 @@ class FusedSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 key_mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                values: dict | None = None) -> torch.Tensor:
         """Args:
             x: `(B, T, n_embd)` hidden states of positions `start..start+T`.
             cache: when given, this layer's keys/values are stored in it and the queries
@@ -313,6 +314,9 @@ class FusedSelfAttention(nn.Module):
                 encoder inputs).
             rope: `(cos, sin)` of the queries' positions (`rope_cos_sin`), to rotate the
                 queries and keys by; None for a model with learned positions.
+            values: value residual (ResFormer): a dict the model's layers share in one
+                forward pass; the first layer leaves its values in it, each later layer
+                attends to the mean of its own values and those. None: off.
 
         Returns:
             `(B, T, n_embd)`.
@@ -327,6 +331,8 @@ class FusedSelfAttention(nn.Module):
         q = q.transpose(1, 2)  # (B, nh, T, hs)
         k = k.transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if values is not None:  # before the cache: a cached value is already mixed
+            v = 0.5 * (v + values["first"]) if "first" in values else values.setdefault("first", v)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:

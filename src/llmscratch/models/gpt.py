@@ -65,7 +65,7 @@ register_presets("GPT", _PRESETS)
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2")
 _ROPE_SCALING_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                  "original_max_position_embeddings")}
 
@@ -93,12 +93,16 @@ class GPTConfig:
     position: str = "learned"  # "learned" absolute embeddings (GPT-2) or "rope" (rotary)
     rope_theta: float = 10000.0  # RoPE's base: the slowest pair turns once per ~2*pi*theta positions
     rope_scaling: dict | None = None  # Llama 3's frequency scaling ({"rope_type": "llama3", ...})
-    mlp: str = "gelu"  # "gelu" (GPT-2's 2-matrix MLP) or "swiglu" (gated, 3 matrices)
+    mlp: str = "gelu"  # "gelu" (GPT-2's 2-matrix MLP), "swiglu" (gated, 3 matrices) or "relu2" (ReLU squared)
     intermediate_size: int | None = None  # the MLP's hidden width; None = 4 * n_embd
     n_kv_head: int | None = None  # key/value heads (grouped-query attention); None = n_head
     head_size: int | None = None  # per-head width when not n_embd // n_head (Qwen3: 128)
     qk_norm: bool = False  # RMSNorm on each query and key head (Qwen3)
     bias: bool = True  # biases on the attention output, MLP and LayerNorms (GPT-2: yes)
+    # training levers from the speedrun literature (off by default: GPT-2 and the presets unchanged)
+    zero_init: bool = False  # residual branches' output projections (and an untied head) start at zero
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2; e.g. 30)
+    value_residual: bool = False  # each layer after the first attends to the mean of its values and the first's
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_embd", "n_layer", "n_head"):
@@ -130,6 +134,9 @@ class GPTConfig:
             raise UserError(f"GPTConfig.rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling, "GPTConfig.rope_scaling")
+        cap = self.logit_softcap
+        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0):
+            raise UserError(f"GPTConfig.logit_softcap must be a positive number or None, got {cap!r}")
         check_sizes(self)
 
     @property
@@ -194,7 +201,8 @@ def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
 class MLP(nn.Module):
     """Position-wise feed-forward.
 
-    `gelu` (GPT-2): expand to `intermediate_size` (4x), GELU, project back. `swiglu`
+    `gelu` (GPT-2): expand to `intermediate_size` (4x), GELU, project back; `relu2` the same
+    with ReLU squared (Primer; the modded-nanogpt speedruns' MLP). `swiglu`
     (Llama, Qwen): two expansions, one gated by the other through SiLU, `c_proj(silu(gate)
     * up)`; `c_fc` holds `[gate | up]` in one matrix (one matmul, and one LoRA target).
     """
@@ -202,6 +210,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.gated = config.mlp == "swiglu"
+        self.relu2 = config.mlp == "relu2"
         width = config.mlp_width
         self.c_fc = nn.Linear(config.n_embd, 2 * width if self.gated else width, bias=config.bias)
         self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
@@ -211,8 +220,22 @@ class MLP(nn.Module):
         if self.gated:
             gate, up = self.c_fc(x).chunk(2, dim=-1)
             return self.dropout(self.c_proj(F.silu(gate) * up))
+        if self.relu2:
+            return self.dropout(self.c_proj(F.relu(self.c_fc(x)).square()))
         # GPT-2 used the tanh approximation of GELU; matching it is what makes logits equal
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class SoftCappedLinear(nn.Linear):
+    """The LM head with logit soft-capping: `cap * tanh(x @ W.T / cap)`, logits smoothly bounded
+    to (-cap, cap). A subclass, so the kernels (which swap plain `nn.Linear`s) leave it alone."""
+
+    def __init__(self, in_features: int, out_features: int, cap: float):
+        super().__init__(in_features, out_features, bias=False)
+        self.cap = float(cap)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cap * torch.tanh(super().forward(x) / self.cap)
 
 
 class Block(nn.Module):
@@ -230,8 +253,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 key_mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start, key_mask, rope)
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, values: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start, key_mask, rope, values)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -251,7 +274,10 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.logit_softcap is None:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        else:  # every caller of lm_head (decoding, scoring, the loss) gets the capped logits
+            self.lm_head = SoftCappedLinear(config.n_embd, config.vocab_size, config.logit_softcap)
         if config.tie_weights:
             # One Parameter in two places: gradients from both uses add up, and the two can
             # never drift apart (copying wte into the head at load time would let them).
@@ -265,6 +291,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init:  # each block starts as the identity, the untied head predicts uniform
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight") or (name == "lm_head.weight" and not config.tie_weights):
+                    nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -308,12 +338,14 @@ class GPT(nn.Module):
             rope = rope_cos_sin(positions, self.rope_frequencies(idx.device))  # 2 x (.., T, hs)
         else:
             x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        values = {} if self.config.value_residual else None  # the first layer's values (ResFormer)
         for i, block in enumerate(self.h):
             cache = caches[i] if caches is not None else None
-            if self.gradient_checkpointing and self.training and cache is None:
+            # (not with the value residual: a recomputed block would find the first values already set)
+            if self.gradient_checkpointing and self.training and cache is None and values is None:
                 x = checkpoint(block, x, None, start, key_mask, rope, use_reentrant=False)
             else:
-                x = block(x, cache, start, key_mask, rope)
+                x = block(x, cache, start, key_mask, rope, values)
         return self.ln_f(x)  # (B, T, C)
 
     def rope_frequencies(self, device=None) -> torch.Tensor:

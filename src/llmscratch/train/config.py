@@ -29,6 +29,22 @@ class TrainConfig(RunConfig):
     """attention heads per block (default: the preset's; must divide --n-embd)"""
     n_embd: int | None = None
     """model width (default: the preset's)"""
+    mlp: str | None = None
+    """the MLP: gelu, swiglu or relu2 (ReLU squared; default: the preset's)"""
+    qk_norm: bool = False
+    """RMS-normalise each attention head's queries and keys (QK-norm)"""
+    untied_head: bool = False
+    """give the LM head its own weights instead of sharing the token embedding's"""
+    zero_init: bool = False
+    """start the residual branches' output projections (and an untied head) at zero"""
+    logit_softcap: float | None = None
+    """cap the logits smoothly at +-this (cap * tanh(logits / cap); e.g. 30)"""
+    value_residual: bool = False
+    """value residual (ResFormer): each layer after the first attends to the mean of its own
+    values and the first layer's"""
+    seq_len_warmup: int = 0
+    """grow the training sequences from an eighth of --context-length to all of it over this
+    many steps (0 = off)"""
     objective: Literal["auto", "lm", "mlm"] = "auto"
     """lm (next token, a GPT), mlm (masked LM, an encoder), or auto: from --model"""
     whole_word_masking: bool = False
@@ -43,18 +59,33 @@ class TrainConfig(RunConfig):
     max_steps: int = 240
     """optimizer steps to train for"""
     time_budget: str | None = None
-    """train for about this long instead (e.g. 4m, 90s, 1h, counted from the command's start):
-    the step count is fixed at the end of the warmup (at most 50 steps) from the speed of
-    its later steps, printed, and saved as max_steps in config.json, so --max-steps N
-    repeats the run exactly"""
+    """train for this long instead (e.g. 4m, 90s, 1h, counted from the start of pretraining, so
+    tokenizer training, evaluations and checkpoints count): warmup, then the peak learning
+    rate until the last --decay-fraction of the budget, then a linear decay whose end is
+    re-estimated from the recent step speed after every step, so the run ends at the budget
+    with its decay complete whatever the machine does meanwhile; the steps taken and the
+    decay's start and ends are saved in config.json, and --max-steps N --decay-start D
+    --decay-ends E (printed at the end) replays the run exactly"""
+    schedule: Literal["auto", "cosine", "wsd"] = "auto"
+    """learning-rate schedule after the warmup: cosine (to min_lr_ratio at max_steps), wsd
+    (stable, then a linear decay over the last --decay-fraction), or auto: wsd with
+    --time-budget, --decay-start or --decay-ends, cosine otherwise"""
+    decay_fraction: float = 0.2
+    """wsd: the share of the steps (with --time-budget: of the time) spent decaying"""
+    decay_start: int | None = None
+    """wsd: the first decay step (default: from --decay-fraction; a time budget sets it)"""
+    decay_ends: str | None = None
+    """wsd: STEP:END pairs where a time budget re-aimed the decay's end (written by
+    --time-budget, for replaying its run)"""
     batch_size: int = 16
     """sequences per optimizer step (global, all processes together)"""
     grad_accum: int = 1
     """micro-batches per step; each micro-batch has batch_size sequences"""
     context_length: int | None = None
     """tokens per sequence (default: the preset's)"""
-    dropout: float = 0.1
-    """dropout on embeddings, attention and residual branches"""
+    dropout: float = 0.0
+    """dropout on embeddings, attention and residual branches (default 0: a run of minutes sees
+    its data about once, and 0 measured better, benchmarks/results/quality_levers.json)"""
     lr: float = 1e-3
     warmup_steps: int = 50
     """linear warmup steps"""
@@ -91,8 +122,10 @@ class TrainConfig(RunConfig):
     resume: bool = False
     """continue the run in --out from its last checkpoint"""
 
-    FIELD_ORDER = ("data", "model", "n_layer", "n_head", "n_embd", "objective", "whole_word_masking", "out",
-                   "tokenizer", "max_steps", "time_budget", "batch_size", "grad_accum", "context_length",
+    FIELD_ORDER = ("data", "model", "n_layer", "n_head", "n_embd", "mlp", "qk_norm", "untied_head", "zero_init",
+                   "logit_softcap", "value_residual", "seq_len_warmup", "objective", "whole_word_masking", "out",
+                   "tokenizer", "max_steps", "time_budget", "schedule", "decay_fraction", "decay_start",
+                   "decay_ends", "batch_size", "grad_accum", "context_length",
                    "dropout", "lr", "min_lr_ratio", "warmup_steps", "optimizer", "weight_decay", "beta1",
                    "beta2", "grad_clip", "eval_every", "eval_batches", "val_fraction", "sample_tokens", "seed",
                    "device", "precision", "compile", "strategy", "logger", "kernels", "gradient_checkpointing", "encoding_errors",
@@ -101,9 +134,20 @@ class TrainConfig(RunConfig):
                 "n_layer", "n_head", "n_embd")
 
     def model_overrides(self) -> dict:
-        """The preset fields this config changes: its shape flags and --context-length."""
-        names = ("n_layer", "n_head", "n_embd", "context_length")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        """The preset fields this config changes: its shape flags, --context-length and the
+        model levers (--mlp, --qk-norm, --untied-head, --zero-init, --logit-softcap,
+        --value-residual)."""
+        names = ("n_layer", "n_head", "n_embd", "context_length", "mlp", "logit_softcap")
+        changes = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.qk_norm:
+            changes["qk_norm"] = True
+        if self.untied_head:
+            changes["tie_weights"] = False
+        if self.zero_init:
+            changes["zero_init"] = True
+        if self.value_residual:
+            changes["value_residual"] = True
+        return changes
 
     def validate(self) -> None:
         """Raise `UserError` for a setting no run can use (the shared checks, then pretraining's)."""
@@ -118,17 +162,34 @@ class TrainConfig(RunConfig):
             raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.warmup_steps < 0:
             raise UserError("--warmup-steps must be >= 0")
+        if self.seq_len_warmup < 0:
+            raise UserError("--seq-len-warmup must be >= 0")
+        if self.value_residual and self.gradient_checkpointing:
+            raise UserError("--value-residual and --gradient-checkpointing do not go together yet; drop one")
+        if not 0 < self.decay_fraction <= 1:
+            raise UserError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        ends = parse_decay_ends(self.decay_ends)
+        if self.decay_start is not None or ends:
+            if self.schedule == "cosine":
+                raise UserError("--decay-start and --decay-ends belong to the wsd schedule, not cosine")
+            if self.time_budget is not None and not self.resume:
+                raise UserError("--time-budget sets the decay's start and ends by the clock; drop "
+                                "--decay-start/--decay-ends, or replay a run with --max-steps instead")
+            start = ends[0][0] if ends else self.decay_start
+            if self.decay_start is not None and start != self.decay_start:
+                raise UserError(f"--decay-ends starts at step {start}, not at --decay-start {self.decay_start}")
+            if start < self.warmup_steps:
+                raise UserError(f"the decay cannot start (step {start}) inside the warmup ({self.warmup_steps} steps)")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
-            if self.warmup_steps < BUDGET_CALIBRATION_STEPS:
-                raise UserError(f"--time-budget measures the speed of the first {BUDGET_CALIBRATION_STEPS} "
-                                f"steps, which must be warmup steps (whose learning rate does not depend on "
-                                f"the step count); raise --warmup-steps from {self.warmup_steps} to at least "
-                                f"{BUDGET_CALIBRATION_STEPS}")
+            if self.schedule == "cosine":
+                raise UserError("--time-budget runs the wsd schedule by the clock (a cosine needs its "
+                                "step count in advance); drop --schedule cosine")
 
     # Changing these between a run and its resume would silently train something else.
     RESUME_FIXED = ("data", "model", "n_layer", "n_head", "n_embd", "tokenizer", "batch_size", "grad_accum",
-                    "context_length", "dropout", "seed", "val_fraction", "strategy")
+                    "context_length", "dropout", "seed", "val_fraction", "strategy", "mlp", "qk_norm", "untied_head",
+                    "zero_init", "logit_softcap", "value_residual", "seq_len_warmup")
 
     # What `resume_config` lets a resume change: how long to train (the cosine schedule is
     # a function of max_steps, so it stretches from the step the run stopped at), how
@@ -179,22 +240,6 @@ def resume_config(out, given: dict) -> tuple[TrainConfig, int]:
     return cfg, step
 
 
-# A time budget fixes the step count at the end of the warmup (whose learning rate does not
-# depend on the step count), from the speed of its later steps: the first ones run slow
-# (allocation, first touch, caches), by 10-25% over the first five on a 2-core CPU, which
-# is why only the later four fifths count. It needs at least BUDGET_CALIBRATION_STEPS
-# warmup steps, and times at most BUDGET_CALIBRATION_MAX.
-BUDGET_CALIBRATION_STEPS = 5
-BUDGET_CALIBRATION_MAX = 50
-
-
-def budget_calibration(warmup_steps: int) -> tuple[int, int]:
-    """`(first, last)`: a time budget's step count is fixed after step `last`, from the
-    time steps `first + 1` to `last` took."""
-    last = min(warmup_steps, BUDGET_CALIBRATION_MAX)
-    return max(1, last // 5), last
-
-
 def parse_duration(text: str) -> float:
     """Seconds in a duration like `90s`, `4m`, `1.5h` or `240` (seconds)."""
     units = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -209,25 +254,82 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def steps_for_budget(seconds_left: float, step_seconds: float, steps_done: int, eval_every: int,
-                     eval_seconds: float) -> int:
-    """The total step count that fits in `seconds_left` more seconds after `steps_done`
-    steps, each taking `step_seconds`, with an evaluation (`eval_seconds`) every
-    `eval_every` steps and at the end. At least `steps_done + 1`."""
-    per_step = step_seconds + eval_seconds / eval_every
-    more = int((seconds_left - eval_seconds) / per_step)
-    return max(steps_done + 1, steps_done + more)
+def parse_decay_ends(text: str | None) -> list[tuple[int, int]]:
+    """`"120:400,150:390"` -> `[(120, 400), (150, 390)]`: the steps at which a time budget
+    (re)set the decay's end, and the end it set (see `budget.py`). UserError if malformed."""
+    if not text:
+        return []
+    ends = []
+    for item in str(text).split(","):
+        step, _, end = item.strip().partition(":")
+        try:
+            pair = (int(step), int(end))
+        except ValueError:
+            raise UserError(f"--decay-ends {text!r}: expected STEP:END pairs separated by commas, "
+                            "e.g. 120:400,150:390 (as a time-budget run saves them)") from None
+        if pair[0] < 0 or pair[1] <= pair[0] or (ends and pair[0] <= ends[-1][0]):
+            raise UserError(f"--decay-ends {text!r}: each STEP must be below its END and above the "
+                            "previous STEP")
+        ends.append(pair)
+    return ends
+
+
+def decay_start_of(cfg) -> int:
+    """The WSD schedule's first decay step: `cfg.decay_start`, the first `decay_ends` step,
+    or the last `decay_fraction` of `max_steps` (never inside the warmup)."""
+    ends = parse_decay_ends(getattr(cfg, "decay_ends", None))
+    if ends:
+        return ends[0][0]
+    if getattr(cfg, "decay_start", None) is not None:
+        return cfg.decay_start
+    return max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps))
+
+
+def wsd_lr(step: int, peak: float, floor: float, start: int, ends: list[tuple[int, int]],
+           max_steps: int) -> float:
+    """After the warmup: `peak` until step `start`, then linear decay reaching `floor` at the
+    last step (`max_steps - 1`). Each `(c, end)` of `ends` re-aims the decay from step `c` on:
+    from the rate of step `c - 1` linearly to `floor` at step `end - 1` (the last pair's end
+    is `max_steps`)."""
+    if step < start:
+        return peak
+    if step >= max_steps:
+        return floor
+    segments = ends or [(start, max_steps)]
+    rate = peak  # the learning rate of the step before the segment
+    for i, (first, end) in enumerate(segments):
+        last = i == len(segments) - 1
+        if last:
+            end = max_steps
+        if last or step < segments[i + 1][0]:
+            return rate + (floor - rate) * min(1.0, (step - first + 1) / max(1, end - first))
+        rate = rate + (floor - rate) * min(1.0, (segments[i + 1][0] - first) / max(1, end - first))
+    return floor  # unreachable: the last segment returns
+
+
+def schedule_of(cfg) -> str:
+    """"cosine" or "wsd": `cfg.schedule`, with "auto" resolved (wsd under a time budget or a
+    given decay start or ends)."""
+    schedule = getattr(cfg, "schedule", "cosine")
+    if schedule != "auto":
+        return schedule
+    wsd = any(getattr(cfg, name, None) is not None for name in ("time_budget", "decay_start", "decay_ends"))
+    return "wsd" if wsd else "cosine"
 
 
 def get_lr(step: int, cfg: LoopSettings | RunConfig) -> float:
-    """Linear warmup to `cfg.lr`, then cosine decay to `cfg.lr * cfg.min_lr_ratio` at max_steps.
+    """Linear warmup to `cfg.lr`, then cosine decay to `cfg.lr * cfg.min_lr_ratio` at max_steps;
+    or, with `cfg.schedule == "wsd"`, stable at `cfg.lr` then a linear decay (`wsd_lr`).
 
     A pure function of the step (and the settings `lr`, `min_lr_ratio`, `warmup_steps`,
-    `max_steps`), so a resumed run follows the same schedule as an uninterrupted one.
+    `max_steps`, and for WSD `decay_start`, `decay_ends`, `decay_fraction`), so a resumed run
+    follows the same schedule as an uninterrupted one, and a time-budget run can be replayed.
     """
     min_lr = cfg.lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if schedule_of(cfg) == "wsd":
+        return wsd_lr(step, cfg.lr, min_lr, decay_start_of(cfg), parse_decay_ends(cfg.decay_ends), cfg.max_steps)
     if step >= cfg.max_steps:
         return min_lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)

@@ -13,10 +13,11 @@ An objective is three small things (`Objective`):
 
 A new objective (masked LM, DPO, ...) is a loss function and a batch source; the loop does
 the rest once for all: AdamW (fused where PyTorch has it) with weight decay on matrices
-only, linear warmup and cosine decay (`get_lr`), gradient accumulation, gradient clipping,
-bf16 autocast, DDP or FSDP2 (`sharding.py`, sharded checkpoints) under torchrun, atomic
-checkpoints with exact resume (`state.py`), Ctrl-C/SIGTERM that finish the step and
-checkpoint, `metrics.jsonl` (with MFU, `mfu.py`; TensorBoard too with `logger`) and a loss plot.
+only, linear warmup then cosine or warmup-stable-decay (`get_lr`; a time budget drives the
+latter by the clock, `budget.py`), gradient accumulation, gradient clipping, bf16 autocast,
+DDP or FSDP2 (`sharding.py`, sharded checkpoints) under torchrun, atomic checkpoints with
+exact resume (`state.py`), Ctrl-C/SIGTERM that finish the step and checkpoint,
+`metrics.jsonl` (with MFU, `mfu.py`; TensorBoard too with `logger`) and a loss plot.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from ..checkpoints.run import is_run_dir
 from ..checkpoints.sharded import consolidate, remove_stale
 from ..errors import UserError
 from ..utils import atomic_write, pick_device, progress_bar, remove_stale_temporaries
-from .config import budget_calibration, get_lr, steps_for_budget
+from .budget import ClockSchedule, format_decay_ends
+from .config import get_lr, parse_decay_ends
 from .mfu import device_peak_flops, mfu, open_tracker
 from .settings import LoopSettings
 from .sharding import load_sharded, local_bytes, require_launcher, save_sharded, shard_model
@@ -108,24 +110,6 @@ def configure_optimizer(model: torch.nn.Module, cfg: LoopSettings, device: torch
               {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu")  # PyTorch has fused AdamW for both
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
-def _budget_steps(cfg: LoopSettings, step: int, timed: int, seconds: float, seconds_left: float, world: int,
-                  device: torch.device, eval_seconds: float | None = None) -> int:
-    """The step count that fits the time left after `step`, from `timed` steps that took
-    `seconds` of training (rank 0's figure, broadcast, so every process stops at the same
-    step); an evaluation with its checkpoint takes `eval_seconds` (measured if one fell
-    among the timed steps, else estimated)."""
-    step_seconds = seconds / timed
-    if eval_seconds is None:
-        # an evaluation is forward passes only, about a third of a training step's work per batch
-        eval_seconds = step_seconds * cfg.eval_batches / cfg.grad_accum / 3
-    total = steps_for_budget(0.97 * seconds_left, step_seconds, step, cfg.eval_every, eval_seconds)
-    if world > 1:
-        flag = torch.tensor([total], dtype=torch.long, device=device)
-        dist.broadcast(flag, src=0)
-        total = int(flag.item())
-    return total
 
 
 def cpu_has_native_bf16() -> bool:
@@ -257,7 +241,8 @@ class _LossModule(torch.nn.Module):
 def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, device: torch.device,
         out: Path | None = None, settings: dict | None = None, rank: int = 0, world: int = 1,
         on_checkpoint: Callable[[int], None] | None = None,
-        on_max_steps: Callable[[int], None] | None = None) -> FitResult:
+        on_schedule: Callable[[dict], None] | None = None,
+        step_hook: Callable[[int], None] | None = None) -> FitResult:
     """Train the parameters of `model` that require grad on `objective` for `cfg.max_steps`.
 
     Args:
@@ -265,9 +250,9 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
         objective: loss, batches and evaluation (see the module docstring).
         cfg: the schedule, optimizer, precision, evaluation interval, resume, stop and
             display settings (`LoopSettings`, e.g. from `TrainConfig.loop_settings()`). With
-            `cfg.deadline` (a time budget), the step count fixed at the end of the warmup
-            (whose learning rate does not depend on `max_steps`; at most 50 steps) replaces
-            `cfg.max_steps` and is passed to `on_max_steps`.
+            `cfg.budget_s` (a time budget) the wsd schedule follows the clock (`budget.py`):
+            `max_steps`, `decay_start` and `decay_ends` are re-estimated after every step and
+            passed to `on_schedule` (rank 0) whenever they change.
         out: the run folder for `train_state.safetensors`, `metrics.jsonl` and `loss.png`;
             None keeps everything in memory (no checkpoints, no resume).
         settings: stored in the checkpoint, for `state.check_resume`.
@@ -276,6 +261,10 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
             write the inference weights beside it). Under `cfg.strategy == "fsdp"` the
             loop writes a run folder's `model.safetensors` itself, from the sharded
             checkpoint (`checkpoints.sharded.consolidate`), and does not call it.
+        on_schedule: called on rank 0 with `{"max_steps", "decay_start", "decay_ends"}` when
+            a time budget moves them (to save them with the run).
+        step_hook: called with the step index inside each timed training step, after the
+            optimizer step (tests use it to slow the machine down).
 
     Returns:
         A `FitResult`; the model holds the weights of the last finished step.
@@ -340,21 +329,31 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
                 consolidate(out)
             plot_losses(records, out / "loss.png", cfg.plot_title, x=batches.unit)
 
-    budget_open = cfg.deadline is not None and not cfg.resume
-    if budget_open:  # train "forever" until the first steps have been timed
-        cfg = dataclasses.replace(cfg, max_steps=10**9)
-    t_calibration = None
-    calib_from, calib_at = budget_calibration(cfg.warmup_steps)
-    t_aside, eval_measured = 0.0, None  # evaluations + checkpoints inside the timed steps
+    clock_start = cfg.clock_start if cfg.clock_start is not None else time.perf_counter()
+    # a resumed run's clock goes on from the elapsed time of its last step
+    offset = records[-1].get("elapsed_s", 0.0) if records else 0.0
+    clock = None
+    if cfg.budget_s is not None:
+        if world > 1:  # rank 0's records carry the offset
+            box = [offset]
+            dist.broadcast_object_list(box, src=0)
+            offset = box[0]
+        clock = ClockSchedule(clock_start + cfg.budget_s - offset, cfg.budget_s, cfg.decay_fraction,
+                              cfg.warmup_steps, cfg.eval_every, cfg.eval_batches, cfg.grad_accum,
+                              cfg.decay_start, parse_decay_ends(cfg.decay_ends))
+        # until the clock starts the decay, no step count and no decay start are known
+        cfg = dataclasses.replace(cfg, schedule="wsd", max_steps=max(cfg.max_steps, step + 1) if cfg.resume else 10**9,
+                                  decay_start=NOT_YET if cfg.decay_start is None else cfg.decay_start)
     last_eval: dict = {}
     interrupted = False
-    # while a time budget is still timing its first steps the total is unknown: no bar, a count
-    bar = progress_bar(total=None if budget_open else cfg.max_steps, initial=step, disable=not (cfg.progress and master),
+    # under a time budget the total is not known until the clock starts the decay
+    bar = progress_bar(total=None if clock else cfg.max_steps, initial=step, disable=not (cfg.progress and master),
                        desc=cfg.desc, unit="step", dynamic_ncols=True)
     t_last, seen_last = time.perf_counter(), seen
     model.train()
     with StopFlag() as stop, flash_attention_first(device):
         while step < cfg.max_steps:
+            t_step = time.perf_counter()
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -375,9 +374,11 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
             if sharded and not shard_bytes:
                 shard_bytes = local_bytes(model, optimizer)
                 b = shard_bytes  # every rank says what it holds
-                tqdm.write(f"fsdp rank {rank}/{world} holds params {b['params']:,} B, grads {b['grads']:,} B, "
+                bar.write(f"fsdp rank {rank}/{world} holds params {b['params']:,} B, grads {b['grads']:,} B, "
                            f"optimizer state {b['optimizer']:,} B (the whole model's params: {b['full_params']:,} B)")
             optimizer.zero_grad(set_to_none=True)
+            if step_hook is not None:
+                step_hook(step)
             step += 1
             seen = batches.seen(step)
 
@@ -392,20 +393,12 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
             rate = (seen - seen_last) / max(now - t_last, 1e-9)
             t_last, seen_last = now, seen
             rec = {"step": step, batches.unit: seen, "train_loss": train_loss, "lr": lr,
-                   f"{batches.unit}_per_s": rate}
+                   f"{batches.unit}_per_s": rate, "elapsed_s": round(offset + now - clock_start, 3)}
             if peak:
                 rec["mfu"] = mfu(flops, rate, peak, world)
-            if budget_open and step == calib_from:
-                t_calibration = now
-            elif budget_open and step == calib_at:
-                cfg = dataclasses.replace(cfg, max_steps=_budget_steps(cfg, step, calib_at - calib_from,
-                                                                       now - t_calibration - t_aside,
-                                                                       cfg.deadline - now, world,
-                                                                       device, eval_measured))
-                budget_open = False
+            if clock is not None:
+                cfg = _follow_clock(clock, cfg, step, now - t_step, now, master, world, on_schedule)
                 bar.total = cfg.max_steps
-                if on_max_steps is not None:
-                    on_max_steps(cfg.max_steps)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", **{f"{batches.unit[:3]}_s": f"{rate:,.0f}"},
                             **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
@@ -433,9 +426,8 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
                     tracker.log(rec)
             if boundary:
                 checkpoint(step)
-                if budget_open and t_calibration is not None:  # not training: left out of the timing
-                    eval_measured = time.perf_counter() - t_boundary
-                    t_aside += eval_measured
+                if clock is not None:  # timed apart from the steps
+                    clock.aside(time.perf_counter() - t_boundary)
             if stop_now:
                 interrupted = True
                 break
@@ -447,6 +439,30 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
         dist.barrier()
     return FitResult(step=step, seen=seen, records=records, interrupted=interrupted, last_eval=last_eval,
                      shard_bytes=shard_bytes)
+
+
+NOT_YET = 10**9
+"""`decay_start` while a time budget's decay has not started: no step reaches it"""
+
+
+def _follow_clock(clock: ClockSchedule, cfg: LoopSettings, step: int, step_seconds: float, now: float,
+                  master: bool, world: int, on_schedule: Callable[[dict], None] | None) -> LoopSettings:
+    """`cfg` with the time budget's plan after `step` (rank 0's, sent to every process, so
+    all take the same steps at the same learning rates); `on_schedule` hears of a change."""
+    clock.step_done(step_seconds)
+    plan = clock.plan(step, now, cfg.max_steps) if master else None
+    if world > 1:
+        box = [plan]
+        dist.broadcast_object_list(box, src=0)
+        plan = box[0]
+    max_steps, start, ends = plan
+    ends = format_decay_ends(ends) or None
+    changed = (max_steps, start if start is not None else NOT_YET, ends)
+    if changed == (cfg.max_steps, cfg.decay_start, cfg.decay_ends):
+        return cfg
+    if master and on_schedule is not None:
+        on_schedule({"max_steps": max_steps, "decay_start": start, "decay_ends": ends})
+    return dataclasses.replace(cfg, max_steps=max_steps, decay_start=changed[1], decay_ends=ends)
 
 
 def plot_losses(records: list[dict], path: str | Path, title: str = "", x: str = "tokens") -> None:

@@ -244,7 +244,7 @@ def pretrain_mlm(cfg: TrainConfig, *, stop_after: int | None = None) -> tuple[Pa
     Returns:
         `(run folder, FitResult)`.
     """
-    for flag in ("time_budget", "gradient_checkpointing"):
+    for flag in ("time_budget", "gradient_checkpointing", "seq_len_warmup"):
         if getattr(cfg, flag):
             raise UserError(f"--{flag.replace('_', '-')} is not supported for an encoder yet (GPT pretraining only)")
     run = start_run(cfg, type(cfg).RESUME_FIXED + ("objective", "whole_word_masking"))

@@ -45,7 +45,7 @@ from ..data.corpora import load_text
 from ..errors import UserError
 from ..kernels import lm_head_loss
 from ..models.gpt import GPT, GPTConfig, lm_loss
-from .config import TrainConfig, budget_calibration, parse_duration
+from .config import TrainConfig, parse_duration, schedule_of
 from .loop import Objective, fit, rank0_first
 from .mlm import objective_of, pretrain_mlm
 from .prepared import is_prepared_dir, prepared_splits, prepared_tokenizer
@@ -65,19 +65,35 @@ def lm_train_loss(model: GPT, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
 class LMBatches:
     """The pretraining `BatchSource`: micro-batch `micro` of step `step` is window batch
     `step * grad_accum + micro` of a `BatchSampler` (a pure function of the seed and that
-    number; each rank takes its rows of it)."""
+    number; each rank takes its rows of it). With `seq_len_warmup` N, the windows of step s < N
+    are cut to their first `length(s)` tokens: an eighth of the context growing linearly to
+    all of it (multiples of 8), still a pure function of the step."""
 
     unit = "tokens"
 
-    def __init__(self, sampler: BatchSampler, grad_accum: int):
+    def __init__(self, sampler: BatchSampler, grad_accum: int, seq_len_warmup: int = 0):
         self.sampler = sampler
         self.grad_accum = grad_accum
+        self.seq_len_warmup = seq_len_warmup
+
+    def length(self, step: int) -> int:
+        """Tokens per training sequence at `step`."""
+        T, n = self.sampler.context_length, self.seq_len_warmup
+        if step >= n:
+            return T
+        return min(T, max(8, T // 8, T * (step + 1) // n // 8 * 8))
 
     def get(self, step: int, micro: int, rank: int, world: int, device: torch.device):
-        return self.sampler.get_batch(step * self.grad_accum + micro, rank, world, device=device)
+        x, y = self.sampler.get_batch(step * self.grad_accum + micro, rank, world, device=device)
+        if step < self.seq_len_warmup:
+            n = self.length(step)
+            x, y = x[:, :n], y[:, :n]
+        return x, y
 
     def seen(self, step: int) -> int:
-        return step * self.grad_accum * self.sampler.batch_size * self.sampler.context_length
+        rows = self.grad_accum * self.sampler.batch_size
+        warm = min(step, self.seq_len_warmup)
+        return rows * (sum(self.length(s) for s in range(warm)) + (step - warm) * self.sampler.context_length)
 
     def epoch_of(self, step: int) -> float:
         return self.sampler.epoch_of(step * self.grad_accum)
@@ -177,13 +193,15 @@ class TrainResult:
     val_mlm_acc: float | None = None  # an encoder's masked-token accuracy
 
 
-def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
+def pretrain(cfg: TrainConfig, *, stop_after: int | None = None,
+             step_hook: Callable[[int], None] | None = None) -> TrainResult:
     """Run (or resume) a pretraining run as described by `cfg`; see the module docstring.
 
     Args:
         cfg: the run's settings.
         stop_after: behave as if interrupted once this step is done (checkpoint, then
             return with `interrupted=True`); the schedule still follows `cfg.max_steps`.
+        step_hook: called with the step index inside each training step (`loop.fit`).
     """
     if objective_of(cfg) == "mlm":  # an encoder: masked-LM pretraining (train/mlm.py)
         out, fitted = pretrain_mlm(cfg, stop_after=stop_after)
@@ -217,7 +235,7 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
     T = model_cfg.context_length
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    batches = LMBatches(BatchSampler(train_ids, cfg.batch_size, T, seed=cfg.seed), cfg.grad_accum)
+    batches = LMBatches(BatchSampler(train_ids, cfg.batch_size, T, seed=cfg.seed), cfg.grad_accum, cfg.seq_len_warmup)
 
     run_info = {"train": settings, "tokenizer_file": "tokenizer.json"}
     model, amp = build_model(lambda: GPT(model_cfg), cfg, run, tokenizer, run_info)
@@ -230,36 +248,21 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None) -> TrainResult:
 
     evaluate_fn = partial(evaluate_pretraining, val_ids=val_ids, bytes_per_token=bytes_per_token, cfg=cfg,
                           device=device, amp=amp, rank=rank, world=world, tokenizer=tokenizer)
-    deadline, on_max_steps = _time_budget(cfg, started, settings, master)
-    loop = cfg.loop_settings(stop_after=stop_after, deadline=deadline, plot_title=f"{cfg.model} on {cfg.data}",
-                             desc="pretrain")
+    budget = parse_duration(cfg.time_budget) if cfg.time_budget is not None else None
+    loop = cfg.loop_settings(stop_after=stop_after, schedule=schedule_of(cfg), budget_s=budget, clock_start=started,
+                             plot_title=f"{cfg.model} on {cfg.data}", desc="pretrain")
     result = fit(model, Objective(lm_train_loss, batches, evaluate_fn), loop, device=device, out=out,
                  settings=settings, rank=rank, world=world,
                  on_checkpoint=lambda step: save_model(model, out, tokenizer, extra=run_info),
-                 on_max_steps=on_max_steps)
+                 on_schedule=settings.update, step_hook=step_hook)
+    if budget is not None and master and not result.interrupted:
+        ends = f" --decay-ends {settings['decay_ends']}" if settings.get("decay_ends") else ""
+        tqdm.write(f"--time-budget {cfg.time_budget}: {result.step} steps in {time.perf_counter() - started:.1f} s, "
+                   f"decay from step {settings.get('decay_start')}; saved in config.json, and --max-steps "
+                   f"{result.step} --decay-start {settings.get('decay_start')}{ends} replays this run")
     ev = result.last_eval
     return TrainResult(out, result.step, result.seen, ev.get("val_loss"), ev.get("val_bpb"),
                        result.interrupted, ev.get("sample", ""))
-
-
-def _time_budget(cfg: TrainConfig, started: float, settings: dict,
-                 master: bool) -> tuple[float | None, Callable[[int], None] | None]:
-    """`(deadline, on_max_steps)` for `fit` under `--time-budget`; `(None, None)` without
-    one or on a resume (the run's step count was fixed when it started). The step count it
-    fixes goes into `settings`, which the checkpoints and `config.json` store, so
-    `--max-steps N` repeats the run."""
-    if cfg.time_budget is None or cfg.resume:
-        return None, None
-
-    first, last = budget_calibration(cfg.warmup_steps)
-
-    def fixed(n: int) -> None:
-        settings["max_steps"] = n
-        if master:
-            tqdm.write(f"--time-budget {cfg.time_budget}: {n} steps fit (timed over warmup steps {first + 1}-"
-                       f"{last}); saved as max_steps in config.json, so --max-steps {n} repeats this run")
-
-    return started + parse_duration(cfg.time_budget), fixed
 
 
 def _sample(model: GPT, tokenizer, val_ids, n_tokens: int, device, seed: int) -> str:

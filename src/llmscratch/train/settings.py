@@ -60,9 +60,18 @@ class LoopSettings:
     stop_after: int | None = None
     """behave as if interrupted once this step is done (checkpoint, then return with
     `interrupted=True`); the schedule still follows `max_steps`"""
-    deadline: float | None = None
-    """a `time.perf_counter()` time to finish by: at the end of the warmup the step count is
-    fixed from the speed of its later steps (`config.budget_calibration`), replacing `max_steps`"""
+    schedule: Literal["auto", "cosine", "wsd"] = "cosine"
+    """after the warmup: cosine to the floor at `max_steps`, or wsd: stable, then linear decay"""
+    decay_fraction: float = 0.2
+    decay_start: int | None = None
+    decay_ends: str | None = None
+    """wsd: the decay's first step and its re-aimed ends (`config.wsd_lr`)"""
+    budget_s: float | None = None
+    """a time budget in seconds (`budget.py`): the wsd decay starts and ends by the clock,
+    which `max_steps`, `decay_start` and `decay_ends` then follow"""
+    clock_start: float | None = None
+    """the `time.perf_counter()` time the run's clock started (default: when `fit` starts);
+    each metrics record's `elapsed_s` and a time budget count from it"""
     desc: str = "train"
     """the progress bar's label"""
     plot_title: str = ""
