@@ -97,10 +97,13 @@ def test_loss_and_gradients_equal_a_plain_implementation(kl_coef):
     with torch.no_grad():
         cur = token_logps(model, inputs, targets)
     # old log-probabilities moved so that some ratios leave the clip range both ways
-    shift = torch.tensor([0.5, -0.5, 0.05, -0.05])[None, :].repeat(4, (targets.shape[1] + 3) // 4)[:, :targets.shape[1]]
+    shift = (torch.rand(targets.shape, generator=torch.Generator().manual_seed(3)) - 0.5) * 1.6
     old = (cur + shift).masked_fill(targets == IGNORE_INDEX, 0.0)
     ref = (cur - 0.3 * shift).masked_fill(targets == IGNORE_INDEX, 0.0)
     adv = torch.tensor([1.0, -0.7, 0.4, -1.2])
+    ratio, live = torch.exp(cur - old), targets != IGNORE_INDEX
+    assert bool((live & (adv[:, None] > 0) & (ratio > 1.28)).any())  # the upper clip is exercised
+    assert bool((live & (adv[:, None] < 0) & (ratio < 0.8)).any())  # and the lower one
     per_row = lambda t: [t[i][targets[i] != IGNORE_INDEX].tolist() for i in range(4)]  # noqa: E731
 
     n_tokens = int((targets != IGNORE_INDEX).sum())
