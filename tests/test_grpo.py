@@ -198,7 +198,9 @@ def test_a_learnable_reward_rises(digit_model, tmp_path):
 def test_resume_equals_the_uninterrupted_run(digit_model, tmp_path, ppo_epochs, stop):
     """Stopped after `stop` steps and resumed: the same weights and records as a run that was
     never stopped. With ppo_epochs 2, step 3 is inside rollout 1, read back from its file."""
-    kw = dict(steps=4, ppo_epochs=ppo_epochs, kl_coef=0.1, grad_accum=2)
+    # a reward some replies of most groups earn: nonzero advantages, so the policy term (and
+    # with it the stored old log-probabilities) shapes every step
+    kw = dict(steps=4, ppo_epochs=ppo_epochs, kl_coef=0.1, grad_accum=2, reward="regex:^1")
     full = finetune_grpo(_cfg(digit_model, tmp_path / "full", **kw))
     part = finetune_grpo(_cfg(digit_model, tmp_path / "part", **kw), stop_after=stop)
     assert part.interrupted and (tmp_path / "part" / "train_state.safetensors").is_file()
@@ -213,6 +215,7 @@ def test_resume_equals_the_uninterrupted_run(digit_model, tmp_path, ppo_epochs, 
     lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert pick(lines) == pick(full.metrics["history"])
     assert done.metrics["after"] == full.metrics["after"]
+    assert any(r["reward"] > 0 for r in full.metrics["history"])
 
 
 def test_row_seeds_are_distinct_across_groups_and_rollouts():
