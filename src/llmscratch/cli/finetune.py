@@ -289,6 +289,9 @@ def register(sub) -> None:
     from .dpo import register_dpo
 
     register_dpo(ft_sub)  # finetune dpo
+    from .grpo import register_grpo
+
+    register_grpo(ft_sub)  # finetune grpo
 
     p = add_command(sub, "classify", cmd_classify, "label texts with a fine-tuned classifier", [
         'llmscratch classify --model runs/spam "You won a prize! Call now"',

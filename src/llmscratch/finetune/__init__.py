@@ -5,6 +5,8 @@
 - `instruct`: the masking collate, `instruction_loss`, `evaluate_instruct`, test-set responses.
 - `data`: reading labeled and instruction files; balanced, stratified splits.
 - `lora`: low-rank adapters, merged into plain weights on save.
+- `dpo`: preference tuning; `grpo` / `grpo_run` / `rewards`: reinforcement learning with
+  verifiable rewards (GRPO) on tasks of `{prompt, answer}`.
 - `common`: the shared settings and `fit_examples`, which runs both on the one training
   loop (`llmscratch.train.fit`): exact `--resume`, SIGTERM-safe checkpoints, DDP.
 """

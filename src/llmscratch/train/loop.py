@@ -10,6 +10,8 @@ An objective is three small things (`Objective`):
   step s needs nothing else.
 - `evaluate(model) -> dict` (optional): validation metrics, called in eval mode, without
   gradients and under autocast, every `eval_every` steps, at the end, and when stopped.
+- `metrics() -> dict` (optional): the objective's own numbers for the step just done
+  (GRPO's mean reward, KL, clip fraction), added to that step's record.
 
 A new objective (masked LM, DPO, ...) is a loss function and a batch source; the loop does
 the rest once for all: AdamW (fused where PyTorch has it) with weight decay on matrices
@@ -73,6 +75,9 @@ class Objective:
     """the training batches, indexed by step (see `BatchSource`)"""
     evaluate: Callable[[torch.nn.Module], dict] | None = None
     """`evaluate(model) -> {"val_loss": ..., ...}`; float values are logged, strings printed"""
+    metrics: Callable[[], dict] | None = None
+    """`metrics() -> {name: number}` after every step, merged into its record (e.g. GRPO's
+    mean reward); called on every rank, so it may all-reduce"""
 
 
 @dataclass
@@ -394,6 +399,8 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
             t_last, seen_last = now, seen
             rec = {"step": step, batches.unit: seen, "train_loss": train_loss, "lr": lr,
                    f"{batches.unit}_per_s": rate, "elapsed_s": round(offset + now - clock_start, 3)}
+            if objective.metrics is not None:
+                rec.update(objective.metrics())
             if peak:
                 rec["mfu"] = mfu(flops, rate, peak, world)
             if clock is not None:
