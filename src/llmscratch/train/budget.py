@@ -3,7 +3,8 @@
 A step count fixed once from a few early steps wastes the budget or overruns it when the
 machine's speed changes (another job starts or ends). Here nothing is fixed early:
 
-- warmup: `warmup_steps` steps, linear, as without a budget;
+- warmup: `warmup_steps` steps, linear, as without a budget (cut short if the clock reaches
+  the decay's start first: the decay then starts from the warmup's rate);
 - stable: the peak learning rate until the budget's clock (started with pretraining, so
   tokenizer training, data preparation, evaluations and checkpoints all count) reaches
   `1 - decay_fraction` of the budget;
@@ -65,12 +66,10 @@ class ClockSchedule:
     time (`aside`), then asks `plan(step, now)` for `(max_steps, decay_start, decay_ends)`.
     """
 
-    def __init__(self, deadline: float, budget_s: float, decay_fraction: float, warmup_steps: int,
-                 eval_every: int, eval_batches: int, grad_accum: int, decay_start: int | None = None,
+    def __init__(self, deadline: float, budget_s: float, decay_fraction: float, eval_every: int, eval_batches: int, grad_accum: int, decay_start: int | None = None,
                  decay_ends: list[tuple[int, int]] | None = None):
         self.deadline = deadline
         self.decay_at = deadline - decay_fraction * budget_s  # the clock time the decay starts
-        self.warmup_steps = warmup_steps
         self.eval_every = eval_every
         self.eval_share = eval_batches / grad_accum / 3  # an eval batch: a third of a step's work
         self.evals: deque[float] = deque(maxlen=3)
@@ -101,7 +100,7 @@ class ClockSchedule:
             return max_steps, self.decay_start, self.ends  # the decay is done: the run ends here
         end = self.estimate(step, now, eval_now=step % self.eval_every == 0)
         if self.decay_start is None:
-            if now < self.decay_at or step < self.warmup_steps:
+            if now < self.decay_at:
                 return max(end, step + 1), None, self.ends
             self.decay_start = step  # the next step is the decay's first
             self.ends = [(step, end)]

@@ -178,8 +178,6 @@ class TrainConfig(RunConfig):
             start = ends[0][0] if ends else self.decay_start
             if self.decay_start is not None and start != self.decay_start:
                 raise UserError(f"--decay-ends starts at step {start}, not at --decay-start {self.decay_start}")
-            if start < self.warmup_steps:
-                raise UserError(f"the decay cannot start (step {start}) inside the warmup ({self.warmup_steps} steps)")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
             if self.schedule == "cosine":
@@ -276,7 +274,8 @@ def parse_decay_ends(text: str | None) -> list[tuple[int, int]]:
 
 def decay_start_of(cfg) -> int:
     """The WSD schedule's first decay step: `cfg.decay_start`, the first `decay_ends` step,
-    or the last `decay_fraction` of `max_steps` (never inside the warmup)."""
+    or the last `decay_fraction` of `max_steps` (by default never inside the warmup; a time
+    budget whose clock runs out during the warmup starts it there)."""
     ends = parse_decay_ends(getattr(cfg, "decay_ends", None))
     if ends:
         return ends[0][0]
@@ -288,7 +287,8 @@ def decay_start_of(cfg) -> int:
 def wsd_lr(step: int, peak: float, floor: float, start: int, ends: list[tuple[int, int]],
            max_steps: int) -> float:
     """After the warmup: `peak` until step `start`, then linear decay reaching `floor` at the
-    last step (`max_steps - 1`). Each `(c, end)` of `ends` re-aims the decay from step `c` on:
+    last step (`max_steps - 1`); a decay that starts inside the warmup starts from the warmup's
+    rate (`peak` here), to the floor or `min_lr_ratio` of that rate, whichever is lower. Each `(c, end)` of `ends` re-aims the decay from step `c` on:
     from the rate of step `c - 1` linearly to `floor` at step `end - 1` (the last pair's end
     is `max_steps`)."""
     if step < start:
@@ -326,10 +326,17 @@ def get_lr(step: int, cfg: LoopSettings | RunConfig) -> float:
     follows the same schedule as an uninterrupted one, and a time-budget run can be replayed.
     """
     min_lr = cfg.lr * cfg.min_lr_ratio
+    if schedule_of(cfg) == "wsd":
+        # a time budget whose clock runs out during the warmup starts the decay there, from the
+        # warmup's rate (the run must end on time with its decay complete)
+        start = decay_start_of(cfg)
+        if step < min(start, cfg.warmup_steps):
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        rate = cfg.lr * min(1.0, start / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        floor = min(min_lr, rate * cfg.min_lr_ratio)
+        return wsd_lr(step, rate, floor, start, parse_decay_ends(cfg.decay_ends), cfg.max_steps)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if schedule_of(cfg) == "wsd":
-        return wsd_lr(step, cfg.lr, min_lr, decay_start_of(cfg), parse_decay_ends(cfg.decay_ends), cfg.max_steps)
     if step >= cfg.max_steps:
         return min_lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)

@@ -344,8 +344,8 @@ def fit(model: torch.nn.Module, objective: Objective, cfg: LoopSettings, *, devi
             dist.broadcast_object_list(box, src=0)
             offset = box[0]
         clock = ClockSchedule(clock_start + cfg.budget_s - offset, cfg.budget_s, cfg.decay_fraction,
-                              cfg.warmup_steps, cfg.eval_every, cfg.eval_batches, cfg.grad_accum,
-                              cfg.decay_start, parse_decay_ends(cfg.decay_ends))
+                              cfg.eval_every, cfg.eval_batches, cfg.grad_accum, cfg.decay_start,
+                              parse_decay_ends(cfg.decay_ends))
         # until the clock starts the decay, no step count and no decay start are known
         cfg = dataclasses.replace(cfg, schedule="wsd", max_steps=max(cfg.max_steps, step + 1) if cfg.resume else 10**9,
                                   decay_start=NOT_YET if cfg.decay_start is None else cfg.decay_start)
