@@ -40,10 +40,11 @@ import torch.distributed as dist
 from ..checkpoints.run import is_run_dir
 from ..checkpoints.sharded import consolidate, remove_stale
 from ..errors import UserError
-from ..utils import atomic_write, pick_device, progress_bar, remove_stale_temporaries
+from ..utils import pick_device, progress_bar, remove_stale_temporaries
 from .budget import ClockSchedule, format_decay_ends
 from .config import get_lr, parse_decay_ends
 from .mfu import device_peak_flops, mfu, open_tracker
+from .plots import plot_losses
 from .settings import LoopSettings
 from .sharding import load_sharded, local_bytes, require_launcher, save_sharded, shard_model
 from .state import METRICS_FILE, append_metrics, load_train_state, read_metrics, save_train_state
@@ -470,31 +471,3 @@ def _follow_clock(clock: ClockSchedule, cfg: LoopSettings, step: int, step_secon
     if master and on_schedule is not None:
         on_schedule({"max_steps": max_steps, "decay_start": start, "decay_ends": ends})
     return dataclasses.replace(cfg, max_steps=max_steps, decay_start=changed[1], decay_ends=ends)
-
-
-def plot_losses(records: list[dict], path: str | Path, title: str = "", x: str = "tokens") -> None:
-    """Training loss (every step) and validation loss (every evaluation) against the tokens
-    or examples seen (`x`), written atomically as a PNG."""
-    # A bare Figure, not pyplot: no GUI backend needed, and a notebook's inline backend
-    # is left alone.
-    from matplotlib.figure import Figure
-
-    train = [(r[x], r["train_loss"]) for r in records if "train_loss" in r and x in r]
-    val = [(r[x], r["val_loss"]) for r in records if "val_loss" in r and x in r]
-    fig = Figure(figsize=(7, 4.5), dpi=110)
-    ax = fig.subplots()
-    if train:
-        # a short run has few points (one, for a one-step epoch): mark them, a lone point
-        # drawn as a line is invisible
-        ax.plot(*zip(*train), marker="o" if len(train) <= 30 else None, markersize=4, label="train",
-                alpha=0.8, linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", linewidth=2)
-    ax.set_xlabel(f"{x} seen")
-    ax.set_ylabel("cross-entropy loss (nats)")
-    ax.set_title(title or "training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
