@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import sigterm_after_steps
 from safetensors.torch import load_file
 
 from llmscratch import GPT, GPTConfig, UserError
@@ -276,6 +277,23 @@ def test_cli_trains_and_refuses_bad_input(digit_model, tmp_path):
     bad = _cli("finetune", "grpo", "--model", str(digit_model), "--task", "addition:2", "--out", str(tmp_path / "b"),
                "--group-size", "1")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--group-size" in bad.stderr
+
+
+def test_sigterm_checkpoints_and_resume_finishes(digit_model, tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written (exit 130), and --resume
+    finishes the run."""
+    out = tmp_path / "term"
+    args = ["finetune", "grpo", "--model", str(digit_model), "--task", "addition:2", "--out", str(out),
+            "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "3", "--task-size", "20", "--val-size", "4",
+            "--eval-every", "1000", "--ppo-epochs", "2", "--no-progress", "--no-kernels"]
+    code, err = sigterm_after_steps([*args, "--steps", "1000"], out / "metrics.jsonl", steps=3)
+    assert code == 130, err[-2000:]
+    assert (out / "train_state.safetensors").is_file() and (out / "model.safetensors").is_file()
+    stopped = len((out / "metrics.jsonl").read_text().splitlines())
+    done = _cli(*args, "--steps", str(stopped + 1), "--resume")  # a resume may lengthen or shorten the run
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == stopped + 1
+    assert not (out / "train_state.safetensors").exists() and not list(out.glob("rollout.*"))
 
 
 @pytest.mark.slow
