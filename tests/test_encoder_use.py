@@ -57,7 +57,7 @@ def test_fill_mask_cli(encoder_run, capsys):
     (["embed", "--model", "{enc}"], "give a text to embed"),
     (["fill-mask", "--model", "bert-tiny", "a [MASK]"], "an encoder preset has no vocabulary of its own"),
     (["embed", "--model", "nope", "x"], "encoder: bert-tiny, bert-mini"),
-    (["pretrain", "--model", "nope", "--out", "{enc}/x"], "not a preset; choose one of: GPT: gpt2-124m"),
+    (["pretrain", "--model", "nope", "--out", "{enc}/x"], "unknown model preset 'nope'; choose one of: GPT: gpt2-124m"),
     (["eval", "tasks", "--model", "{enc}", "--tasks", "pattern"], "eval tasks (log-likelihood scoring) needs a decoder"),
 ])
 def test_bad_input_is_one_line(encoder_run, gpt_run, corpus_file, capsys, argv, message):

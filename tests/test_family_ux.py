@@ -75,3 +75,27 @@ def test_piped_chat_is_a_transcript(random_run):
     stdout, stderr = io.StringIO(), io.StringIO()
     assert chat_loop(chat, io.StringIO("Hello\nWho are you?\n"), stdout, stderr) == 2
     assert stdout.getvalue() == ">>> Hello\nI am fine.\n\n>>> Who are you?\nA model\n\nof text.\n"
+
+
+def test_info_shows_real_widths_counts_and_flops(tmp_path, capsys):
+    """`info`: a BERT's MLP width where the config says 0/None, a classifier's parameter count
+    as fine-tuning printed it (count_params), a tiny Llama's FLOPs not rounded to 0.00."""
+    from llmscratch.cli.main import main
+    from llmscratch.finetune.classify import add_classification_head, save_classifier
+    from llmscratch.finetune.common import count_params
+    from llmscratch.models.bert import Bert, BertConfig
+    from llmscratch.tokenizer import WordPieceTokenizer
+
+    tok = WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(195)])
+    bert = Bert(BertConfig.from_name("bert-tiny", vocab_size=200, context_length=32))
+    save_model(bert, tmp_path / "bert", tok)
+    assert main(["info", "--model", str(tmp_path / "bert")]) in (0, None)
+    out = capsys.readouterr().out
+    assert f"(the MLP width {bert.config.mlp_width})" in out or f"intermediate_size  {bert.config.mlp_width}" in out
+    add_classification_head(bert, 2)
+    save_classifier(bert, tmp_path / "clf", tok, ["ham", "spam"], 16)
+    assert main(["info", "--model", str(tmp_path / "clf")]) in (0, None)
+    assert f"parameters   {count_params(bert)[1]:,}" in capsys.readouterr().out
+    assert main(["info", "--model", "llama-tiny"]) in (0, None)
+    flops = [line for line in capsys.readouterr().out.splitlines() if line.startswith("training")][0]
+    assert "0.00 GFLOP" not in flops and float(flops.split()[1]) > 0

@@ -118,9 +118,10 @@ def encoder_info(name: str, model) -> None:
     print("kind         encoder (BERT): masked-LM head tied to the token embedding, pooler"
           + (f", classifier of {model.classifier.out_features} labels" if model.classifier is not None else ""))
     for field, value in cfg.to_dict().items():
-        print(f"  {field:18s} {value}")
+        print(f"  {field:18s} {value}" + (f" (the MLP width {cfg.mlp_width})" if field == "intermediate_size"
+                                          and not value else ""))
     print(f"parameters   {n:,}")
     print(f"  without embeddings: {model.num_params(include_embeddings=False):,}")
     print(f"memory       fp32 {n * 4 / 2**20:,.1f} MB   bf16 {n * 2 / 2**20:,.1f} MB")
-    print(f"training     {model.flops_per_token() / 1e9:.2f} GFLOP per token at context {cfg.context_length} "
+    print(f"training     {model.flops_per_token() / 1e9:.3g} GFLOP per token at context {cfg.context_length} "
           "(at most: the MLM head runs on the masked tokens only)")

@@ -21,7 +21,8 @@ def cmd_info(args) -> None:
     elif run.get("task") == "classify":
         from ..finetune.classify import load_classifier
 
-        model, _, labels, max_length = load_classifier(args.model, device="meta")
+        # on the CPU: a meta-device copy unties the encoder's MLM decoder and counts it twice
+        model, _, labels, max_length = load_classifier(args.model)
     else:
         from ..checkpoints.run import load_model
 
@@ -40,14 +41,20 @@ def cmd_info(args) -> None:
     else:
         print(f"kind         {model_kind(args.model)}")
     for field, value in cfg.to_dict().items():
-        print(f"  {field:14s} {value}")
+        print(f"  {field:14s} {value}" + (f" (the MLP width {cfg.mlp_width})" if field == "intermediate_size"
+                                          and not value else ""))
     tied = cfg.tie_weights and model.lm_head.weight is model.wte.weight
     print(f"parameters   {n:,}" + (" (LM head tied to the token embedding)" if tied else ""))
     if tied:
         print(f"  counting the head separately: {model.num_params(count_tied_head=True):,}")
     print(f"  without embeddings: {model.num_params(include_embeddings=False):,}")
     print(f"memory       fp32 {n * 4 / 2**20:,.1f} MB   bf16 {n * 2 / 2**20:,.1f} MB")
-    print(f"training     {model.flops_per_token() / 1e9:.2f} GFLOP per token at context {cfg.context_length}")
+    print(f"training     {gflop_text(model.flops_per_token())} per token at context {cfg.context_length}")
+
+
+def gflop_text(flops: float) -> str:
+    """FLOPs in GFLOP with three significant digits (a tiny model's 0.0021, not 0.00)."""
+    return f"{flops / 1e9:.3g} GFLOP"
 
 
 def model_kind(model: str) -> str:

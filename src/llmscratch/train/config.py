@@ -157,7 +157,7 @@ class TrainConfig(RunConfig):
         from ..models.configs import all_presets_text
 
         if self.model not in GPTConfig.presets() + BertConfig.presets():
-            raise UserError(f"--model {self.model!r}: not a preset; choose one of: {all_presets_text()}")
+            raise UserError(f"--model: unknown model preset {self.model!r}; choose one of: {all_presets_text()}")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.warmup_steps < 0:

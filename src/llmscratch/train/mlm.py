@@ -291,7 +291,9 @@ def pretrain_mlm(cfg: TrainConfig, *, stop_after: int | None = None) -> tuple[Pa
         return evaluate_mlm(m, val_ids, masker, cfg.batch_size, window, cfg.eval_batches, device, amp,
                             cfg.seed, rank, world)
 
-    loop = cfg.loop_settings(stop_after=stop_after, plot_title=f"{cfg.model} (masked LM) on {cfg.data}",
+    # validation runs without dropout and training with it: the gap is that, not a bug
+    note = f"\nvalidation is below training: dropout {cfg.dropout:g} is on in training only" if cfg.dropout else ""
+    loop = cfg.loop_settings(stop_after=stop_after, plot_title=f"{cfg.model} (masked LM) on {cfg.data}{note}",
                              desc="pretrain mlm")
     result = fit(model, Objective(mlm_loss, batches, evaluate_fn), loop, device=device, out=out,
                  settings=settings, rank=rank, world=world,
