@@ -406,3 +406,15 @@ def test_pretrain_needs_a_validation_split(tmp_path, documents, tok_file):
     with pytest.raises(UserError, match="validation split has 0 tokens.*larger --val-fraction"):
         pretrain(TrainConfig(**{**TINY, "data": str(data), "tokenizer": str(tok_file),
                                 "out": str(tmp_path / "r"), "max_steps": 1}))
+
+
+def test_masked_lm_pretraining_refuses_shards_in_one_line(tmp_path, documents, tok_file):
+    """Masked-LM pretraining (bert-*) reads text only: a prepared folder is named as such,
+    not reported as a folder 'holding no .txt files'."""
+    from llmscratch.train import TrainConfig, pretrain
+
+    data = run(tmp_path, jsonl(tmp_path / "c.jsonl", documents), "data", tok_file).out
+    with pytest.raises(UserError, match="token shards from `llmscratch prepare`, which masked-LM pretraining"):
+        pretrain(TrainConfig(model="bert-tiny", data=str(data), out=str(tmp_path / "r"), max_steps=1,
+                             progress=False))
+    assert not (tmp_path / "r").exists()

@@ -42,6 +42,7 @@ from ..errors import UserError
 from ..tokenizer.wordpiece import WordPieceTokenizer
 from .config import TrainConfig, vocab_size_of
 from .loop import FitResult, Objective, fit, rank0_first
+from .prepared import is_prepared_dir
 from .start import build_model, start_run
 
 IGNORE = -100
@@ -251,6 +252,9 @@ def pretrain_mlm(cfg: TrainConfig, *, stop_after: int | None = None) -> tuple[Pa
     rank, world, device, master, out, settings = run.rank, run.world, run.device, run.master, run.out, run.settings
 
     def load_data():
+        if is_prepared_dir(cfg.data):
+            raise UserError(f"--data {cfg.data}: token shards from `llmscratch prepare`, which masked-LM "
+                            "pretraining does not read yet; pass the text (a file, folder or named corpus)")
         documents = load_text(cfg.data, encoding_errors=cfg.encoding_errors, progress=cfg.progress and master)
         if cfg.resume and (out / "tokenizer.json").is_file():
             tokenizer = build_wordpiece(str(out / "tokenizer.json"), documents)
