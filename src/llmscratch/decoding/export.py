@@ -263,7 +263,7 @@ def export(cfg: ExportConfig) -> tuple[Path, Path | None]:
         UserError: a bad format or model folder, or anything `write_gguf` refuses.
     """
     from ..checkpoints.gguf import write_gguf
-    from ..checkpoints.run import load_model
+    from ..checkpoints.run import is_run_dir, load_model
     from .sampling import check_sampling
 
     if cfg.format != "gguf":
@@ -280,6 +280,9 @@ def export(cfg: ExportConfig) -> tuple[Path, Path | None]:
     side = modelfile_path(out)
     if cfg.modelfile and side.exists() and not cfg.force:
         raise UserError(f"{side}: already exists (use --force to overwrite)")
+    if is_run_dir(source) and not (source / "tokenizer.json").is_file():
+        raise UserError(f"{source}: no tokenizer.json; a GGUF carries the model's tokenizer, so export needs "
+                        "the one it was trained with")
     model, tokenizer = load_model(str(source))
     template = template_for(source, cfg.template)
     if template.name == MODEL_TEMPLATE:
