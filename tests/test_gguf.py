@@ -326,3 +326,85 @@ def test_a_failed_write_leaves_no_file(folders, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="No space left on device"):
         write_gguf(model, tok, tmp_path / "full.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- llama.cpp itself
+
+TOLERANCE = {"f32": 1e-3, "f16": 2e-2}
+"""max |llama.cpp logit - ours| as a fraction of the range of our logits at that position"""
+NEW_TOKENS = 40
+
+
+def _llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                               "llama-cpp-python; .ci/run installs it)")
+
+
+def _load_in_llama_cpp(path: Path, n_ctx: int):
+    llama_cpp = _llama_cpp()
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True,
+                           verbose=False)
+
+
+def _compare(folder: Path, path: Path, dtype: str, prompt: str) -> None:
+    """llama.cpp's logits on our greedy continuation agree with ours within TOLERANCE at every
+    position, and its argmax is our token at every step: its own greedy decoding would write
+    the same NEW_TOKENS tokens."""
+    from llmscratch.decoding.generate import generate
+
+    model, tok = load_model(str(folder))
+    ids = tok.encode(prompt)
+    seq = generate(model, torch.tensor([ids]), NEW_TOKENS)[0]
+    with torch.no_grad():
+        ours = model(seq[None])[0].numpy()
+    llm = _load_in_llama_cpp(path, model.config.context_length)
+    llm.reset()
+    llm.eval(seq.tolist())
+    theirs = np.asarray(llm.scores[:len(seq)])
+    span = ours.max(-1) - ours.min(-1)
+    worst = (np.abs(theirs - ours).max(-1) / span).max()
+    assert worst <= TOLERANCE[dtype], f"logits differ by {worst:.2e} of their range"
+    picks = theirs[len(ids) - 1:-1].argmax(-1)
+    assert picks.tolist() == seq[len(ids):].tolist()
+    # and free-running: llama.cpp's own sampler, greedy
+    llm.reset()
+    out = llm.generate(ids, temp=0.0, top_k=1, reset=True)
+    got = [next(out) for _ in range(NEW_TOKENS)]
+    assert got == seq[len(ids):].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_llama_cpp_decodes_what_we_decode(name, dtype, folders, exported):
+    _llama_cpp()
+    _compare(folders[name], exported(name, dtype), dtype, "The with statement")
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_llama_cpp_tokenizes_as_we_do(name, folders, exported):
+    llm = _load_in_llama_cpp(exported(name), 96)
+    _, tok = load_model(str(folders[name]))
+    specials = list(tok.special_tokens)
+    for text in TRICKY + [f"{s} between {s}" for s in specials]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode_ordinary(text), text
+        ids = tok.encode(text)
+        assert llm.detokenize(ids, special=True) == text.encode(), text
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus_file):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    code = main(["pretrain", "--data", str(corpus_file), "--model", "tiny", "--tokenizer", "bpe:320",
+                 "--context-length", "64", "--batch-size", "8", "--max-steps", "60", "--eval-every", "0",
+                 "--warmup-steps", "5", "--lr", "3e-3", "--precision", "fp32", "--no-progress", "--seed", "7",
+                 "--out", str(out)])
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_llama_cpp_decodes_a_trained_run_as_we_do(dtype, trained_run, tmp_path):
+    _llama_cpp()
+    path, _ = export(ExportConfig(model=str(trained_run), out=str(tmp_path / "run.gguf"), dtype=dtype))
+    _compare(trained_run, path, dtype, "The ")
