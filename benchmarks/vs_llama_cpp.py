@@ -114,7 +114,7 @@ def _train_quality_run(out: Path) -> Path:
     from llmscratch.cli.main import main
 
     code = main(["pretrain", "--data", "python-docs", "--model", "mini", "--tokenizer", "bpe:2048",
-                 "--context-length", "128", "--batch-size", "8", "--max-steps", "300", "--eval-every", "0",
+                 "--context-length", "128", "--batch-size", "8", "--max-steps", "300", "--eval-every", "300",
                  "--precision", "fp32", "--no-progress", "--seed", "0", "--out", str(out)])
     if code:
         raise SystemExit("training the quality model failed")

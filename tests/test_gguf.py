@@ -221,6 +221,89 @@ def test_our_templates_as_jinja_render_what_format_chat_lays_out(name):
         assert jinja.render(messages=conv, add_generation_prompt=True) == format_chat(conv, name)
 
 
+def render_go(template: str, system: str, messages: list[dict]) -> str:
+    """Ollama's rendering of the Go-template subset our Modelfiles use (`if`/`else if`/`else`/
+    `end`, `range .Messages`, `eq .Role "x"`, `.System`, `.Content`, string literals), with
+    Ollama's values: `.System` the system messages joined, `.Messages` every message."""
+    import re
+
+    tokens = re.split(r"({{-?\s*.*?\s*-?}})", template)
+
+    def parse(i, stop):
+        nodes = []
+        while i < len(tokens):
+            tok = tokens[i]
+            if not tok.startswith("{{"):
+                nodes.append(("text", tok))
+                i += 1
+                continue
+            body = tok.strip("{}-").strip()
+            if body in stop or body.startswith("else"):
+                return nodes, i
+            if body.startswith(("if ", "range ")):
+                branches, j = [], i
+                cond = body
+                while True:
+                    inner, j = parse(j + 1, ("end",))
+                    branches.append((cond, inner))
+                    end = tokens[j].strip("{}-").strip()
+                    if end == "end":
+                        break
+                    cond = "if " + end[len("else if "):] if end.startswith("else if ") else "else"
+                nodes.append(("block", branches))
+                i = j + 1
+                continue
+            nodes.append(("expr", body))
+            i += 1
+        return nodes, i
+
+    def value(expr, ctx):
+        if expr.startswith('"'):
+            return json.loads(expr)
+        if expr.startswith("eq "):
+            a, b = re.match(r'eq (\S+) (".*")', expr).groups()
+            return value(a, ctx) == value(b, ctx)
+        return ctx[expr.lstrip(".")]
+
+    def run(nodes, ctx):
+        out = []
+        for kind, node in nodes:
+            if kind == "text":
+                out.append(node)
+            elif kind == "expr":
+                out.append(value(node, ctx))
+            else:
+                for cond, inner in node:
+                    if cond.startswith("range "):
+                        for m in ctx["Messages"]:
+                            out.append(run(inner, {**ctx, "Role": m["role"], "Content": m["content"]}))
+                        break
+                    if cond == "else" or value(cond[3:], ctx):
+                        out.append(run(inner, ctx))
+                        break
+        return "".join(out)
+
+    sys_text = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or system
+    return run(parse(0, ())[0], {"System": sys_text, "Messages": messages})
+
+
+def _modelfile_parts(text: str) -> tuple[str, str]:
+    import re
+
+    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M).group(1)
+    system = re.search(r'^SYSTEM "(.*)"$', text, re.M)
+    return template, system.group(1) if system else ""
+
+
+@pytest.mark.parametrize("name", ["alpaca", "phi3", "plain"])
+def test_our_templates_in_go_render_what_format_chat_lays_out(name):
+    from llmscratch.decoding.export import go_template
+
+    go, system = go_template(TEMPLATES[name])
+    for conv in CONVERSATIONS:
+        assert render_go(go, system, conv) == format_chat(conv, name)
+
+
 def test_modelfile_of_an_alpaca_run(folders, exported):
     path = exported("gpt2-bpe")
     text = path.with_name(path.stem + ".Modelfile").read_text()
@@ -237,6 +320,10 @@ def test_a_models_own_template_translated_to_ollamas(folders, exported):
     assert ('{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
             '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n') in text
     assert text.count("{{ range .Messages }}") == 1 and '<|im_start|>assistant\n"""' in text
+    template, system = _modelfile_parts(text)
+    tok = HFTokenizer.from_folder(folders["qwen3"])
+    for conv in CONVERSATIONS:
+        assert render_go(template, system, conv) == tok.render_chat(conv, add_generation_prompt=True)
     assert 'PARAMETER stop "<|im_end|>"' in text
 
 
@@ -394,9 +481,10 @@ def test_llama_cpp_tokenizes_as_we_do(name, folders, exported):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, corpus_file):
+    _llama_cpp()
     out = tmp_path_factory.mktemp("trained") / "run"
     code = main(["pretrain", "--data", str(corpus_file), "--model", "tiny", "--tokenizer", "bpe:320",
-                 "--context-length", "64", "--batch-size", "8", "--max-steps", "60", "--eval-every", "0",
+                 "--context-length", "64", "--batch-size", "8", "--max-steps", "40", "--eval-every", "40",
                  "--warmup-steps", "5", "--lr", "3e-3", "--precision", "fp32", "--no-progress", "--seed", "7",
                  "--out", str(out)])
     assert code == 0
