@@ -236,7 +236,7 @@ def _quote(value: str) -> str:
 def modelfile_text(gguf_name: str, template: str | None, system: str, stops: list[str],
                    temperature: float, top_k: int | None, top_p: float | None) -> str:
     """An Ollama Modelfile for the GGUF file `gguf_name` (a path relative to the Modelfile)."""
-    lines = [f"# Ollama: ollama create NAME -f {{this file}}; ollama run NAME", f"FROM ./{gguf_name}"]
+    lines = ["# Ollama: ollama create NAME -f THIS_FILE; ollama run NAME", f"FROM ./{gguf_name}"]
     if template is not None:
         lines.append(f"TEMPLATE {_quote(template)}")
     if system:
