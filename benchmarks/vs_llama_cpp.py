@@ -132,7 +132,8 @@ def q8_quality(run: Path, folder: Path, threads: int, chunks: int) -> dict:
     text = python_docs_text()
     ids = tok.encode_ordinary(text[-60_000:])  # the corpus's tail: a run's validation split
     windows = [ids[i * T:(i + 1) * T] for i in range(min(chunks, len(ids) // T))]
-    out = {"run": str(run), "windows": len(windows), "tokens_per_window": T}
+    out = {"run": str(run), "model": model.config.to_dict(), "tokenizer_vocab": tok.vocab_size,
+           "windows": len(windows), "tokens_per_window": T}
 
     def nll_and_top1(logits: np.ndarray, w: list[int]):
         x = logits[:-1].astype(np.float64)

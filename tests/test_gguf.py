@@ -445,6 +445,13 @@ def _compare(folder: Path, path: Path, dtype: str, prompt: str) -> None:
     with torch.no_grad():
         ours = model(seq[None])[0].numpy()
     llm = _load_in_llama_cpp(path, model.config.context_length)
+    try:
+        _check_llama_cpp(llm, ids, seq, ours, dtype)
+    finally:
+        llm.close()
+
+
+def _check_llama_cpp(llm, ids: list[int], seq: torch.Tensor, ours: np.ndarray, dtype: str) -> None:
     llm.reset()
     llm.eval(seq.tolist())
     theirs = np.asarray(llm.scores[:len(seq)])
@@ -472,11 +479,14 @@ def test_llama_cpp_tokenizes_as_we_do(name, folders, exported):
     llm = _load_in_llama_cpp(exported(name), 96)
     _, tok = load_model(str(folders[name]))
     specials = list(tok.special_tokens)
-    for text in TRICKY + [f"{s} between {s}" for s in specials]:
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode_ordinary(text), text
-        ids = tok.encode(text)
-        assert llm.detokenize(ids, special=True) == text.encode(), text
+    try:
+        for text in TRICKY + [f"{s} between {s}" for s in specials]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode_ordinary(text), text
+            ids = tok.encode(text)
+            assert llm.detokenize(ids, special=True) == text.encode(), text
+    finally:
+        llm.close()
 
 
 @pytest.fixture(scope="module")
