@@ -39,12 +39,19 @@ TRICKY = ["Hello world", "  leading and   inner   spaces\t\ttabs\n\n\nnewlines  
 
 
 def _sharpen(model: GPT) -> GPT:
-    """Spread the logits (+-20 rather than +-0.5), so greedy picks are decided by margins far
-    above float error: a freshly initialised model's near-ties would test rounding, not the export."""
+    """Spread the logits (+-20 rather than +-0.5) and sharpen attention, so greedy picks are
+    decided by margins far above float error and every position's attention (where rotary
+    layouts live) moves the logits: a fresh init's near-ties would test rounding, not the
+    export, and its residual stream barely feels attention."""
     with torch.no_grad():
-        model.wte.weight.mul_(40)
-        if not model.config.tie_weights:
-            model.lm_head.weight.mul_(40)
+        model.ln_f.weight.mul_(40)
+        for block in model.h:
+            if model.config.qk_norm:
+                block.attn.q_norm.weight.mul_(4)
+                block.attn.k_norm.weight.mul_(4)
+            else:
+                block.attn.c_attn.weight.mul_(4)
+            block.attn.c_proj.weight.mul_(8)
     return model.eval()
 
 
@@ -427,10 +434,12 @@ def _llama_cpp():
                                "llama-cpp-python; .ci/run installs it)")
 
 
-def _load_in_llama_cpp(path: Path, n_ctx: int):
+def _load_in_llama_cpp(path: Path, n_ctx: int, dtype: str = "f16"):
+    """llama.cpp on `path`; for an f32 file with an f32 KV cache too (its default is f16)."""
     llama_cpp = _llama_cpp()
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if dtype == "f32" else {}
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True,
-                           verbose=False)
+                           verbose=False, **cache)
 
 
 def _compare(folder: Path, path: Path, dtype: str, prompt: str) -> None:
@@ -444,7 +453,7 @@ def _compare(folder: Path, path: Path, dtype: str, prompt: str) -> None:
     seq = generate(model, torch.tensor([ids]), NEW_TOKENS)[0]
     with torch.no_grad():
         ours = model(seq[None])[0].numpy()
-    llm = _load_in_llama_cpp(path, model.config.context_length)
+    llm = _load_in_llama_cpp(path, model.config.context_length, dtype)
     try:
         _check_llama_cpp(llm, ids, seq, ours, dtype)
     finally:
