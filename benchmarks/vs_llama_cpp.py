@@ -29,6 +29,7 @@ import argparse
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ LLAMA_STYLE = dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False, qk
                    n_head=12, n_kv_head=4, n_embd=768, intermediate_size=2048, context_length=1024,
                    tie_weights=False, norm_eps=1e-5, rope_theta=500000.0)
 PAIRS = [("fp32", "f32"), ("bf16", "f16"), ("bf16", "bf16"), ("int8", "q8_0")]
+"""(ours, llama.cpp) precisions compared; `--no-bf16-gguf` drops llama.cpp's bf16 (f16 stands in)"""
 
 
 def _ours(base: GPT, dtype: str) -> GPT:
@@ -67,7 +69,16 @@ def _llama(path: Path, n_ctx: int, threads: int, logits_all: bool = False):
                  n_threads_batch=threads, logits_all=logits_all, verbose=False)
 
 
-def bench_model(label: str, cfg: GPTConfig, folder: Path, rounds: int, pp: int, tg: int, threads: int) -> list[dict]:
+def _logged(name: str, fn):
+    def call():
+        t0 = time.perf_counter()
+        fn()
+        print(f"  {name}: {time.perf_counter() - t0:.2f} s", flush=True)
+    return call
+
+
+def bench_model(label: str, cfg: GPTConfig, folder: Path, rounds: int, pp: int, tg: int, threads: int,
+                no_bf16: bool = False) -> list[dict]:
     torch.manual_seed(0)
     base = GPT(cfg).eval()
     tok = get_tokenizer("gpt2")
@@ -75,7 +86,8 @@ def bench_model(label: str, cfg: GPTConfig, folder: Path, rounds: int, pp: int, 
     prompt = torch.randint(0, cfg.vocab_size, (1, pp), generator=g)
     one = prompt[:, :1]
     fns, llms = {}, {}
-    for ours_dt, cpp_dt in PAIRS:
+    pairs = [p for p in PAIRS if p[1] != "bf16"] if no_bf16 else PAIRS
+    for ours_dt, cpp_dt in pairs:
         name = f"llmscratch {ours_dt}"
         if f"{name} pp{pp}" not in fns:
             m = _ours(base, ours_dt)
@@ -96,12 +108,12 @@ def bench_model(label: str, cfg: GPTConfig, folder: Path, rounds: int, pp: int, 
 
         fns[f"llama.cpp {cpp_dt} pp{pp}"] = cpp_pp
         fns[f"llama.cpp {cpp_dt} tg{tg}"] = cpp_tg
-    seconds = interleave(fns, rounds)
+    seconds = interleave({k: _logged(k, f) for k, f in fns.items()}, rounds)
     rows = []
     for name, s in seconds.items():
         n = pp if name.endswith(f"pp{pp}") else tg
         rows.append({"model": label, "name": name, "seconds": round(s, 4), "tokens_per_s": round(n / s, 1)})
-    for ours_dt, cpp_dt in PAIRS:
+    for ours_dt, cpp_dt in pairs:
         for test in (f"pp{pp}", f"tg{tg}"):
             a = seconds[f"llmscratch {ours_dt} {test}"]
             b = seconds[f"llama.cpp {cpp_dt} {test}"]
@@ -180,8 +192,12 @@ def main() -> None:
                                          "(default: train a small one here, a few minutes)")
     p.add_argument("--quality-windows", type=int, default=40)
     p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--no-bf16-gguf", action="store_true", help="skip llama.cpp's bf16 file (f16 stands in)")
+    p.add_argument("--threads", type=int, help="threads for both (default: torch's)")
     p.add_argument("--json", help="write here instead of benchmarks/results/vs_llama_cpp.json")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     load = os.getloadavg()
     models = {"gpt2-124m": GPTConfig.from_name("gpt2-124m"), "llama-style-124m": GPTConfig(vocab_size=50257, **LLAMA_STYLE)}
@@ -194,7 +210,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         for label, cfg in models.items():
-            rows += bench_model(label, cfg, folder, args.rounds, args.pp, args.tg, threads)
+            rows += bench_model(label, cfg, folder, args.rounds, args.pp, args.tg, threads, args.no_bf16_gguf)
             for r in rows:
                 if r["model"] == label:
                     print(r)
