@@ -515,3 +515,24 @@ def test_llama_cpp_decodes_a_trained_run_as_we_do(dtype, trained_run, tmp_path):
     _llama_cpp()
     path, _ = export(ExportConfig(model=str(trained_run), out=str(tmp_path / "run.gguf"), dtype=dtype))
     _compare(trained_run, path, dtype, "The ")
+
+
+def test_a_tokenizer_json_that_adds_bos_says_so_in_the_gguf(folders, tmp_path):
+    """Llama 3's tokenizer.json prepends <|begin_of_text|> through its post-processor: the GGUF
+    then asks llama.cpp to add BOS (add_bos_token) with that id; ours without one does not."""
+    from llmscratch.checkpoints.gguf_vocab import gguf_vocab
+
+    folder = folders["llama"]
+    data = json.loads((folder / "tokenizer.json").read_text())
+    assert gguf_vocab(HFTokenizer.from_folder(folder), 500).add_bos is False
+    bos = "<|begin_of_text|>"
+    data["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+                              "special_tokens": {bos: {"id": bos, "ids": [data["added_tokens"][0]["id"]],
+                                                       "tokens": [bos]}}}
+    tok = HFTokenizer(data, eos_token="<|eot_id|>", bos_token=bos)
+    vocab = gguf_vocab(tok, 500)
+    assert vocab.add_bos is True and vocab.bos_id == tok.token_to_id(bos)
+    assert len(vocab.tokens) == 500 and vocab.tokens[-1] == "[PAD499]"
