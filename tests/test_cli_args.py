@@ -142,7 +142,7 @@ def _flag_names(cls) -> set[str]:
     return out
 
 
-SUBCOMMANDS = [("info",), ("generate",), ("pretrain",), ("eval",), ("finetune", "classify"),
+SUBCOMMANDS = [("info",), ("generate",), ("pretrain",), ("eval",), ("finetune", "classify"), ("export",),
                ("finetune", "instruct"), ("classify",), ("chat",), ("download",), ("convert",), ("bench",),
                ("serve",)]
 

@@ -238,6 +238,20 @@ def cmd_convert(args) -> None:
     print(f"wrote {dst}")
 
 
+def cmd_export(args) -> None:
+    """Write a run folder or Hugging Face folder (GPT-2, Llama or Qwen3 style decoder) as one
+    GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it (chat
+    template, stop strings, sampling defaults). The file is written under a temporary name
+    and renamed when complete."""
+    from ..decoding.export import ExportConfig, export
+
+    gguf, modelfile = export(config_from_args(ExportConfig, args))
+    print(f"wrote {gguf}")
+    if modelfile is not None:
+        print(f"wrote {modelfile}")
+        print(f"try: ollama create {gguf.stem} -f {modelfile} && ollama run {gguf.stem}")
+
+
 # ----------------------------------------------------------------------------- serve
 def cmd_serve(args) -> None:
     """Serve a model over HTTP: an OpenAI-compatible API (/v1/completions,
@@ -362,6 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a Hugging Face folder (gpt2, llama, qwen3, mistral, bert) or an llmscratch run folder")
     p.add_argument("dst", help="new folder to write")
     p.add_argument("--to", choices=("hf", "run"), default=None, help="target format: hf or run (default: the other one)")
+
+    from ..decoding.export import ExportConfig
+
+    p = add_command(sub, "export", cmd_export, "a model as GGUF for llama.cpp / Ollama (+ a Modelfile)", [
+        "llmscratch export --model runs/instruct --out instruct.gguf",
+        "llmscratch export --model checkpoints/qwen3-0.6b --out qwen3.gguf --dtype q8_0",
+        "llmscratch export --model runs/pretrain --out pretrain.gguf --dtype f16 --force",
+    ])
+    add_config_flags(p, ExportConfig)
 
     p = add_command(sub, "bench", cmd_bench, "speed: machine peak, training MFU, generation", [
         "llmscratch bench --what train generate --rounds 3",

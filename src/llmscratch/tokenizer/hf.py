@@ -126,6 +126,11 @@ class HFTokenizer(Tokenizer):
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     @property
+    def definition(self) -> dict:
+        """The parsed `tokenizer.json` (a fresh copy): its model, pre-tokenizer, added tokens."""
+        return json.loads(self._json)
+
+    @property
     def eot_id(self) -> int:
         """The end-of-sequence id (`eos_token`): where a document or a reply ends."""
         if self.eos_token is None or self.token_to_id(self.eos_token) is None:
