@@ -476,45 +476,46 @@ def _check_llama_cpp(llm, ids: list[int], seq: torch.Tensor, ours: np.ndarray, d
     assert got == seq[len(ids):].tolist()
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
-@pytest.mark.parametrize("name", list(EXPECTED))
-def test_llama_cpp_decodes_what_we_decode(name, dtype, folders, exported):
-    _llama_cpp()
-    _compare(folders[name], exported(name, dtype), dtype, "The with statement")
-
-
-@pytest.mark.parametrize("name", list(EXPECTED))
-def test_llama_cpp_tokenizes_as_we_do(name, folders, exported):
-    llm = _load_in_llama_cpp(exported(name), 96)
-    _, tok = load_model(str(folders[name]))
+def _tokenizes_as_we_do(name: str, folder: Path, path: Path) -> None:
+    """llama.cpp's tokenizer gives our ids on tricky text, with and without special tokens,
+    and decodes them back byte for byte."""
+    llm = _load_in_llama_cpp(path, 96)
+    _, tok = load_model(str(folder))
     specials = list(tok.special_tokens)
     try:
         for text in TRICKY + [f"{s} between {s}" for s in specials]:
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
-            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode_ordinary(text), text
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), (name, text)
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode_ordinary(text), (name, text)
             ids = tok.encode(text)
-            assert llm.detokenize(ids, special=True) == text.encode(), text
+            assert llm.detokenize(ids, special=True) == text.encode(), (name, text)
     finally:
         llm.close()
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, corpus_file):
+def test_llama_cpp_runs_every_export_as_we_do(folders, exported, corpus_file, tmp_path):
+    """llama.cpp itself loads each family's file (and a trained run folder's) at f32 and
+    f16 and decodes what we decode; its tokenizer gives our ids. One test, so that a clone
+    without llama-cpp-python (a 20-40 minute build) skips once, naming the package."""
     _llama_cpp()
-    out = tmp_path_factory.mktemp("trained") / "run"
+    for name in EXPECTED:
+        for dtype in ("f32", "f16"):
+            try:
+                _compare(folders[name], exported(name, dtype), dtype, "The with statement")
+            except AssertionError as e:
+                raise AssertionError(f"{name} {dtype}: {e}") from None
+        _tokenizes_as_we_do(name, folders[name], exported(name))
+    trained = tmp_path / "trained"
     code = main(["pretrain", "--data", str(corpus_file), "--model", "tiny", "--tokenizer", "bpe:320",
                  "--context-length", "64", "--batch-size", "8", "--max-steps", "40", "--eval-every", "40",
                  "--warmup-steps", "5", "--lr", "3e-3", "--precision", "fp32", "--no-progress", "--seed", "7",
-                 "--out", str(out)])
+                 "--out", str(trained)])
     assert code == 0
-    return out
-
-
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
-def test_llama_cpp_decodes_a_trained_run_as_we_do(dtype, trained_run, tmp_path):
-    _llama_cpp()
-    path, _ = export(ExportConfig(model=str(trained_run), out=str(tmp_path / "run.gguf"), dtype=dtype))
-    _compare(trained_run, path, dtype, "The ")
+    for dtype in ("f32", "f16"):
+        path, _ = export(ExportConfig(model=str(trained), out=str(tmp_path / f"run-{dtype}.gguf"), dtype=dtype))
+        try:
+            _compare(trained, path, dtype, "The ")
+        except AssertionError as e:
+            raise AssertionError(f"trained run {dtype}: {e}") from None
 
 
 def test_a_tokenizer_json_that_adds_bos_says_so_in_the_gguf(folders, tmp_path):
