@@ -6,7 +6,7 @@ fp32 decoding on an Intel Xeon with AMX. Since then each kernel is taken only wh
 each kernel against the computation it replaces, at the gpt2-124m shapes:
 
 - the split linear (`split_linear.py`) at 1 and 8 rows, fp32 and bf16 weights, for each
-  of GPT-2's five weight shapes (int8 weights have no split kernel: `Int8Linear` is its own
+  of GPT-2's five weight shapes, with the weight in cache and read from memory (int8 weights have no split kernel: `Int8Linear` is its own
   path, so the int8 rows only appear in the decoding table);
 - blocked attention (`blocked_attention.py`), forward + backward in bf16;
 - the fused LM-head loss (`linear_cross_entropy.py`), forward + backward, fp32 and bf16;
@@ -52,8 +52,13 @@ def on_off(kernel, reference, rounds: int) -> dict:
 
 
 def split_rows(rounds: int, quick: bool) -> list[dict]:
+    """The split against F.linear per shape, with the weight in cache (the same weight timed
+    again and again) and read from memory (cycling through copies twice the last-level cache,
+    as in decoding a model bigger than it: how the choice measures such a model)."""
+    from llmscratch.kernels.choice import last_level_cache_bytes
     from llmscratch.kernels.split_linear import split_linear
 
+    llc = last_level_cache_bytes()
     C = 64 if quick else 768
     shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C), (97 if quick else 50257, C)]
     rows = []
@@ -63,9 +68,21 @@ def split_rows(rounds: int, quick: bool) -> list[dict]:
                 for out_f, in_f in shapes:
                     w = torch.randn(out_f, in_f, dtype=dtype)
                     x = torch.randn(n, in_f, dtype=dtype)
-                    r = on_off(lambda: split_linear(x, w), lambda: F.linear(x, w), rounds)
-                    rows.append({"kernel": "split_linear", "dtype": str(dtype)[6:], "rows": n,
-                                 "shape": f"{out_f}x{in_f}", **r})
+                    # as the choice measures a model bigger than the last-level cache: each
+                    # call reads the next of copies that together are twice that cache
+                    copies = [w] + [w.clone() for _ in range(min(63, -(-2 * llc // (w.numel() * w.element_size())) - 1))]
+                    turn = {"k": 0, "r": 0}
+
+                    def cycle(side, fn):
+                        turn[side] = (turn[side] + 1) % len(copies)
+                        return fn(x, copies[turn[side]])
+
+                    for place, kernel, reference in (
+                            ("cache", lambda: split_linear(x, w), lambda: F.linear(x, w)),
+                            ("memory", lambda: cycle("k", split_linear), lambda: cycle("r", F.linear))):
+                        r = on_off(kernel, reference, rounds)
+                        rows.append({"kernel": "split_linear", "dtype": str(dtype)[6:], "rows": n,
+                                     "shape": f"{out_f}x{in_f}", "weights_from": place, **r})
     return rows
 
 
@@ -137,6 +154,7 @@ def main() -> None:
     print(f"kernel on vs off, {torch.get_num_threads()} threads; speed-up = reference time / kernel time")
     for r in report["kernels"]:
         extra = f"{r['dtype']:8s} {('rows ' + str(r['rows'])) if 'rows' in r else '':7s}"
+        extra += f" {('from ' + r['weights_from']) if 'weights_from' in r else '':11s}"
         print(f"  {r['kernel']:26s} {extra} {r['shape']:26s} median {r['speedup_median']:.2f}x   "
               f"best {r['speedup_best']:.2f}x   {'kernel wins' if r['kernel_wins'] else 'reference'}")
     name = "kernels_onoff" + ("_quick" if args.quick else "")
