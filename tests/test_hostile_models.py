@@ -113,7 +113,7 @@ def test_size_estimate_matches_the_built_models():
 def test_garbage_tokenizer_json_in_a_llama_folder(tmp_path, capsys):
     folder = save_hf(GPT(GPTConfig.from_name("llama-tiny", vocab_size=300)), tmp_path / "llama")
     (folder / "tokenizer.json").write_bytes(bytes(range(128, 256)) * 20)  # not UTF-8
-    one_line_error(capsys, ["generate", "--model", str(folder), "--prompt", "hi"], "tokenizer.json: not a UTF-8")
+    one_line_error(capsys, ["generate", "--model", str(folder), "--prompt", "hi"], "tokenizer.json: not UTF-8 text")
     (folder / "tokenizer.json").write_text('{"model": 5}')
     one_line_error(capsys, ["generate", "--model", str(folder), "--prompt", "hi"], "tokenizer.json")
 
