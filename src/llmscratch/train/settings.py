@@ -136,7 +136,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:  # None: chosen later by the model's kind (classify)
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
