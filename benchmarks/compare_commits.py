@@ -71,13 +71,24 @@ def old_harness(old):
     return module
 
 
+def old_config(old, cfg: GPTConfig):
+    """`cfg` as the old tree's GPTConfig: the fields it knows (later options, off by default,
+    are left out)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(old.GPTConfig)}
+    extra = {k: v for k, v in cfg.to_dict().items() if k not in known}
+    assert all(v in (None, False, 0, "gelu", "") for v in extra.values()), f"options the old tree lacks: {extra}"
+    return old.GPTConfig(**{k: v for k, v in cfg.to_dict().items() if k in known})
+
+
 def old_train_step(old, cfg: GPTConfig, B: int, T: int, amp):
     """The old checkout's own training step: its bench's `ours_train_step` where it has one."""
     try:
         bench = importlib.import_module("llmscratch_old.bench")
     except ModuleNotFoundError:  # later trees keep the step in benchmarks/harness.py
         bench = old_harness(old)
-    old_cfg = old.GPTConfig(**cfg.to_dict())
+    old_cfg = old_config(old, cfg)
     fn = bench.ours_train_step(old_cfg, B, T, amp)
     return fn[0] if isinstance(fn, tuple) else fn
 
@@ -134,7 +145,7 @@ def main() -> None:
                 if args.only and args.only not in f"generate gpt2-124m batch {batch} {name}":
                     continue
                 new_m = apply_kernels(GPT(cfg).eval())
-                old_m = old.GPT(old.GPTConfig(**cfg.to_dict())).eval()
+                old_m = old.GPT(old_config(old, cfg)).eval()
                 new_m.load_state_dict(ref.state_dict())
                 old_m.load_state_dict(ref.state_dict())
                 if name == "bf16":
