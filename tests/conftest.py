@@ -103,6 +103,22 @@ def docs_text() -> str:
     return python_docs_text()
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder holding a random `tiny` GPT (seed 0) with GPT-2's tokenizer: a model to
+    serve, load or damage (copy it first) without training one."""
+    import torch
+
+    from llmscratch.checkpoints.run import save_model
+    from llmscratch.models.gpt import GPT, GPTConfig
+    from llmscratch.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("run")
+    save_model(GPT(GPTConfig.from_name("tiny")), out, get_tokenizer("gpt2"))
+    return out
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory, docs_text) -> Path:
     """A 20 KB slice of the embedded corpus as a text file (the size of the-verdict): small

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from llmscratch import GPT, GPTConfig, get_tokenizer
-from llmscratch.checkpoints.run import save_model
 from llmscratch.cli.main import main
 from llmscratch.hf.registry import save_hf
 from llmscratch.models.configs import MAX_LAYERS, MAX_PARAMS, estimate_params
@@ -24,11 +23,8 @@ TOK = get_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("run")
-    save_model(GPT(GPTConfig.from_name("tiny")), out, TOK)
-    return out
+def run(tiny_run):
+    return tiny_run
 
 
 def copy_of(run, tmp_path, name="bad"):

@@ -13,14 +13,13 @@ import threading
 import time
 
 import pytest
-import torch
 
 httpx = pytest.importorskip("httpx")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from llmscratch import GPT, GPTConfig, get_tokenizer  # noqa: E402
+from llmscratch import get_tokenizer  # noqa: E402
 from llmscratch.checkpoints.run import save_model  # noqa: E402
 from llmscratch.decoding.batching import BatchDecoder, DecodeRow  # noqa: E402
 from llmscratch.decoding.engine import Engine as Decoding  # noqa: E402
@@ -30,11 +29,8 @@ TOK = get_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("run")
-    save_model(GPT(GPTConfig.from_name("tiny")), out, TOK)
-    return out
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

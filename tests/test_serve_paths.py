@@ -15,7 +15,7 @@ import torch
 
 httpx = pytest.importorskip("httpx")
 
-from llmscratch import GPT, GPTConfig, get_tokenizer  # noqa: E402
+from llmscratch import get_tokenizer  # noqa: E402
 from llmscratch.checkpoints.run import load_model, save_model  # noqa: E402
 from llmscratch.decoding.engine import Engine as Decoding  # noqa: E402
 from llmscratch.decoding.sampling import GREEDY  # noqa: E402
@@ -26,11 +26,8 @@ PROMPTS = ["Once upon a time", "The", "A long time ago in a galaxy far", "Hello 
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("run")
-    save_model(GPT(GPTConfig.from_name("tiny")), out, TOK)
-    return out
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.mark.parametrize("dtype", ["int8", torch.bfloat16])
