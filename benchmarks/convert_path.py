@@ -38,6 +38,9 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# where `convert` lives: checkpoints/convert.py now, checkpoints/hub.py during issue 23's
+# rework, hub.py in the flat tree before it (a30dcd6)
+CONVERT_HOMES = ("checkpoints/convert.py", "checkpoints/hub.py", "hub.py")
 
 
 def _trace(argv: list[str], package: Path, files: set[str], climbs: set[tuple[str, str]]) -> None:
@@ -60,7 +63,7 @@ def _trace(argv: list[str], package: Path, files: set[str], climbs: set[tuple[st
         if callee is None or frame.f_code.co_name == "<module>":
             return
         if not inside:
-            if frame.f_code.co_name == "convert" and callee.startswith("checkpoints"):
+            if frame.f_code.co_name == "convert" and callee in CONVERT_HOMES:
                 inside.append(frame)
             else:
                 return
@@ -90,11 +93,17 @@ def child() -> None:
     import torch
 
     import llmscratch
-    from llmscratch.checkpoints.run import save_model
     from llmscratch.cli.main import main
-    from llmscratch.models.bert import Bert, BertConfig
-    from llmscratch.models.gpt import GPT, GPTConfig
     from llmscratch.tokenizer import WordPieceTokenizer, get_tokenizer
+
+    try:  # the layered tree
+        from llmscratch.checkpoints.run import save_model
+        from llmscratch.models.bert import Bert, BertConfig
+        from llmscratch.models.gpt import GPT, GPTConfig
+    except ImportError:  # the flat tree before issue 23
+        from llmscratch.bert import Bert, BertConfig
+        from llmscratch.checkpoint import save_model
+        from llmscratch.model import GPT, GPTConfig
 
     warnings.simplefilter("ignore")
     package = Path(llmscratch.__file__).resolve().parent
@@ -204,9 +213,7 @@ def static_child() -> None:
     import llmscratch
 
     package = Path(llmscratch.__file__).resolve().parent
-    # where `convert` lives: checkpoints/convert.py now, checkpoints/hub.py before
-    candidates = ("checkpoints/convert.py", "checkpoints/hub.py", "hub.py")
-    home = next(c for c in candidates if (package / c).is_file() and "def convert(" in (package / c).read_text())
+    home = next(c for c in CONVERT_HOMES if (package / c).is_file() and "def convert(" in (package / c).read_text())
     module = "llmscratch." + home.removesuffix(".py").replace("/", ".")
     print(json.dumps(static_path(package, (module, "convert"))))
 

@@ -335,3 +335,28 @@ def test_a_run_folder_keeps_its_decisions_and_a_resume_takes_them(tmp_path, monk
     choice.record_run(other, write=False)  # another rank: adopts, never writes
     split_taken(monkeypatch, sl.SplitLinear.from_linear(lin))
     assert not other.exists()
+
+
+@pytest.mark.parametrize("decisions", [
+    {"split_linear float32 10x16 rows=1 from cache": True},  # an entry that is not an object
+    {"split_linear float32 10x16 rows=1 from cache": {"use": "yes", "speedup": 2.0, "speedup_median": 2.0}},
+    {"split_linear float32 10x16 rows=1 from cache": {"use": True}},  # no speed-ups
+    ["not", "an", "object"],
+])
+def test_damaged_decisions_are_measured_again_not_a_crash(tmp_path, monkeypatch, decisions):
+    """A run folder's kernels.json or the machine's cache file edited by hand (or written
+    by another version) with malformed decisions: those are dropped and measured again,
+    never a TypeError at the first forward pass."""
+    lin = nn.Linear(16, 10)
+    damaged = json.dumps({"decisions": decisions})
+    record = tmp_path / choice.KERNELS_FILE
+    record.write_text(damaged)
+    choice.forget()
+    choice.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    choice.cache_file().write_text(damaged)
+    measured = fake_timings(monkeypatch, 2.0, 1.0)  # F.linear measured faster
+    choice.record_run(record, pin=True)
+    assert not split_taken(monkeypatch, sl.SplitLinear.from_linear(lin))
+    assert measured == [1]
+    held = json.loads(record.read_text())["decisions"]
+    assert held["split_linear float32 10x16 rows=1 from cache"]["use"] is False

@@ -109,6 +109,22 @@ def test_vocab_validation(tmp_path):
     (tmp_path / "empty.txt").write_text("\n".join(good[:3] + [""] + good[3:]), encoding="utf-8")
     with pytest.raises(UserError, match="line 4 is empty"):
         read_vocab(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("\n".join(good + ["caf\u00e9"]).encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.txt: not UTF-8 text"):
+        read_vocab(tmp_path / "latin1.txt")
+
+
+def test_bad_tokenizer_config_beside_vocab(tmp_path):
+    good = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "A", "##b"]
+    (tmp_path / "vocab.txt").write_text("\n".join(good) + "\n", encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": false,', encoding="utf-8")
+    with pytest.raises(UserError, match=r"tokenizer_config\.json:1: malformed JSON"):
+        WordPieceTokenizer.from_vocab_file(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[false]", encoding="utf-8")
+    with pytest.raises(UserError, match=r"tokenizer_config\.json.*a JSON object"):
+        WordPieceTokenizer.from_vocab_file(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": false}', encoding="utf-8")
+    assert WordPieceTokenizer.from_vocab_file(tmp_path).lowercase is False
 
 
 def test_save_load_json_round_trip(tmp_path, vocab_dir):

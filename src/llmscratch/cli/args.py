@@ -287,3 +287,19 @@ class SamplingArgs:
     seed: int | None = None
     """seed for sampling, for the same text every run (default: a new draw each run; also seeds a
     preset's random init)"""
+
+
+def run_finetune(run, cls, args, what: str = "the model"):
+    """A fine-tuning command's body: `run(config)` with the config of class `cls` from the
+    flags, in the memory setting training wants; after Ctrl-C or SIGTERM, say on stderr
+    where `what` (as trained so far) was saved. Returns `run`'s result."""
+    import sys
+
+    from ..kernels import reuse_freed_memory
+
+    reuse_freed_memory()
+    result = run(config_from_args(cls, args))
+    if result.interrupted:
+        print(f"\ninterrupted after {result.metrics['steps']} steps; {what} as trained so far is in {result.out}",
+              file=sys.stderr)
+    return result

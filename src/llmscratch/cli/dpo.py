@@ -4,23 +4,17 @@ parse flags, call `finetune.dpo.finetune_dpo`, print. `register_dpo` adds it to 
 
 from __future__ import annotations
 
-from .args import add_command, add_config_flags, config_from_args
+from .args import add_command, add_config_flags, run_finetune
 
 
 def cmd_finetune_dpo(args) -> int:
     """Preference-tune a model with Direct Preference Optimization (DPO) on chosen/rejected
     pairs, against a frozen reference (the starting model's log-probabilities, cached once);
     writes a run folder, test responses before and after, metrics.jsonl, loss.png and dpo.png."""
-    import sys
-
     from ..finetune.dpo import DPOConfig, finetune_dpo
-    from ..kernels import reuse_freed_memory
 
-    reuse_freed_memory()
-    result = finetune_dpo(config_from_args(DPOConfig, args))
+    result = run_finetune(finetune_dpo, DPOConfig, args)
     m = result.metrics
-    if result.interrupted:
-        print(f"\ninterrupted after {m['steps']} steps; the model as trained so far is in {result.out}", file=sys.stderr)
     for when in ("before", "after"):
         e = m[when]
         if e.get("pref_accuracy") is not None:

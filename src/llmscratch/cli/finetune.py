@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ..errors import UserError
-from .args import SamplingArgs, add_command, add_config_flags, config_from_args, kernel_choice
+from .args import SamplingArgs, add_command, add_config_flags, config_from_args, kernel_choice, run_finetune
 
 
 # The settings of the commands without a library config of their own. Each field is a flag
@@ -101,24 +100,11 @@ def cmd_finetune_unlabeled(args) -> int:
     return 0
 
 
-def _run_finetune(run, cls, args, what: str):
-    """`run(config)` with the config from the flags, in the memory setting training wants;
-    after Ctrl-C or SIGTERM, say where `what` (as trained so far) was saved."""
-    from ..kernels import reuse_freed_memory
-
-    reuse_freed_memory()
-    result = run(config_from_args(cls, args))
-    if result.interrupted:
-        print(f"\ninterrupted after {result.metrics['steps']} steps; {what} as trained so far is in {result.out}",
-              file=sys.stderr)
-    return result
-
-
 def cmd_finetune_classify(args) -> int:
     """Fine-tune a model into a text classifier (e.g. spam / not spam)."""
     from ..finetune.classify import ClassifyConfig, finetune_classify
 
-    result = _run_finetune(finetune_classify, ClassifyConfig, args, "the classifier")
+    result = run_finetune(finetune_classify, ClassifyConfig, args, "the classifier")
     m = result.metrics
     print(f"train accuracy {100 * m['train_accuracy']:.2f}%  val accuracy {100 * m['val_accuracy']:.2f}%  "
           f"test accuracy {100 * m['test_accuracy']:.2f}%")
@@ -134,7 +120,7 @@ def cmd_finetune_instruct(args) -> int:
     """Instruction-tune a model; writes a run folder and the test set's responses."""
     from ..finetune.instruct import InstructConfig, finetune_instruct
 
-    result = _run_finetune(finetune_instruct, InstructConfig, args, "the model")
+    result = run_finetune(finetune_instruct, InstructConfig, args, "the model")
     m = result.metrics
     if m["val_loss"] is not None:
         print(f"validation loss {m['val_loss']:.4f}")

@@ -4,7 +4,7 @@ parse flags, call `finetune.grpo_run.finetune_grpo`, print. `register_grpo` adds
 
 from __future__ import annotations
 
-from .args import add_command, add_config_flags, config_from_args
+from .args import add_command, add_config_flags, run_finetune
 
 
 def cmd_finetune_grpo(args) -> int:
@@ -14,16 +14,10 @@ def cmd_finetune_grpo(args) -> int:
     toward the replies that beat their group (clipped ratio, token-level mean, optional KL
     to the starting model). Writes a run folder, metrics.json (held-out accuracy before and
     after), metrics.jsonl, loss.png, grpo.png and heldout.json; --resume continues exactly."""
-    import sys
-
     from ..finetune.grpo_run import GRPOConfig, finetune_grpo
-    from ..kernels import reuse_freed_memory
 
-    reuse_freed_memory()
-    result = finetune_grpo(config_from_args(GRPOConfig, args))
+    result = run_finetune(finetune_grpo, GRPOConfig, args)
     m = result.metrics
-    if result.interrupted:
-        print(f"\ninterrupted after {m['steps']} steps; the model as trained so far is in {result.out}", file=sys.stderr)
     for when in ("before", "after"):
         e = m[when]
         print(f"{when:6s} held-out accuracy {100 * e['accuracy']:.2f}%  mean reward {e['val_reward']:.4f}")

@@ -31,7 +31,7 @@ from ..models.gpt import GPT, GPTConfig
 from ..train import distributed_setup, rank0_first
 from ..train.state import STATE_FILE
 from ..utils import load_safetensors, seed_everything, write_json
-from .common import FinetuneConfig, check_out_folder, count_params, fit_examples, iter_batches
+from .common import FinetuneConfig, FinetuneResult, check_out_folder, count_params, fit_examples, iter_batches
 from .data import balance_classes, parse_split, read_labeled, stratified_split
 from .lora import apply_lora, merge_lora
 
@@ -286,11 +286,9 @@ class ClassifyConfig(FinetuneConfig):
 
 
 @dataclass
-class ClassifyResult:
-    out: Path
-    metrics: dict
-    interrupted: bool
-    params_line: str = ""
+class ClassifyResult(FinetuneResult):
+    """`FinetuneResult` with the trained classifier in memory."""
+
     model: GPT | None = None
     """the trained classifier in memory (adapters merged), as saved in `out`"""
 

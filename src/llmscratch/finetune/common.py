@@ -24,6 +24,17 @@ from ..train.state import STATE_FILE
 
 
 @dataclass
+class FinetuneResult:
+    """What a fine-tuning command returns: its run folder, final metrics, whether it was
+    interrupted (a checkpoint to `--resume` from is in `out`), and the parameter-count line."""
+
+    out: Path
+    metrics: dict
+    interrupted: bool
+    params_line: str = ""
+
+
+@dataclass
 class FinetuneConfig(RunConfig):
     """Optimisation settings shared by `finetune classify`, `instruct` and `dpo`: the fields
     every training run has (`train.RunConfig`, whose defaults are fine-tuning's), plus the

@@ -46,7 +46,7 @@ from ..decoding.prompts import encode_conversation, get_template, read_template
 from ..train.state import STATE_FILE, check_resume
 from ..utils import atomic_write, write_json
 from .classify import set_dropout, set_trainable
-from .common import FinetuneConfig, check_out_folder, fit_examples, iter_batches
+from .common import FinetuneConfig, FinetuneResult, check_out_folder, fit_examples, iter_batches
 from .data import text_field, json_records
 from .instruct import (IGNORE_INDEX, InstructConfig, check_generation_settings, collate_instruct, respond_batch,
                        start_decoder_run)
@@ -251,12 +251,7 @@ class DPOConfig(InstructConfig):
     """evaluate and checkpoint every N steps (default 0: about 20 times over the run, the points of dpo.png)"""
 
 
-@dataclass
-class DPOResult:
-    out: Path
-    metrics: dict
-    interrupted: bool
-    params_line: str = ""
+DPOResult = FinetuneResult  # the one result type of the fine-tuning commands
 
 
 def _check_model(model: str) -> None:

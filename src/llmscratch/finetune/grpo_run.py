@@ -24,7 +24,7 @@ from ..train import Objective, distributed_setup, fit, rank0_first
 from ..train.state import STATE_FILE, check_resume
 from ..utils import seed_everything, write_json
 from .classify import set_dropout, set_trainable
-from .common import FinetuneConfig, check_out_folder
+from .common import FinetuneConfig, FinetuneResult, check_out_folder
 from .grpo import RolloutBatches, RolloutSettings, encode_prompts, grpo_loss, heldout_scores, plot_grpo
 from .lora import merge_lora
 from .rewards import Reward, load_reward_task
@@ -118,12 +118,7 @@ class GRPOConfig(FinetuneConfig):
             raise UserError(f"--min-lr-ratio must be in (0, 1], got {self.min_lr_ratio}")
 
 
-@dataclass
-class GRPOResult:
-    out: Path
-    metrics: dict
-    interrupted: bool
-    params_line: str = ""
+GRPOResult = FinetuneResult  # the one result type of the fine-tuning commands
 
 
 def check_policy_model(model: str) -> None:

@@ -33,7 +33,7 @@ from ..train import distributed_setup, rank0_first
 from ..train.state import STATE_FILE
 from ..utils import seed_everything, write_json
 from .classify import set_dropout, set_trainable
-from .common import FinetuneConfig, check_out_folder, fit_examples, iter_batches
+from .common import FinetuneConfig, FinetuneResult, check_out_folder, fit_examples, iter_batches
 from .data import parse_split, read_instruction_records
 from .lora import merge_lora
 
@@ -214,12 +214,7 @@ class InstructConfig(FinetuneConfig):
     epochs: int = 2
 
 
-@dataclass
-class InstructResult:
-    out: Path
-    metrics: dict
-    interrupted: bool
-    params_line: str = ""
+InstructResult = FinetuneResult  # the one result type of the fine-tuning commands
 
 
 def finetune_instruct(cfg: InstructConfig, *, stop_after: int | None = None) -> InstructResult:

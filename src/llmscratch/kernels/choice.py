@@ -112,10 +112,27 @@ def _load() -> None:
         return
     _memory.clear()
     _loaded_from = path
+    _memory.update(_read_decisions(path))  # none (no file yet, or a damaged one): measure again
+
+
+def _read_decisions(path: Path) -> dict[str, dict]:
+    """The well-formed decisions in the JSON file `path` (a cache file or a run's
+    `kernels.json`): entries that are not an object with a boolean `use` and numeric
+    `speedup` / `speedup_median` are dropped (measured again), as is a missing, unreadable
+    or damaged file (an empty dict)."""
     try:
-        _memory.update(json.loads(path.read_text(encoding="utf-8"))["decisions"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no file yet, or a damaged one: measure again
+        held = json.loads(path.read_text(encoding="utf-8"))["decisions"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return {}
+    if not isinstance(held, dict):
+        return {}
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    return {k: v for k, v in held.items()
+            if isinstance(v, dict) and isinstance(v.get("use"), bool)
+            and number(v.get("speedup")) and number(v.get("speedup_median"))}
 
 
 def _save() -> None:
@@ -236,19 +253,13 @@ def record_run(path: Path | None, pin: bool = False, write: bool = True) -> None
         _record = path if write else None
         _pinned.clear()
         if path is not None and pin:
-            try:
-                _pinned.update(json.loads(path.read_text(encoding="utf-8"))["decisions"])
-            except (OSError, ValueError, KeyError, TypeError):
-                pass  # no file (a run from before kernels.json), or a damaged one
+            _pinned.update(_read_decisions(path))  # none: a run from before kernels.json, or damaged
 
 
 def _write_record(key: str) -> None:
     if _record is None:
         return
-    try:
-        held = json.loads(_record.read_text(encoding="utf-8"))["decisions"]
-    except (OSError, ValueError, KeyError, TypeError):
-        held = {}
+    held = _read_decisions(_record)
     if held.get(key) == _memory[key]:
         return
     held[key] = _memory[key]

@@ -101,25 +101,31 @@ def split_wins(weight: torch.Tensor, rows: int, working_set: int = 0) -> bool:
     the model's `residency` (`working_set`: its weights' bytes; 0 = just this weight):
     measured once, then cached (`choice.choose`). From memory, each call reads the next of
     several copies of the weight that together are twice the last-level cache."""
+    return split_decision(weight, rows, working_set)[1]
+
+
+def split_decision(weight: torch.Tensor, rows: int, working_set: int = 0) -> tuple[str, bool]:
+    """`split_wins`'s decision with its shape class (`split_key`): `(key, use)`."""
     rows = 1 if rows == 1 else SPLIT_MAX_ROWS
+    place = residency(working_set or weight.numel() * weight.element_size())
+    key = split_key(weight, rows, place)
     with isolated_rng(weight.device):
         x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    place = residency(working_set or weight.numel() * weight.element_size())
     w = weight.detach()
-    copies = [w]
-    if place == "memory":
-        nbytes = max(1, w.numel() * w.element_size())
-        copies += [w.clone() for _ in range(min(63, -(-2 * last_level_cache_bytes() // nbytes) - 1))]
+    copies = [w]  # the copies are made only if this measures (not for a cached decision)
 
     def cycling(fn):
         turn = [0]
 
         def run():
+            if place == "memory" and len(copies) == 1:
+                nbytes = max(1, w.numel() * w.element_size())
+                copies.extend(w.clone() for _ in range(min(63, -(-2 * last_level_cache_bytes() // nbytes) - 1)))
             turn[0] = (turn[0] + 1) % len(copies)
             return fn(x, copies[turn[0]])
         return run
 
-    return choose(split_key(weight, rows, place), cycling(_split_linear), cycling(F.linear))
+    return key, choose(key, cycling(_split_linear), cycling(F.linear))
 
 
 def split_key(weight: torch.Tensor, rows: int, place: str = "cache") -> str:
@@ -153,9 +159,7 @@ class SplitLinear(nn.Linear):
         rows = x.numel() // x.shape[-1]
         cls = (x.dtype, rows == 1)
         if cls not in self.chosen:
-            place = residency(self.working_set or self.weight.numel() * self.weight.element_size())
-            self.chosen[cls] = (split_key(self.weight, rows, place),
-                                split_wins(self.weight, rows, self.working_set))
+            self.chosen[cls] = split_decision(self.weight, rows, self.working_set)
         return self.chosen[cls][1]
 
     @classmethod

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..utils import read_json, read_text
 from .base import Tokenizer, valid_unicode
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -143,14 +144,9 @@ def wordpiece(word: str, vocab: dict[str, int], unk: str = UNK) -> list[str]:
 def read_vocab(path: str | os.PathLike) -> list[str]:
     """The tokens of a `vocab.txt` (one per line, the line number is the id), validated:
     no duplicates, no empty lines, all five special tokens present."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
-    except FileNotFoundError:
-        raise UserError(f"{path}: vocab file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, expected a vocab.txt file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    if not Path(path).exists():
+        raise UserError(f"{path}: vocab file not found")
+    lines = read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline
     tokens = [line.rstrip("\r") for line in lines]
@@ -317,12 +313,7 @@ class WordPieceTokenizer(Tokenizer):
             lowercase = True
             conf = path.parent / "tokenizer_config.json"
             if conf.is_file():
-                import json
-
-                try:
-                    lowercase = bool(json.loads(conf.read_text(encoding="utf-8")).get("do_lower_case", True))
-                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-                    raise UserError(f"{conf}: not a valid tokenizer config ({e})") from None
+                lowercase = bool(read_json(conf).get("do_lower_case", True))
         return cls(read_vocab(path), lowercase)
 
     def save_vocab(self, folder: str | os.PathLike) -> Path:
