@@ -13,6 +13,11 @@ because the package imports itself only relatively.
 Rows: a training step (forward + backward + fused AdamW; fp32 and bf16 autocast) at `small`
 8x256 and `gpt2-124m` 1x1024, and greedy decoding of 200 tokens at gpt2-124m, batch 1 and 8,
 with fp32, bf16 and int8 weights. "new" runs with the kernels applied, as the CLI does.
+
+Each decoding row also counts the Python function calls per generated token of each side
+(`calls_per_token`, cProfile over 10 and 60 tokens: the difference over 50). Unlike the
+speed, that count does not move with the machine's load, so it tells a change in the
+per-token work of the code from noise in the timing.
 """
 
 from __future__ import annotations
@@ -93,6 +98,21 @@ def old_train_step(old, cfg: GPTConfig, B: int, T: int, amp):
     return fn[0] if isinstance(fn, tuple) else fn
 
 
+def calls_per_token(fn) -> float:
+    """Python function calls per generated token of `fn(n)` (greedy decoding of n tokens)."""
+    import cProfile
+    import pstats
+
+    counts = []
+    for n in (10, 60):
+        prof = cProfile.Profile()
+        prof.enable()
+        fn(n)
+        prof.disable()
+        counts.append(pstats.Stats(prof).total_calls)
+    return (counts[1] - counts[0]) / 50
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", type=Path, required=True, help="the other checkout (a git worktree)")
@@ -156,6 +176,11 @@ def main() -> None:
                 record(f"generate gpt2-124m batch {batch} {name}" + ("" if same else " (tokens differ!)"),
                        batch * 200, {"old": lambda m=old_m: old_generate(m, idx, 200),
                                      "new": lambda m=new_m: generate(m, idx, 200)})
+                rows[-1]["calls_per_token"] = {
+                    "old": calls_per_token(lambda n, m=old_m: old_generate(m, idx, n)),
+                    "new": calls_per_token(lambda n, m=new_m: generate(m, idx, n))}
+                print(f"{'':42s} Python calls per token: old {rows[-1]['calls_per_token']['old']:.0f}  "
+                      f"new {rows[-1]['calls_per_token']['new']:.0f}", flush=True)
 
     write_result("compare_commits", {"old_commit": old_commit, "new_commit": new_commit,
                                      "rounds": args.rounds, "new_first": args.new_first, "rows": rows},

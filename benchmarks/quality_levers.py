@@ -67,7 +67,9 @@ LEVERS.update({
 # The 5-minute record's recipe (1.977 bits/byte with the step count fixed from the warmup), now
 # under the clock-driven warmup-stable-decay schedule, and the speedrun levers on top of it, one
 # at a time (issue 26). A flag without a value is a switch.
-RECORD = [*RECIPE, "--lr", "2e-3", "--eval-every", "100000"]
+# `--schedule wsd` is what `--time-budget` takes anyway (auto); with `--steps` it makes the
+# equal-steps runs decay over their last 20% of steps as the clock schedule does.
+RECORD = [*RECIPE, "--lr", "2e-3", "--eval-every", "100000", "--schedule", "wsd"]
 LEVERS.update({
     "record": RECORD,
     "record + relu2": [*RECORD, "--mlp", "relu2"],

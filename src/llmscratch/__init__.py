@@ -1,7 +1,8 @@
 """llmscratch: a GPT-style language model built from scratch in PyTorch.
 
-The package follows the pipeline: `tokenizer` -> `data` / `datasets` -> `attention` ->
-`model` -> `train` -> `generate` -> `weights` (GPT-2 checkpoints) -> `cli`.
+The package's folders are its layers, in import order (ARCHITECTURE.md): `tokenizer` ->
+`data` -> `models` -> `kernels` -> `hf` -> `checkpoints` -> `decoding` -> `train` ->
+`finetune` -> `evaluation` -> `serve` -> `cli`. This file is the public API above them.
 
 Checkpoints from the top: `load_model(run_folder_hf_folder_or_preset)` gives `(model,
 tokenizer)`; `load_hf` / `save_hf` read and write Hugging Face folders of every family.
