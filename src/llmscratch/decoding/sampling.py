@@ -121,10 +121,13 @@ def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and 0.0 < top_p < 1.0:
+        need = 1  # a lower bound on the nucleus's size
         for k in NUCLEUS_CANDIDATES:
             if k >= probs.shape[-1]:
                 break
-            nucleus = _nucleus_in_top(probs, top_p, k)
+            if k < need:
+                continue
+            nucleus, need = _nucleus_in_top(probs, top_p, k)
             if nucleus is not None:
                 return _draw_within(probs, nucleus, generator)
         probs = _nucleus_by_sort(probs, top_p)
@@ -134,7 +137,8 @@ def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
 NUCLEUS_CANDIDATES = (256, 4096)
 """Candidate-set sizes `_draw` tries for top-p before sorting the whole vocabulary: the
 nucleus is looked for among the `k` likeliest tokens (`torch.topk`, linear in the vocabulary)
-and the full sort runs only when it is not provably inside them."""
+and the full sort runs only when it is not provably inside them (a flat distribution, as a
+model with random weights gives, goes to the sort after one `topk` of 256)."""
 
 
 def _nucleus_by_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -148,9 +152,10 @@ def _nucleus_by_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-def _nucleus_in_top(probs: torch.Tensor, top_p: float, k: int) -> list[torch.Tensor] | None:
+def _nucleus_in_top(probs: torch.Tensor, top_p: float, k: int) -> tuple[list[torch.Tensor] | None, int]:
     """Each row's nucleus (token ids, ascending) found among its `k` likeliest tokens, or None
-    when some row's nucleus is not provably the one `_nucleus_by_sort` keeps.
+    when some row's nucleus is not provably the one `_nucleus_by_sort` keeps; with it, a lower
+    bound on the nucleus's size (the mass still missing over the k-th probability).
 
     `topk`'s values are the first `k` values of the full descending sort, so the cumulative
     sums over them (a sequential scan) and the drop rule give the same verdicts for those
@@ -161,16 +166,19 @@ def _nucleus_in_top(probs: torch.Tensor, top_p: float, k: int) -> list[torch.Ten
     """
     values, ids = torch.topk(probs, k, dim=-1)
     if not bool(torch.isfinite(values[:, 0]).all()):
-        return None  # nan/inf: the full path raises multinomial's own error
-    drop = (values.cumsum(dim=-1) - values) >= top_p
+        return None, k + 1  # nan/inf: the full path raises multinomial's own error
+    cum = values.cumsum(dim=-1)
+    drop = (cum - values) >= top_p
     drop[:, 0] = False
-    if not bool(drop[:, -1].all()):
-        return None  # the nucleus may reach past the k candidates
+    if not bool(drop[:, -1].all()):  # the nucleus may reach past the k candidates
+        missing = float((top_p - cum[:, -1]).max())
+        smallest = float(values[:, -1].min())
+        return None, (k + math.ceil(missing / smallest) if smallest > 0 and missing > 0 else k + 1)
     kept = (~drop).sum(dim=-1)  # (B,): m, 1 <= m < k
     rows = torch.arange(values.shape[0])
     if bool((values[rows, kept - 1] == values[rows, kept]).any()):
-        return None  # a tie across the boundary: which tied tokens stay is the sort's choice
-    return [ids[b, : int(kept[b])].sort().values for b in range(values.shape[0])]
+        return None, k + 1  # a tie across the boundary: which tied tokens stay is the sort's choice
+    return [ids[b, : int(kept[b])].sort().values for b in range(values.shape[0])], 1
 
 
 def _draw_within(probs: torch.Tensor, nucleus: list[torch.Tensor], generator) -> torch.Tensor:
