@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..errors import UserError
-from .batching import BatchDecoder, DecodeRow
+from .batching import PREFILL_CHUNK, BatchDecoder, DecodeRow
 from .sampling import GREEDY, Sampling
 from .streaming import StreamDecoder
 
@@ -181,18 +181,19 @@ class Engine:
             steps.close()  # frees the KV cache now, also when the caller stops early
 
     # ------------------------------------------------------------------ ragged batches
-    def batch(self, max_rows: int) -> BatchDecoder:
+    def batch(self, max_rows: int, prefill_chunk: int | None = PREFILL_CHUNK) -> BatchDecoder:
         """A `BatchDecoder` of `max_rows` slots on this model, for a caller that feeds rows
-        as they come (the server's scheduler)."""
-        return BatchDecoder(self.model, max_rows)
+        as they come (the server's scheduler); prompts longer than `prefill_chunk` tokens
+        are prefilled that many tokens per step (None or 0: in one pass)."""
+        return BatchDecoder(self.model, max_rows, prefill_chunk)
 
-    def decode(self, rows: Sequence[DecodeRow], batch_size: int | None = None
-               ) -> Iterator[tuple[DecodeRow, int, str]]:
+    def decode(self, rows: Sequence[DecodeRow], batch_size: int | None = None,
+               prefill_chunk: int | None = PREFILL_CHUNK) -> Iterator[tuple[DecodeRow, int, str]]:
         """Decode `rows` with at most `batch_size` at once (default: all), yielding
         `BatchDecoder.step`'s `(row, token, piece)` events; a finished row's slot goes to the
-        next waiting row."""
+        next waiting row (`prefill_chunk`: see `batch`)."""
         waiting = list(rows)
-        dec = self.batch(max(1, min(batch_size or len(waiting), len(waiting))))
+        dec = self.batch(max(1, min(batch_size or len(waiting), len(waiting))), prefill_chunk)
         while waiting or dec.active:
             take = min(dec.free, len(waiting))
             if take:
@@ -202,11 +203,12 @@ class Engine:
                 yield from dec.step()
 
     def run(self, rows: Sequence[DecodeRow], batch_size: int | None = None,
-            on_done: Callable[[DecodeRow], None] | None = None) -> list[DecodeRow]:
+            on_done: Callable[[DecodeRow], None] | None = None,
+            prefill_chunk: int | None = PREFILL_CHUNK) -> list[DecodeRow]:
         """`decode` `rows` to the end in eval mode, calling `on_done` as each one finishes;
         returns the rows (with their `tokens`, `finish_reason` and `text`)."""
         with self.evaluating():
-            for row, _, _ in self.decode(rows, batch_size):
+            for row, _, _ in self.decode(rows, batch_size, prefill_chunk):
                 if row.done and on_done is not None:
                     on_done(row)
         return list(rows)
