@@ -86,6 +86,9 @@ class ServeArgs(ModelArgs):
     slot, n>1 takes n); 1 turns batching off"""
     max_queue: int = 256
     """requests that may wait for a slot; beyond that the server answers 429 with Retry-After"""
+    prefill_chunk: int = 256
+    """with batching, a prompt longer than this is prefilled this many tokens per decode step, so
+    the running requests keep getting tokens while it is read; 0 = the whole prompt in one pass"""
     max_tokens_limit: int = 1024
     """largest max_tokens a request may ask for"""
     api_key: str | None = None
@@ -267,13 +270,15 @@ def cmd_serve(args) -> None:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if cfg.max_queue < 0:
         raise UserError(f"--max-queue must be at least 0, got {cfg.max_queue}")
+    if cfg.prefill_chunk < 0:
+        raise UserError(f"--prefill-chunk must be at least 0 (0 = off), got {cfg.prefill_chunk}")
     if not 0 <= cfg.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {cfg.port}")
     serve(cfg.model, host=cfg.host, port=cfg.port, max_concurrency=cfg.max_concurrency,
           max_tokens_limit=cfg.max_tokens_limit, api_key=cfg.api_key or os.environ.get(API_KEY_ENV) or None,
           template=cfg.template, model_name=cfg.model_name, device=cfg.device, dtype=_dtype(cfg.dtype),
           threads=cfg.threads, kernels=kernel_choice(cfg, args), max_batch_size=cfg.max_batch_size,
-          max_queue=cfg.max_queue)
+          max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
 
 
 # ---------------------------------------------------------------------------- main
