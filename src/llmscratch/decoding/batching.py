@@ -38,6 +38,13 @@ rows' decode passes, and joins the batch (its keys and values copied into its sl
 `add` would have written them) once the whole prompt is in. Its tokens are those of the
 unchunked prefill: the same positions and the same causal attention, computed in pieces.
 
+Context shift (`context_shift=True`, opt-in): a row that fills the context drops the oldest
+half of its window once, re-encodes the rest into its own cache, and decodes cached from
+there until the window is full again (llama.cpp's context shift) — one pass of half a window
+every half window of tokens, instead of a whole window per token. It changes the tokens past
+the window (each sees between half and all of the window, not always all of it), the same
+way in `Engine.steps`, so batched and single decoding still agree.
+
 Why slots and not
 pages: on a CPU with a few dozen rows, a contiguous per-row cache is what
 `scaled_dot_product_attention` reads fastest and needs no gather or block table; its cost
@@ -167,6 +174,11 @@ def kv_bytes_per_row(model, dtype: torch.dtype | None = None) -> int:
 INITIAL_COLUMNS = 128
 """Cache columns a `BatchDecoder` starts with; it doubles them as rows grow longer."""
 
+def shifted_window(ctx: int) -> int:
+    """Tokens a context shift keeps of a full window of `ctx` (the newest half, rounded up)."""
+    return ctx - ctx // 2
+
+
 PREFILL_CHUNK = 256
 """Prompt tokens a `BatchDecoder` encodes per step for a prompt that joins a running batch
 (a longer prompt is prefilled in chunks between decode steps); None or 0 turns it off."""
@@ -190,16 +202,21 @@ class BatchDecoder:
         max_rows: the slots: rows decoded at once (the cache is allocated for this many).
         prefill_chunk: a prompt longer than this is prefilled this many tokens per `step`,
             between the running rows' decode passes (`PREFILL_CHUNK`; None or 0: in one pass).
+        context_shift: a row past the context window drops the oldest half of it and decodes
+            cached (`shifted_window`) instead of re-encoding the whole window every token;
+            changes the tokens past the window (off by default).
 
     Not thread-safe: one thread drives it (the server's scheduler thread).
     """
 
-    def __init__(self, model, max_rows: int, prefill_chunk: int | None = PREFILL_CHUNK):
+    def __init__(self, model, max_rows: int, prefill_chunk: int | None = PREFILL_CHUNK,
+                 context_shift: bool = False):
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         if prefill_chunk is not None and prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0 (0 = off), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk or None
+        self.context_shift = context_shift
         self.model = model
         self.max_rows = max_rows
         self.ctx = model.config.context_length
@@ -208,6 +225,7 @@ class BatchDecoder:
         self.caches = self._new_caches(min(self.ctx, INITIAL_COLUMNS))
         self.rows: list[DecodeRow] = []  # packed: rows[i] lives in cache row i
         self.windowed: list[DecodeRow] = []  # rows that fill the context: recomputed each step
+        self.own: dict[DecodeRow, list] = {}  # context shift: a windowed row's [caches, tokens in them]
         self.prefilling: list[_Prefill] = []  # long prompts being encoded a chunk per step
         self.starts = [0] * max_rows  # first cache column of each packed row
         self.pos = 0  # the shared cursor: the next column every packed row writes
@@ -408,6 +426,7 @@ class BatchDecoder:
             if self.rows[i].done:
                 self._remove(i)
         self.windowed = [r for r in self.windowed if not r.done]
+        self.own = {r: c for r, c in self.own.items() if not r.done}
         self._forward()
         if self.prefilling:
             events += self._advance_prefill()
@@ -420,6 +439,7 @@ class BatchDecoder:
                 self._remove(self.rows.index(row))
         elif row in self.windowed:
             self.windowed.remove(row)
+            self.own.pop(row, None)
         else:
             self.prefilling = [p for p in self.prefilling if p.row is not row]
         if row.finish_reason is None:
@@ -447,5 +467,24 @@ class BatchDecoder:
             for i, r in enumerate(self.rows):
                 r._logits = logits[i: i + 1]
         for r in self.windowed:
+            if self.context_shift:
+                r._logits = self._shifted_step(r)
+                continue
             window = torch.tensor([r._ids[-self.ctx:]], device=self.device)
             r._logits = self.model.lm_head(self.model.hidden_states(window)[:, -1])
+
+    def _shifted_step(self, r: DecodeRow) -> torch.Tensor:
+        """A windowed row's next logits with context shift: its newest token appended to its
+        own cache, or, when that cache is full, its newest `shifted_window` tokens re-encoded
+        from position 0 (what `Engine.steps` does with `context_shift`)."""
+        own = self.own.get(r)
+        if own is None or own[1] == self.ctx:
+            caches = own[0] if own else self.model.make_kv_caches(1, self.ctx)
+            keep = shifted_window(self.ctx)
+            self.own[r] = own = [caches, keep]
+            idx, start = r._ids[-keep:], 0
+        else:
+            idx, start = r._ids[-1:], own[1]
+            own[1] += 1
+        hidden = self.model.hidden_states(torch.tensor([idx], device=self.device), own[0], start)
+        return self.model.lm_head(hidden[:, -1])
