@@ -13,6 +13,10 @@ one process on random weights of the `--model` shape (gpt2-124m by default):
    running rows' time to next token while it is admitted (the largest gap, the stall), with
    the prompt prefilled in one pass (`prefill_chunk=None`, before) against chunks of
    `--chunk` tokens (after), and the long prompt's own time to its first token.
+3. past the context window: `--past` new tokens after a prompt that fills a
+   `--window`-token context (the model's shape with that context length), re-encoding the
+   whole window per token (the default, before) against `context_shift=True` (after; opt-in,
+   it changes the tokens past the window).
 
 The machine may be shared: the load average before and after goes into the JSON.
 
@@ -32,6 +36,7 @@ import torch
 from llmscratch import GPT, GPTConfig
 from llmscratch.decoding import sampling
 from llmscratch.decoding.batching import BatchDecoder, DecodeRow
+from llmscratch.decoding.generate import generate
 from results import write_result  # benchmarks/results.py
 
 
@@ -104,6 +109,22 @@ def admission(model, rows: int, long: int, chunk: int | None, new_tokens: int) -
             "long_first_token_ms": round(1000 * (last - t_admit), 1)}
 
 
+def past_window(preset: str, window: int, new: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(preset, context_length=window)).eval()
+    idx = torch.randint(0, model.config.vocab_size, (1, window), generator=torch.Generator().manual_seed(0))
+    times = {"sliding (re-encode the window)": [], "context_shift": []}
+    for _ in range(rounds):
+        for name, shift in (("sliding (re-encode the window)", False), ("context_shift", True)):
+            t0 = time.perf_counter()
+            generate(model, idx, new, context_shift=shift)
+            times[name].append(time.perf_counter() - t0)
+    out = {k: {"tokens_per_s": round(new / statistics.median(v), 2)} for k, v in times.items()}
+    out["speedup"] = round(statistics.median(times["sliding (re-encode the window)"])
+                           / statistics.median(times["context_shift"]), 2)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2-124m", help="model preset (shape only; weights are random)")
@@ -112,6 +133,8 @@ def main() -> None:
     p.add_argument("--long", type=int, default=1000, help="tokens of the prompt that joins")
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk (after)")
     p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--window", type=int, default=256, help="context length of the past-the-window run")
+    p.add_argument("--past", type=int, default=64, help="new tokens past the window")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", help="write here instead of benchmarks/results/decode_gap.json")
     args = p.parse_args()
@@ -126,8 +149,10 @@ def main() -> None:
         prefill[f"after (chunks of {args.chunk})"].append(admission(model, args.running, args.long, args.chunk, 100))
     for k, v in prefill.items():
         print(k, v)
+    past = past_window(args.model, args.window, args.past, max(1, args.rounds - 1))
+    print("past the window:", past)
     write_result("decode_gap", {
-        "args": vars(args), "sampling_32_rows": samp, "chunked_prefill": prefill,
+        "args": vars(args), "sampling_32_rows": samp, "chunked_prefill": prefill, "past_the_window": past,
         "under_load": {"note": "2-core machine shared with other sessions during the run",
                        "loadavg_at_start": [round(x, 2) for x in load_before],
                        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},

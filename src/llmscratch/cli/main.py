@@ -43,6 +43,10 @@ class GenerateArgs(SamplingArgs, ModelArgs):
     """text to continue"""
     ignore_eos: bool = False
     """keep going past <|endoftext|>"""
+    context_shift: bool = False
+    """past the context window, drop its oldest half once and go on cached (llama.cpp's context
+    shift) instead of re-encoding the whole window every token: much faster there, but each
+    token then sees between half and all of the window (docs/generation.md)"""
 
 
 @dataclass(kw_only=True)
@@ -89,6 +93,9 @@ class ServeArgs(ModelArgs):
     prefill_chunk: int = 256
     """with batching, a prompt longer than this is prefilled this many tokens per decode step, so
     the running requests keep getting tokens while it is read; 0 = the whole prompt in one pass"""
+    context_shift: bool = False
+    """a request past the context window drops its oldest half once and goes on cached instead of
+    re-encoding the whole window every token (faster; changes the tokens past the window)"""
     max_tokens_limit: int = 1024
     """largest max_tokens a request may ask for"""
     api_key: str | None = None
@@ -135,7 +142,8 @@ def cmd_generate(args) -> None:
     sys.stdout.flush()
     for piece in stream_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens,
                              temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                             seed=cfg.seed, stop_at_eos=not cfg.ignore_eos, device=device):
+                             seed=cfg.seed, stop_at_eos=not cfg.ignore_eos, device=device,
+                             context_shift=cfg.context_shift):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -278,7 +286,7 @@ def cmd_serve(args) -> None:
           max_tokens_limit=cfg.max_tokens_limit, api_key=cfg.api_key or os.environ.get(API_KEY_ENV) or None,
           template=cfg.template, model_name=cfg.model_name, device=cfg.device, dtype=_dtype(cfg.dtype),
           threads=cfg.threads, kernels=kernel_choice(cfg, args), max_batch_size=cfg.max_batch_size,
-          max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
+          max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk, context_shift=cfg.context_shift)
 
 
 # ---------------------------------------------------------------------------- main

@@ -74,7 +74,8 @@ class Scheduler:
         `stopping` and `cancel_all`); `rows`: the batch's rows; `name`: the thread's."""
         self.engine = engine
         # chunked prefill only pays where other rows wait: a one-row scheduler prefills at once
-        self.decoder = engine.decoding.batch(rows, engine.prefill_chunk if rows > 1 else None)
+        self.decoder = engine.decoding.batch(rows, engine.prefill_chunk if rows > 1 else None,
+                                             engine.context_shift)
         self.jobs: list[Job] = []  # admitted into this scheduler's batch
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
