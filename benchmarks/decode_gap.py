@@ -21,6 +21,7 @@ one process on random weights of the `--model` shape (gpt2-124m by default):
 The machine may be shared: the load average before and after goes into the JSON.
 
     python benchmarks/decode_gap.py                 # -> benchmarks/results/decode_gap.json
+    python benchmarks/decode_gap.py --threads 1     # what the committed JSON ran (a busy machine)
     python benchmarks/decode_gap.py --model tiny --rounds 1 --long 200 --chunk 64 --json /tmp/d.json
 """
 
@@ -136,9 +137,13 @@ def main() -> None:
     p.add_argument("--window", type=int, default=256, help="context length of the past-the-window run")
     p.add_argument("--past", type=int, default=64, help="new tokens past the window")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own); on a shared, "
+                   "oversubscribed machine 1 avoids the thread team waiting at every op for a descheduled peer")
     p.add_argument("--json", help="write here instead of benchmarks/results/decode_gap.json")
     args = p.parse_args()
     load_before = os.getloadavg()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(args.model)).eval()
     samp = bench_sampling(model, args.rows, args.rounds, args.top_p)
@@ -153,6 +158,7 @@ def main() -> None:
     print("past the window:", past)
     write_result("decode_gap", {
         "args": vars(args), "sampling_32_rows": samp, "chunked_prefill": prefill, "past_the_window": past,
+        "torch_threads": torch.get_num_threads(),
         "under_load": {"note": "2-core machine shared with other sessions during the run",
                        "loadavg_at_start": [round(x, 2) for x in load_before],
                        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},

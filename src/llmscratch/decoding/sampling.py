@@ -121,7 +121,10 @@ def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and 0.0 < top_p < 1.0:
-        need = 1  # a lower bound on the nucleus's size
+        # a lower bound on the nucleus's size: no token has more than the row's largest
+        # probability (a flat row, as random weights give, goes straight to the sort)
+        top = float(probs.amax(dim=-1).min())
+        need = math.ceil(top_p / top) if top > 0 else probs.shape[-1]
         for k in NUCLEUS_CANDIDATES:
             if k >= probs.shape[-1]:
                 break
@@ -137,8 +140,8 @@ def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
 NUCLEUS_CANDIDATES = (256, 4096)
 """Candidate-set sizes `_draw` tries for top-p before sorting the whole vocabulary: the
 nucleus is looked for among the `k` likeliest tokens (`torch.topk`, linear in the vocabulary)
-and the full sort runs only when it is not provably inside them (a flat distribution, as a
-model with random weights gives, goes to the sort after one `topk` of 256)."""
+and the full sort runs only when it is not provably inside them (or cannot be: a flat
+distribution, as a model with random weights gives, goes straight to the sort)."""
 
 
 def _nucleus_by_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -175,7 +178,7 @@ def _nucleus_in_top(probs: torch.Tensor, top_p: float, k: int) -> tuple[list[tor
         smallest = float(values[:, -1].min())
         return None, (k + math.ceil(missing / smallest) if smallest > 0 and missing > 0 else k + 1)
     kept = (~drop).sum(dim=-1)  # (B,): m, 1 <= m < k
-    rows = torch.arange(values.shape[0])
+    rows = torch.arange(values.shape[0], device=values.device)
     if bool((values[rows, kept - 1] == values[rows, kept]).any()):
         return None, k + 1  # a tie across the boundary: which tied tokens stay is the sort's choice
     return [ids[b, : int(kept[b])].sort().values for b in range(values.shape[0])], 1
