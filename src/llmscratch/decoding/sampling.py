@@ -120,7 +120,7 @@ def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and 0.0 < top_p < 1.0:
+    if top_p is not None and 0.0 < top_p < 1.0 and probs.device.type == "cpu":
         # a lower bound on the nucleus's size: no token has more than the row's largest
         # probability (a flat row, as random weights give, goes straight to the sort)
         top = float(probs.amax(dim=-1).min())
@@ -133,6 +133,7 @@ def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
             nucleus, need = _nucleus_in_top(probs, top_p, k)
             if nucleus is not None:
                 return _draw_within(probs, nucleus, generator)
+    if top_p is not None and 0.0 < top_p < 1.0:
         probs = _nucleus_by_sort(probs, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -141,7 +142,9 @@ NUCLEUS_CANDIDATES = (256, 4096)
 """Candidate-set sizes `_draw` tries for top-p before sorting the whole vocabulary: the
 nucleus is looked for among the `k` likeliest tokens (`torch.topk`, linear in the vocabulary)
 and the full sort runs only when it is not provably inside them (or cannot be: a flat
-distribution, as a model with random weights gives, goes straight to the sort)."""
+distribution, as a model with random weights gives, goes straight to the sort). CPU only:
+the proof needs `cumsum` to be a sequential scan, which it is on the CPU and not on a GPU,
+where the full sort runs as before."""
 
 
 def _nucleus_by_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -198,6 +201,7 @@ def _draw_within(probs: torch.Tensor, nucleus: list[torch.Tensor], generator) ->
     for b, ids in enumerate(nucleus):
         out[b] = ids[torch.argmax(probs[b, ids] / q[b, ids])]
     return out
+
 
 GREEDY = Sampling()
 """Greedy decoding: the likeliest token every time."""
