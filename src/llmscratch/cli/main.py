@@ -43,6 +43,10 @@ class GenerateArgs(SamplingArgs, ModelArgs):
     """text to continue"""
     ignore_eos: bool = False
     """keep going past <|endoftext|>"""
+    context_shift: bool = False
+    """past the context window, drop its oldest half once and go on cached (llama.cpp's context
+    shift) instead of re-encoding the whole window every token: much faster there, but each
+    token then sees between half and all of the window (docs/generation.md)"""
 
 
 @dataclass(kw_only=True)
@@ -86,6 +90,12 @@ class ServeArgs(ModelArgs):
     slot, n>1 takes n); 1 turns batching off"""
     max_queue: int = 256
     """requests that may wait for a slot; beyond that the server answers 429 with Retry-After"""
+    prefill_chunk: int = 256
+    """with batching, a prompt longer than this is prefilled this many tokens per decode step, so
+    the running requests keep getting tokens while it is read; 0 = the whole prompt in one pass"""
+    context_shift: bool = False
+    """a request past the context window drops its oldest half once and goes on cached instead of
+    re-encoding the whole window every token (faster; changes the tokens past the window)"""
     max_tokens_limit: int = 1024
     """largest max_tokens a request may ask for"""
     api_key: str | None = None
@@ -132,7 +142,8 @@ def cmd_generate(args) -> None:
     sys.stdout.flush()
     for piece in stream_text(model, tokenizer, cfg.prompt, cfg.max_new_tokens,
                              temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                             seed=cfg.seed, stop_at_eos=not cfg.ignore_eos, device=device):
+                             seed=cfg.seed, stop_at_eos=not cfg.ignore_eos, device=device,
+                             context_shift=cfg.context_shift):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -267,13 +278,15 @@ def cmd_serve(args) -> None:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if cfg.max_queue < 0:
         raise UserError(f"--max-queue must be at least 0, got {cfg.max_queue}")
+    if cfg.prefill_chunk < 0:
+        raise UserError(f"--prefill-chunk must be at least 0 (0 = off), got {cfg.prefill_chunk}")
     if not 0 <= cfg.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {cfg.port}")
     serve(cfg.model, host=cfg.host, port=cfg.port, max_concurrency=cfg.max_concurrency,
           max_tokens_limit=cfg.max_tokens_limit, api_key=cfg.api_key or os.environ.get(API_KEY_ENV) or None,
           template=cfg.template, model_name=cfg.model_name, device=cfg.device, dtype=_dtype(cfg.dtype),
           threads=cfg.threads, kernels=kernel_choice(cfg, args), max_batch_size=cfg.max_batch_size,
-          max_queue=cfg.max_queue)
+          max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk, context_shift=cfg.context_shift)
 
 
 # ---------------------------------------------------------------------------- main

@@ -29,7 +29,23 @@ shift of the live rows) if that frees a quarter of them; otherwise the columns d
 to the context length (a copy, a handful of times in a decoder's life): memory follows
 the longest live row, not the context. A row that alone fills the whole context slides its
 window as `generate` does (each further token recomputes its last `context_length`
-tokens, outside the joint pass). Why slots and not
+tokens, outside the joint pass).
+
+Chunked prefill: a prompt longer than `prefill_chunk` tokens (256 by default) is not
+prefilled in one pass, which would stall every running row for the whole prompt; it is
+encoded `prefill_chunk` tokens per `step` into a private one-row cache, between the running
+rows' decode passes, and joins the batch (its keys and values copied into its slot, where
+`add` would have written them) once the whole prompt is in. Its tokens are those of the
+unchunked prefill: the same positions and the same causal attention, computed in pieces.
+
+Context shift (`context_shift=True`, opt-in): a row that fills the context drops the oldest
+half of its window once, re-encodes the rest into its own cache, and decodes cached from
+there until the window is full again (llama.cpp's context shift) — one pass of half a window
+every half window of tokens, instead of a whole window per token. It changes the tokens past
+the window (each sees between half and all of the window, not always all of it), the same
+way in `Engine.steps`, so batched and single decoding still agree.
+
+Why slots and not
 pages: on a CPU with a few dozen rows, a contiguous per-row cache is what
 `scaled_dot_product_attention` reads fastest and needs no gather or block table; its cost
 is that every slot reserves as many columns as the longest live row needs (at most
@@ -158,6 +174,24 @@ def kv_bytes_per_row(model, dtype: torch.dtype | None = None) -> int:
 INITIAL_COLUMNS = 128
 """Cache columns a `BatchDecoder` starts with; it doubles them as rows grow longer."""
 
+def shifted_window(ctx: int) -> int:
+    """Tokens a context shift keeps of a full window of `ctx` (the newest half, rounded up)."""
+    return ctx - ctx // 2
+
+
+PREFILL_CHUNK = 256
+"""Prompt tokens a `BatchDecoder` encodes per step for a prompt that joins a running batch
+(a longer prompt is prefilled in chunks between decode steps); None or 0 turns it off."""
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A long prompt being encoded chunk by chunk into its own one-row cache."""
+
+    row: DecodeRow
+    caches: list
+    done: int = 0  # prompt tokens encoded so far
+
 
 class BatchDecoder:
     """Decode up to `max_rows` rows as one batch; rows join (`add`) and leave between steps.
@@ -166,13 +200,23 @@ class BatchDecoder:
         model: a `GPT` (or any model with `make_kv_caches`, `hidden_states`, `lm_head` and
             `config.context_length`), in eval mode.
         max_rows: the slots: rows decoded at once (the cache is allocated for this many).
+        prefill_chunk: a prompt longer than this is prefilled this many tokens per `step`,
+            between the running rows' decode passes (`PREFILL_CHUNK`; None or 0: in one pass).
+        context_shift: a row past the context window drops the oldest half of it and decodes
+            cached (`shifted_window`) instead of re-encoding the whole window every token;
+            changes the tokens past the window (off by default).
 
     Not thread-safe: one thread drives it (the server's scheduler thread).
     """
 
-    def __init__(self, model, max_rows: int):
+    def __init__(self, model, max_rows: int, prefill_chunk: int | None = PREFILL_CHUNK,
+                 context_shift: bool = False):
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        if prefill_chunk is not None and prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0 = off), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk or None
+        self.context_shift = context_shift
         self.model = model
         self.max_rows = max_rows
         self.ctx = model.config.context_length
@@ -181,6 +225,8 @@ class BatchDecoder:
         self.caches = self._new_caches(min(self.ctx, INITIAL_COLUMNS))
         self.rows: list[DecodeRow] = []  # packed: rows[i] lives in cache row i
         self.windowed: list[DecodeRow] = []  # rows that fill the context: recomputed each step
+        self.own: dict[DecodeRow, list] = {}  # context shift: a windowed row's [caches, tokens in them]
+        self.prefilling: list[_Prefill] = []  # long prompts being encoded a chunk per step
         self.starts = [0] * max_rows  # first cache column of each packed row
         self.pos = 0  # the shared cursor: the next column every packed row writes
 
@@ -211,7 +257,7 @@ class BatchDecoder:
     @property
     def active(self) -> int:
         """Rows being decoded (slots in use)."""
-        return len(self.rows) + len(self.windowed)
+        return len(self.rows) + len(self.windowed) + len(self.prefilling)
 
     @property
     def free(self) -> int:
@@ -264,7 +310,9 @@ class BatchDecoder:
     @torch.inference_mode()
     def add(self, new: Sequence[DecodeRow]) -> None:
         """Prefill `new` rows (one forward pass, left-padded) so that the next `step`
-        samples their first tokens. Rows with `max_new_tokens <= 0` finish at once."""
+        samples their first tokens. Rows with `max_new_tokens <= 0` finish at once. A prompt
+        longer than `prefill_chunk` is only queued here: the coming steps encode it a chunk
+        at a time, and the step after its last chunk samples its first token."""
         new = [r for r in new if not r.finish_empty()]
         if not new:
             return
@@ -273,6 +321,16 @@ class BatchDecoder:
         for r in new:
             if not 1 <= len(r.prompt) <= self.ctx:
                 raise ValueError(f"a prompt must have 1 to {self.ctx} tokens, got {len(r.prompt)}")
+        chunk = self.prefill_chunk
+        for r in new:
+            if chunk is not None and len(r.prompt) > chunk:
+                self.prefilling.append(_Prefill(r, self.model.make_kv_caches(1, len(r.prompt))))
+        new = [r for r in new if chunk is None or len(r.prompt) <= chunk]
+        if new:
+            self._prefill_together(new)
+
+    def _prefill_together(self, new: list[DecodeRow]) -> None:
+        """One left-padded forward pass for `new` rows, written into their slots."""
         if not self.rows:
             self.pos = 0
         width = max(len(r.prompt) for r in new)
@@ -298,16 +356,60 @@ class BatchDecoder:
             r._generator = r.sampling.generator(self.device)
             self.rows.append(r)
 
+    def _advance_prefill(self) -> list[tuple[DecodeRow, int, str]]:
+        """Encode up to `prefill_chunk` prompt tokens of the queued long prompts (oldest
+        first); a prompt encoded to its end joins the batch. Returns an error event for a
+        prompt whose pass failed (that row alone ends)."""
+        budget, events = self.prefill_chunk, []
+        while self.prefilling and budget > 0:
+            p = self.prefilling[0]
+            prompt = p.row.prompt
+            end = min(len(prompt), p.done + budget)
+            try:
+                idx = torch.tensor([prompt[p.done:end]], device=self.device)
+                hidden = self.model.hidden_states(idx, p.caches, p.done)
+            except Exception as e:  # this prompt fails alone; the running rows go on
+                self.prefilling.pop(0)
+                p.row.finish_reason, p.row.error = "error", f"{type(e).__name__}: {e}"
+                events.append((p.row, -1, ""))
+                continue
+            budget -= end - p.done
+            p.done = end
+            if end == len(prompt):
+                self.prefilling.pop(0)
+                self._join(p, self.model.lm_head(hidden[:, -1]))
+        return events
+
+    def _join(self, p: _Prefill, logits: torch.Tensor) -> None:
+        """A fully encoded prompt takes its slot: its keys and values copied to the columns
+        `_prefill_together` would have written (`[pos - len, pos)`)."""
+        if not self.rows:
+            self.pos = 0
+        width = len(p.row.prompt)
+        self._reserve(max(width, self.pos))
+        if width > self.pos:
+            self._shift(width - self.pos)
+        n, pos = len(self.rows), self.pos
+        for c, own in zip(self.caches, p.caches):
+            c.k[n, :, pos - width: pos] = own.k[0, :, :width]
+            c.v[n, :, pos - width: pos] = own.v[0, :, :width]
+        self.starts[n] = pos - width
+        p.row._logits = logits
+        p.row._generator = p.row.sampling.generator(self.device)
+        self.rows.append(p.row)
+
     @torch.inference_mode()
     def step(self) -> list[tuple[DecodeRow, int, str]]:
-        """Sample one token for every row, retire the rows that finished, and run the
-        forward pass that gives the others their next logits.
+        """Sample one token for every row, retire the rows that finished, run the forward
+        pass that gives the others their next logits, then encode the next chunk of the
+        long prompts waiting to join (`prefill_chunk`).
 
         Returns:
             `(row, token, text piece)` for every row, in no particular order; `row.done`
             tells which ones finished with this token (they are no longer in the batch).
             A row whose draw fails ends alone: finish_reason "error", `row.error` saying
-            why, token -1 (the other rows go on).
+            why, token -1 (the other rows go on); so does a long prompt whose chunk
+            failed.
         """
         events = []
         for r in self.rows + self.windowed:
@@ -324,7 +426,10 @@ class BatchDecoder:
             if self.rows[i].done:
                 self._remove(i)
         self.windowed = [r for r in self.windowed if not r.done]
+        self.own = {r: c for r, c in self.own.items() if not r.done}
         self._forward()
+        if self.prefilling:
+            events += self._advance_prefill()
         return events
 
     def cancel(self, row: DecodeRow) -> None:
@@ -334,6 +439,9 @@ class BatchDecoder:
                 self._remove(self.rows.index(row))
         elif row in self.windowed:
             self.windowed.remove(row)
+            self.own.pop(row, None)
+        else:
+            self.prefilling = [p for p in self.prefilling if p.row is not row]
         if row.finish_reason is None:
             row.finish_reason = "cancelled"
 
@@ -359,5 +467,24 @@ class BatchDecoder:
             for i, r in enumerate(self.rows):
                 r._logits = logits[i: i + 1]
         for r in self.windowed:
+            if self.context_shift:
+                r._logits = self._shifted_step(r)
+                continue
             window = torch.tensor([r._ids[-self.ctx:]], device=self.device)
             r._logits = self.model.lm_head(self.model.hidden_states(window)[:, -1])
+
+    def _shifted_step(self, r: DecodeRow) -> torch.Tensor:
+        """A windowed row's next logits with context shift: its newest token appended to its
+        own cache, or, when that cache is full, its newest `shifted_window` tokens re-encoded
+        from position 0 (what `Engine.steps` does with `context_shift`)."""
+        own = self.own.get(r)
+        if own is None or own[1] == self.ctx:
+            caches = own[0] if own else self.model.make_kv_caches(1, self.ctx)
+            keep = shifted_window(self.ctx)
+            self.own[r] = own = [caches, keep]
+            idx, start = r._ids[-keep:], 0
+        else:
+            idx, start = r._ids[-1:], own[1]
+            own[1] += 1
+        hidden = self.model.hidden_states(torch.tensor([idx], device=self.device), own[0], start)
+        return self.model.lm_head(hidden[:, -1])

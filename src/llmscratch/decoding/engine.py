@@ -25,6 +25,12 @@ each step recomputes that window (exactly what the uncached loop does) — the c
 uncached paths give the same tokens. A rotary-position (RoPE) model is recomputed the same
 way: its window is re-encoded at positions 0..ctx-1, which is what the uncached loop sees,
 and since RoPE attention depends only on distances, it is also what the window means.
+
+`context_shift=True` (opt-in, every way above) trades that exactness for speed past the
+window: when the sequence overflows it, the oldest half is dropped and the newest half
+(`batching.shifted_window`) re-encoded once; decoding then goes on cached until the window is
+full again. Tokens past the window change (each is predicted from between half and all of the
+window), identically in `steps`, `stream` and the ragged batches.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..errors import UserError
-from .batching import BatchDecoder, DecodeRow
+from .batching import PREFILL_CHUNK, BatchDecoder, DecodeRow, shifted_window
 from .sampling import GREEDY, Sampling
 from .streaming import StreamDecoder
 
@@ -109,11 +115,14 @@ class Engine:
 
     @torch.inference_mode()
     def steps(self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling = GREEDY,
-              eos_id: int | Sequence[int] | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+              eos_id: int | Sequence[int] | None = None, use_cache: bool = True,
+              context_shift: bool = False) -> Iterator[torch.Tensor]:
         """Yield `(B,)` new token ids for the `(B, T)` prompts `idx`, one step at a time.
 
         A row that has produced `eos_id` keeps yielding `eos_id` (padding) until every row is
-        done, then the loop stops; so stopping works at any batch size.
+        done, then the loop stops; so stopping works at any batch size. Past the context
+        window each step re-encodes the last `context_length` tokens, or with
+        `context_shift` the newest half of them once per half window (see above).
         """
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)
@@ -140,7 +149,7 @@ class Engine:
                 return
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             if seq.shape[1] > ctx:  # slide the window: positions change, recompute it
-                seq = seq[:, -ctx:]
+                seq = seq[:, -(shifted_window(ctx) if context_shift else ctx):]
                 logits = self._last_logits(seq, caches, 0)
             elif use_cache:
                 logits = self._last_logits(nxt[:, None], caches, seq.shape[1] - 1)
@@ -148,19 +157,20 @@ class Engine:
                 logits = self._last_logits(seq, None, 0)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, sampling: Sampling = GREEDY,
-                 eos_id: int | Sequence[int] | None = None, use_cache: bool = True) -> torch.Tensor:
+                 eos_id: int | Sequence[int] | None = None, use_cache: bool = True,
+                 context_shift: bool = False) -> torch.Tensor:
         """`(B, T' + n)` ids: the prompts `idx` (cut to the context window) followed by up to
         `max_new_tokens` new tokens (`steps`; rows finished at `eos_id` padded with it)."""
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)
         with self.evaluating():
-            new = list(self.steps(idx, max_new_tokens, sampling, eos_id, use_cache))
+            new = list(self.steps(idx, max_new_tokens, sampling, eos_id, use_cache, context_shift))
         prompt = idx[:, -self.context_length:]
         if not new:
             return prompt.clone()
         return torch.cat([prompt, torch.stack(new, dim=1)], dim=1)
 
-    def stream(self, row: DecodeRow) -> Iterator[str]:
+    def stream(self, row: DecodeRow, context_shift: bool = False) -> Iterator[str]:
         """Decode `row` alone (batch size 1), yielding the text piece of every token.
 
         A piece is "" while the row's decoder holds text back (half a character, the
@@ -171,7 +181,7 @@ class Engine:
         if row.finish_empty():
             return
         idx = torch.tensor([row.prompt], dtype=torch.long, device=self.device)
-        steps = self.steps(idx, row.max_new_tokens, row.sampling)
+        steps = self.steps(idx, row.max_new_tokens, row.sampling, context_shift=context_shift)
         try:
             for tok in steps:
                 yield row.push(int(tok[0]))
@@ -181,18 +191,22 @@ class Engine:
             steps.close()  # frees the KV cache now, also when the caller stops early
 
     # ------------------------------------------------------------------ ragged batches
-    def batch(self, max_rows: int) -> BatchDecoder:
+    def batch(self, max_rows: int, prefill_chunk: int | None = PREFILL_CHUNK,
+              context_shift: bool = False) -> BatchDecoder:
         """A `BatchDecoder` of `max_rows` slots on this model, for a caller that feeds rows
-        as they come (the server's scheduler)."""
-        return BatchDecoder(self.model, max_rows)
+        as they come (the server's scheduler); prompts longer than `prefill_chunk` tokens
+        are prefilled that many tokens per step (None or 0: in one pass); `context_shift`:
+        see above."""
+        return BatchDecoder(self.model, max_rows, prefill_chunk, context_shift)
 
-    def decode(self, rows: Sequence[DecodeRow], batch_size: int | None = None
+    def decode(self, rows: Sequence[DecodeRow], batch_size: int | None = None,
+               prefill_chunk: int | None = PREFILL_CHUNK, context_shift: bool = False
                ) -> Iterator[tuple[DecodeRow, int, str]]:
         """Decode `rows` with at most `batch_size` at once (default: all), yielding
         `BatchDecoder.step`'s `(row, token, piece)` events; a finished row's slot goes to the
-        next waiting row."""
+        next waiting row (`prefill_chunk`: see `batch`)."""
         waiting = list(rows)
-        dec = self.batch(max(1, min(batch_size or len(waiting), len(waiting))))
+        dec = self.batch(max(1, min(batch_size or len(waiting), len(waiting))), prefill_chunk, context_shift)
         while waiting or dec.active:
             take = min(dec.free, len(waiting))
             if take:
@@ -202,11 +216,12 @@ class Engine:
                 yield from dec.step()
 
     def run(self, rows: Sequence[DecodeRow], batch_size: int | None = None,
-            on_done: Callable[[DecodeRow], None] | None = None) -> list[DecodeRow]:
+            on_done: Callable[[DecodeRow], None] | None = None,
+            prefill_chunk: int | None = PREFILL_CHUNK, context_shift: bool = False) -> list[DecodeRow]:
         """`decode` `rows` to the end in eval mode, calling `on_done` as each one finishes;
         returns the rows (with their `tokens`, `finish_reason` and `text`)."""
         with self.evaluating():
-            for row, _, _ in self.decode(rows, batch_size):
+            for row, _, _ in self.decode(rows, batch_size, prefill_chunk, context_shift):
                 if row.done and on_done is not None:
                     on_done(row)
         return list(rows)

@@ -28,6 +28,7 @@ def generate(
     eos_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    context_shift: bool = False,
 ) -> torch.Tensor:
     """Continue `idx` by up to `max_new_tokens` tokens (`Engine.generate`).
 
@@ -42,12 +43,15 @@ def generate(
             padded with it.
         seed: seeds a private generator, so the same call gives the same tokens.
         use_cache: use the KV cache (same tokens as without, much faster).
+        context_shift: past the context window, drop its oldest half once and decode cached
+            (llama.cpp's context shift) instead of re-encoding the whole window per token;
+            faster there, but the tokens past the window change (see `Engine`).
 
     Returns:
         `(B, T' + n)` ids: the (possibly truncated) prompt followed by the new tokens.
     """
     return Engine(model).generate(idx, max_new_tokens, Sampling(temperature, top_k, top_p, seed), eos_id,
-                                  use_cache)
+                                  use_cache, context_shift)
 
 
 def stream_text(
@@ -62,12 +66,14 @@ def stream_text(
     stop_at_eos: bool = True,
     device: torch.device | str | None = None,
     stop: Sequence[str] = (),
+    context_shift: bool = False,
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` as text, piece by piece (batch size 1, `Engine.stream`).
 
     Pieces are whole characters (a byte-level token can end inside one) and the text ends
     before the first of the `stop` strings; see `streaming.StreamDecoder`. `device` is
-    accepted for compatibility; the model's own device is used.
+    accepted for compatibility; the model's own device is used. `context_shift`: see
+    `generate`.
     """
     engine = Engine(model, tokenizer)
     ids = tokenizer.encode(prompt)
@@ -76,7 +82,7 @@ def stream_text(
     row = engine.row(ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed),
                      engine.eos_id if stop_at_eos else None, stop)
     with engine.evaluating():
-        for piece in engine.stream(row):
+        for piece in engine.stream(row, context_shift):
             if piece:
                 yield piece
 
@@ -93,6 +99,7 @@ def generate_batch(
     stop: Sequence[str] = (),
     tokenizer=None,
     batch_size: int | None = None,
+    context_shift: bool = False,
 ) -> list[DecodeRow]:
     """Continue prompts of different lengths as one ragged batch (`Engine.run`).
 
@@ -109,6 +116,7 @@ def generate_batch(
         stop: stop strings ending a row (needs `tokenizer`); `row.text` is then the reply.
         tokenizer: decodes each row's text as it is generated (`DecodeRow.text`).
         batch_size: rows decoded at once (default: all); more prompts wait for a free slot.
+        context_shift: see `generate` (the same tokens as `generate` with it).
 
     Returns:
         One finished `DecodeRow` per prompt, in order: `.tokens`, `.finish_reason`, `.text`.
@@ -120,7 +128,7 @@ def generate_batch(
                                                       (top_p, "top_p"), (seed, "seed"))]
     rows = [engine.row(p, m, Sampling(t, k, tp, s), eos_id, stop)
             for p, m, t, k, tp, s in zip(prompts, *settings)]
-    return engine.run(rows, batch_size)
+    return engine.run(rows, batch_size, context_shift=context_shift)
 
 
 def _per_row(value, n: int, name: str) -> list:

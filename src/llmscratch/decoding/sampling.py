@@ -120,15 +120,87 @@ def _draw(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and 0.0 < top_p < 1.0 and probs.device.type == "cpu":
+        # a lower bound on the nucleus's size: no token has more than the row's largest
+        # probability (a flat row, as random weights give, goes straight to the sort)
+        top = float(probs.amax(dim=-1).min())
+        need = math.ceil(top_p / top) if top > 0 else probs.shape[-1]
+        for k in NUCLEUS_CANDIDATES:
+            if k >= probs.shape[-1]:
+                break
+            if k < need:
+                continue
+            nucleus, need = _nucleus_in_top(probs, top_p, k)
+            if nucleus is not None:
+                return _draw_within(probs, nucleus, generator)
     if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # drop a token when the tokens ranked above it already reach top_p; the first
-        # token always survives because the mass above it is 0
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-        drop[..., 0] = False  # a top_p below float32's smallest number (1e-50) is 0 there
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = _nucleus_by_sort(probs, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+NUCLEUS_CANDIDATES = (256, 4096)
+"""Candidate-set sizes `_draw` tries for top-p before sorting the whole vocabulary: the
+nucleus is looked for among the `k` likeliest tokens (`torch.topk`, linear in the vocabulary)
+and the full sort runs only when it is not provably inside them (or cannot be: a flat
+distribution, as a model with random weights gives, goes straight to the sort). CPU only:
+the proof needs `cumsum` to be a sequential scan, which it is on the CPU and not on a GPU,
+where the full sort runs as before."""
+
+
+def _nucleus_by_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`probs` with every token outside the nucleus of mass `top_p` set to 0 (the full sort)."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    # drop a token when the tokens ranked above it already reach top_p; the first
+    # token always survives because the mass above it is 0
+    drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    drop[..., 0] = False  # a top_p below float32's smallest number (1e-50) is 0 there
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def _nucleus_in_top(probs: torch.Tensor, top_p: float, k: int) -> tuple[list[torch.Tensor] | None, int]:
+    """Each row's nucleus (token ids, ascending) found among its `k` likeliest tokens, or None
+    when some row's nucleus is not provably the one `_nucleus_by_sort` keeps; with it, a lower
+    bound on the nucleus's size (the mass still missing over the k-th probability).
+
+    `topk`'s values are the first `k` values of the full descending sort, so the cumulative
+    sums over them (a sequential scan) and the drop rule give the same verdicts for those
+    ranks. The nucleus is exactly the first `m` ranks when rank `k` is dropped (the verdicts
+    are monotone, so every later rank is too), the row is finite, and the last kept value is
+    strictly above the first dropped one: then the nucleus is "every token above that value",
+    the same set whatever order the sort gives tied tokens. Otherwise: None (sort in full).
+    """
+    values, ids = torch.topk(probs, k, dim=-1)
+    if not bool(torch.isfinite(values[:, 0]).all()):
+        return None, k + 1  # nan/inf: the full path raises multinomial's own error
+    cum = values.cumsum(dim=-1)
+    drop = (cum - values) >= top_p
+    drop[:, 0] = False
+    if not bool(drop[:, -1].all()):  # the nucleus may reach past the k candidates
+        missing = float((top_p - cum[:, -1]).max())
+        smallest = float(values[:, -1].min())
+        return None, (k + math.ceil(missing / smallest) if smallest > 0 and missing > 0 else k + 1)
+    kept = (~drop).sum(dim=-1)  # (B,): m, 1 <= m < k
+    rows = torch.arange(values.shape[0], device=values.device)
+    if bool((values[rows, kept - 1] == values[rows, kept]).any()):
+        return None, k + 1  # a tie across the boundary: which tied tokens stay is the sort's choice
+    return [ids[b, : int(kept[b])].sort().values for b in range(values.shape[0])], 1
+
+
+def _draw_within(probs: torch.Tensor, nucleus: list[torch.Tensor], generator) -> torch.Tensor:
+    """The token `torch.multinomial` draws from `probs` zeroed outside `nucleus`, computed
+    only over the nucleus.
+
+    For one sample `torch.multinomial` takes the argmax of `p / q` over the whole row, `q`
+    an `Exp(1)` draw per token (`exponential_` on a tensor like `probs`): tokens outside the
+    nucleus score 0. So: the same full-row noise (the generator advances as before), the same
+    quotient on the nucleus, the first maximum in token order.
+    """
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    for b, ids in enumerate(nucleus):
+        out[b] = ids[torch.argmax(probs[b, ids] / q[b, ids])]
+    return out
 
 
 GREEDY = Sampling()

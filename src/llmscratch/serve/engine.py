@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from ..decoding import engine as decoding
+from ..decoding.batching import PREFILL_CHUNK
 from ..decoding.prompts import normalize_template, template_for
 from ..errors import UserError
 from .scheduler import Event, Job, SamplingParams, Scheduler
@@ -146,11 +147,15 @@ class Engine:
         max_batch_size: rows decoded together by the batching scheduler (the slots; `n`
             choices take `n`); 1 turns batching off.
         max_queue: requests that may wait for a slot; one more is answered 429.
+        prefill_chunk: batching, a prompt longer than this is prefilled this many tokens per
+            decode step, so the running requests keep getting tokens (0: in one pass).
+        context_shift: a request past the context window drops the oldest half of it once
+            and decodes cached (`decoding.engine`; changes the tokens past the window).
     """
 
     def __init__(self, model, tokenizer, model_id: str, template: str | None = None,
                  max_concurrency: int = 4, max_tokens_limit: int = 1024, max_batch_size: int = 32,
-                 max_queue: int = 256):
+                 max_queue: int = 256, prefill_chunk: int = PREFILL_CHUNK, context_shift: bool = False):
         if max_tokens_limit < 1:
             raise UserError(f"max tokens limit must be at least 1, got {max_tokens_limit}")
         if max_concurrency < 1:
@@ -159,6 +164,10 @@ class Engine:
             raise UserError(f"max batch size must be at least 1, got {max_batch_size}")
         if max_queue < 0:
             raise UserError(f"max queue must be at least 0, got {max_queue}")
+        if prefill_chunk < 0:
+            raise UserError(f"prefill chunk must be at least 0 (0 = off), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self.context_shift = context_shift
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.decoding = decoding.Engine(self.model, tokenizer)  # eos_id: None without <|endoftext|>
@@ -371,7 +380,7 @@ class Engine:
 def load_engine(model: str, device=None, dtype=None, template: str | None = None,
                 model_name: str | None = None, max_concurrency: int = 4,
                 max_tokens_limit: int = 1024, kernels: bool = True, max_batch_size: int = 32,
-                max_queue: int = 256) -> Engine:
+                max_queue: int = 256, prefill_chunk: int = PREFILL_CHUNK, context_shift: bool = False) -> Engine:
     """Load `model` (run folder, Hugging Face GPT-2 folder or preset) into an `Engine`,
     with the speed kernels applied unless `kernels=False` (`load_model`).
 
@@ -390,7 +399,7 @@ def load_engine(model: str, device=None, dtype=None, template: str | None = None
     chosen = template_for(model, template).name
     name = model_name or (Path(model).name if Path(model).is_dir() else model)
     engine = Engine(net, tokenizer, name or "model", chosen, max_concurrency, max_tokens_limit,
-                    max_batch_size, max_queue)
+                    max_batch_size, max_queue, prefill_chunk, context_shift)
     from ..decoding.chat import model_kind, model_note
 
     # shown by /v1/models and the chat page: "base" and "random" models were never taught to chat

@@ -63,7 +63,8 @@ class Scheduler:
 
     Requests wait in the engine's `inbox` (first in, first out; one waits until some
     scheduler has free rows for all its `n` choices, and nobody overtakes it). Between two
-    tokens the thread drops the rows of cancelled requests, prefills the newcomers, takes one
+    tokens the thread drops the rows of cancelled requests, prefills the newcomers (a prompt
+    longer than the engine's `prefill_chunk` a chunk per step, inside `step`), takes one
     `BatchDecoder.step` and hands every row's text piece to its request. A failing forward
     pass fails the requests whose rows were in it (a 500 each) and the thread keeps serving.
     """
@@ -72,7 +73,9 @@ class Scheduler:
         """`engine`: the serving `engine.Engine` (its `decoding` engine, `inbox`, `cond`,
         `stopping` and `cancel_all`); `rows`: the batch's rows; `name`: the thread's."""
         self.engine = engine
-        self.decoder = engine.decoding.batch(rows)
+        # chunked prefill only pays where other rows wait: a one-row scheduler prefills at once
+        self.decoder = engine.decoding.batch(rows, engine.prefill_chunk if rows > 1 else None,
+                                             engine.context_shift)
         self.jobs: list[Job] = []  # admitted into this scheduler's batch
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
 

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from ..decoding.batching import PREFILL_CHUNK
 from .app import create_app
 from .engine import load_engine
 
@@ -61,7 +62,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_concurrency
           max_tokens_limit: int = 1024, api_key: str | None = None, template: str | None = None,
           model_name: str | None = None, device=None, dtype=None, threads: int | None = None,
           log_level: str = "info", kernels: bool = True, max_batch_size: int = 32,
-          max_queue: int = 256) -> None:
+          max_queue: int = 256, prefill_chunk: int = PREFILL_CHUNK, context_shift: bool = False) -> None:
     """Serve `model` over HTTP until interrupted (Ctrl-C).
 
     Args:
@@ -79,12 +80,17 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_concurrency
         kernels: apply the speed kernels (`llmscratch.kernels`); False serves the reference model.
         max_batch_size: requests decoded together by continuous batching (1: off).
         max_queue: requests that may wait for a slot; one more is answered 429.
+        prefill_chunk: with batching, a longer prompt is prefilled this many tokens per
+            decode step, so running requests keep streaming while it is read (0: one pass).
+        context_shift: past the context window, drop its oldest half once and decode cached
+            (faster; changes the tokens past the window; `decoding.engine`).
     """
     import uvicorn
 
     api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     engine = load_engine(model, device, dtype, template, model_name, max_concurrency, max_tokens_limit,
-                         kernels=kernels, max_batch_size=max_batch_size, max_queue=max_queue)
+                         kernels=kernels, max_batch_size=max_batch_size, max_queue=max_queue,
+                         prefill_chunk=prefill_chunk, context_shift=context_shift)
     if engine.device.type == "cpu" and not engine.batched:
         # Concurrent generations already keep the cores busy; on top of that, each one's
         # intra-op thread team would oversubscribe them, and a team waiting at a barrier for
