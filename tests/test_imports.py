@@ -215,3 +215,23 @@ def test_no_module_over_500_lines():
     long = {name: n for name, path in MODULES.items()
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}, f"modules over {MAX_LINES} lines (split them by what they own): {long}"
+
+
+def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
+    """Importing llmscratch before torch (as the CLI does) sets libgomp's spin count, which
+    benchmarks/omp_wait.py measured 2-8x faster on a busy machine and the same on a quiet
+    one; an OMP_WAIT_POLICY or GOMP_SPINCOUNT of the user's is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import llmscratch, os; print(os.environ.get('GOMP_SPINCOUNT'))"
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+    def spincount(**env) -> str:
+        return subprocess.run([sys.executable, "-c", probe], env={**clean, **env}, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert spincount() == "30000"
+    assert spincount(GOMP_SPINCOUNT="5") == "5"
+    assert spincount(OMP_WAIT_POLICY="ACTIVE") == "None"

@@ -8,7 +8,19 @@ Checkpoints from the top: `load_model(run_folder_hf_folder_or_preset)` gives `(m
 tokenizer)`; `load_hf` / `save_hf` read and write Hugging Face folders of every family.
 """
 
-from .errors import UserError
+import os as _os
+
+# How PyTorch's OpenMP (libgomp) threads wait between parallel regions: spin about 30k
+# iterations, then sleep, instead of libgomp's 300k. Quiet, the speed is the same (decoding
+# 0.92-1.10x, a training step 1.03x); on a machine where other jobs want the cores, a
+# spinning thread holds the core the thread it waits for needs, and decoding ran 2-8x and
+# training 2x faster with it (benchmarks/omp_wait.py, docs/benchmarks.md). libgomp reads
+# this when torch is imported, so it applies only if llmscratch is imported first (as the
+# CLI does); a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in _os.environ:
+    _os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+from .errors import UserError  # noqa: E402  (after the thread setting: see above)
 from .decoding.engine import Engine
 from .decoding.generate import generate, stream_text
 from .decoding.sampling import Sampling, sample
