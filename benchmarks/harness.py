@@ -313,14 +313,14 @@ def bench_generation(preset: str = "gpt2-124m", batch_size: int = 1, prompt_len:
         for dt in dtypes:
             model = GPT(cfg).to(device).eval()
             model.load_state_dict(base.state_dict())
-            if with_kernels:
-                apply_kernels(model, force=with_kernels == "force")
-            if dt == "bf16":
+            if dt == "bf16":  # the weights' precision first, then the kernels: as `load_model` does
                 model.to(torch.bfloat16)
-            elif dt == "int8":
+            if dt == "int8":  # as `load_model(dtype="int8")` does
                 from llmscratch.kernels.quantize import quantize_int8
 
                 quantize_int8(model)
+            if with_kernels:  # an int8 model takes none (`apply_kernels`)
+                apply_kernels(model, force=with_kernels == "force")
             name = f"llmscratch KV cache {dt}{suffix}"
             fns[name] = (lambda m: lambda: generate(m, idx, new_tokens))(model)
             models[name] = model

@@ -323,7 +323,10 @@ def test_load_model_applies_kernels_only_when_asked(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fast(idx), plain(idx))
     q, _ = load_model(str(tmp_path / "run"), dtype="int8", kernels=True)
-    assert isinstance(q.lm_head, Int8Linear) and isinstance(q.h[0].attn, BlockedCausalSelfAttention)
+    # int8 weights take no kernel (no fp32 linear; blocked attention serves training only):
+    # the model runs the reference's own modules, even when the kernels are applied again
+    assert isinstance(q.lm_head, Int8Linear) and not has_kernels(q)
+    assert not has_kernels(apply_kernels(q, force=True))
 
 
 @pytest.mark.parametrize("flags,expected", [([], True), (["--no-kernels"], False)])
@@ -359,3 +362,15 @@ def test_kernels_after_lora_keep_the_lora_layers_and_outputs():
     assert any(isinstance(m, LoRALinear) for m in model.modules())
     assert all(type(b.attn) is BlockedCausalSelfAttention for b in model.h)
     torch.testing.assert_close(model(x), ref)
+
+
+def test_a_bf16_model_keeps_plain_linears_an_fp32_one_gets_the_split():
+    """The split runs on fp32 weights only: a model already in bf16 when the kernels are
+    applied (as `load_model(dtype=bfloat16, kernels=True)` does) keeps plain `nn.Linear`s,
+    so its decoding runs the reference's code; the LM head is swapped either way (the fused
+    loss serves bf16 autocast training)."""
+    for dtype, block_linear in ((torch.float32, SplitLinear), (torch.bfloat16, nn.Linear)):
+        model = apply_kernels(GPT(GPTConfig.from_name("tiny")).to(dtype))
+        kinds = {type(m) for name, m in model.named_modules() if name.startswith("h.") and isinstance(m, nn.Linear)}
+        assert kinds == {block_linear}, (dtype, kinds)
+        assert type(model.lm_head) is FusedLMHead

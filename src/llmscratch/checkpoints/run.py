@@ -192,8 +192,8 @@ def load_model(name_or_path: str, device=None, dtype=None, seed: int = 0, kernel
     if isinstance(dtype, str):
         if dtype != "int8":
             raise UserError(f"unknown weight precision {dtype!r}; use a torch dtype or 'int8'")
-        model, tokenizer = load_model(name_or_path, device=device, dtype=None, seed=seed, kernels=kernels)
-        return quantize_int8(model), tokenizer
+        model, tokenizer = load_model(name_or_path, device=device, dtype=None, seed=seed)
+        return quantize_int8(model), tokenizer  # no kernel applies to int8 weights (`apply_kernels`)
     model, tokenizer = _load_model(name_or_path, device, dtype, seed)
     if kernels:
         apply_kernels(model, force=kernels == "force")

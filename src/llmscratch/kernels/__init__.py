@@ -4,8 +4,9 @@
 `apply_kernels(model)` swaps, in place and sharing the same Parameters (state dict, weight
 tying, checkpoints and LoRA unchanged):
 
-- every `nn.Linear` -> `SplitLinear` (`split_linear.py`): two-core matrix-vector products
-  when decoding a few rows in fp32 on the CPU;
+- every fp32 `nn.Linear` -> `SplitLinear` (`split_linear.py`): two-core matrix-vector
+  products when decoding a few rows in fp32 on the CPU (a model already in bf16 keeps its
+  plain `nn.Linear`s: the split never runs there, so not even its wrapper is left in the way);
 - every `CausalSelfAttention` -> `BlockedCausalSelfAttention` (`blocked_attention.py`):
   blocked causal attention with a hand-written backward for bf16 training on the CPU;
 - the LM head -> `FusedLMHead` (`linear_cross_entropy.py`): `lm_head_loss` then computes
@@ -29,6 +30,7 @@ The CLI, trainer, server and bench apply the kernels by default (measured choice
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from ..models.attention import CausalSelfAttention
@@ -56,12 +58,16 @@ def apply_kernels(model: nn.Module, force: bool = False) -> nn.Module:
     Returns:
         The same model.
     """
+    if getattr(model, "quantized", None):  # int8 weights: no fp32 linear, and never trained
+        return model  # (blocked attention serves training only): the reference's own code
     # linears first: the new attention modules then share the already-swapped projections
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                cls = FusedLMHead if parent is model and name == "lm_head" else SplitLinear
-                setattr(parent, name, cls.from_linear(child))
+                if parent is model and name == "lm_head":
+                    setattr(parent, name, FusedLMHead.from_linear(child))
+                elif child.weight.dtype == torch.float32:  # the split runs on fp32 weights only
+                    setattr(parent, name, SplitLinear.from_linear(child))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is CausalSelfAttention:

@@ -44,10 +44,11 @@ SPLIT_MAX_ROWS = 8
 
 def use_split(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear(x, weight)` takes the two-core split path (see the module docstring)."""
+    if x.dtype != torch.float32:  # first: a bf16 or int8 model's every linear stops here
+        return False
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (0 < rows <= SPLIT_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and weight.is_contiguous() and weight.shape[0] > 1
-            and not torch.is_grad_enabled())
+    return (0 < rows <= SPLIT_MAX_ROWS and x.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.is_contiguous() and weight.shape[0] > 1 and not torch.is_grad_enabled())
 
 
 def _split_linear(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
