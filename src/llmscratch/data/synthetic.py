@@ -9,8 +9,9 @@ stays at chance). This module mixes a corpus with documents made of them:
 - each synthetic document is a run of **episodes**, one a line: a span of 2 to 10 words
   drawn at random from the corpus's own vocabulary and joined by one separator (a space,
   `_`, `, `, `.` or `-`), then 0 to 20 random filler words, then the same span again;
-- one document in three is instead the classic form: 20 to 60 random words, then the same
-  words again.
+- two documents in three are instead the classic form: a block of 20 to 60 random words
+  (joined by spaces, or one in three times by another separator), then the same block
+  once or twice again, a line each: most of the tokens can be predicted only by copying.
 
 The words are the corpus's most frequent identifiers, so the synthetic text speaks the
 corpus's vocabulary and the tokenizer trained on the mix splits both alike. Nothing in it is
@@ -98,9 +99,10 @@ def repeat_documents(words: list[str], n_chars: int, seed: int = 0, doc_chars: i
     docs: list[str] = []
     total = 0
     while total < n_chars:
-        if rng.random() < 1 / 3:
-            block = " ".join(rng.choices(words, k=rng.randint(20, 60)))
-            doc = f"{block}\n{block}"
+        if rng.random() < 2 / 3:
+            sep = " " if rng.random() < 2 / 3 else rng.choice(SEPARATORS[1:])
+            block = sep.join(rng.choices(words, k=rng.randint(20, 60)))
+            doc = "\n".join([block] * rng.randint(2, 3))
         else:
             lines: list[str] = []
             while sum(len(line) + 1 for line in lines) < doc_chars:
