@@ -6,10 +6,9 @@ the final model.
 1. **Train**: one `llmscratch pretrain` command (printed, and stored in the JSON as
    `recipe_command`) with `--eval-task copy,...`, so every evaluation logs the copy accuracy
    in `metrics.jsonl` beside the validation loss: the induction-head phase change shows
-   as a jump. CPU seconds are the child process's (`getrusage`), so a loaded machine
-   stretches the wall time but not them; each curve point's CPU seconds are the run's
-   total scaled by its share of the elapsed training time (an estimate: the clock is
-   wall time).
+   as a jump. CPU seconds are the process's own (`getrusage` for the run, `process_cpu_s`
+   in each evaluation record for the curve), so a loaded machine stretches the wall time
+   but not them (a record without it gets the run's total scaled by its step).
 2. **Few-shot table**: the final model on `copy` and `pattern` (by default) at 0, 1, 3 and
    5 shots, every example of each task (`evaluation.tasks.evaluate_task`, as
    `llmscratch eval tasks` and `fewshot_table.py` score).
@@ -64,8 +63,9 @@ def train(args, data: str, out: Path) -> dict:
         raise SystemExit(f"llmscratch pretrain failed:\n{r.stderr[-3000:]}")
     cpu, wall = child_cpu() - cpu0, time.perf_counter() - t0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    end = records[-1]["elapsed_s"]
-    curve = [{"step": rec["step"], "cpu_s": round(cpu * rec["elapsed_s"] / end, 1), "elapsed_s": rec["elapsed_s"],
+    last = records[-1]["step"]
+    curve = [{"step": rec["step"], "cpu_s": round(rec.get("process_cpu_s", cpu * rec["step"] / last), 1),
+              "elapsed_s": rec["elapsed_s"],
               **{k: rec[k] for k in rec if k.startswith("task_") or k in ("val_loss", "val_bpb")}}
              for rec in records if "val_loss" in rec]
     for point in curve:

@@ -118,6 +118,7 @@ def test_pretrain_logs_task_accuracy(tmp_path, corpus_file, capsys):
     for r in evals:
         assert r["task_copy_acc"] in {k / 8 for k in range(9)}  # a share of the 8 examples scored
         assert 0 <= r["task_pattern_1shot_acc"] <= 1
+    assert evals[1]["process_cpu_s"] > evals[0]["process_cpu_s"] > 0  # what the skill cost, in CPU seconds
     assert "task_copy_acc" in capsys.readouterr().out  # shown with the validation loss
 
 

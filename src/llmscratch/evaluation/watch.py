@@ -4,7 +4,8 @@ At each of a pretraining run's evaluations, the model is also scored on zero- or
 tasks (`tasks.py`: a built-in task such as `copy` or `pattern`, or a task file), and each
 score goes into that evaluation's record in `metrics.jsonl` beside the validation loss:
 `task_copy_acc` for `copy`, `task_copy_3shot_acc` for `copy:3` (three examples before each
-query). That is how the in-context-learning recipe watches the copy accuracy jump when
+query), and `process_cpu_s`, the training process's CPU seconds so far (on a shared machine
+the clock overstates the work done; this is what the skill cost). That is how the in-context-learning recipe watches the copy accuracy jump when
 induction heads form.
 
 The training layer cannot import this one, so the evaluator goes down as a function:
@@ -14,6 +15,7 @@ The training layer cannot import this one, so the evaluator goes down as a funct
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from ..errors import UserError
@@ -57,7 +59,7 @@ def task_evaluator(spec: str, limit: int = 100, seed: int = 1234) -> Callable[..
         tasks.append((task, shots))
 
     def evaluate(model, tokenizer) -> dict:
-        out = {}
+        out = {"process_cpu_s": time.process_time()}
         for task, shots in tasks:
             r = evaluate_task(model, tokenizer, task, shots=shots, seed=seed, limit=limit)
             out[metric_name(task, shots)] = r.get("acc", r.get("exact_match"))
