@@ -19,7 +19,9 @@ class TrainConfig(RunConfig):
     (`settings.py`); those re-declared here have pretraining's defaults and docs."""
 
     data: str = "python-stdlib"
-    """dataset name, text file, folder of .txt files, or a folder of token shards made by llmscratch prepare"""
+    """dataset name, text file, folder of .txt files, or a folder of token shards made by llmscratch prepare;
+    repeats:CORPUS (or repeats:share=0.9,seed=0:CORPUS) mixes CORPUS with synthetic text whose spans
+    repeat, a curriculum for copying from the context (docs/data.md)"""
     model: str = "mini"
     """model preset to train from scratch (a GPT: tiny, mini, small, ...; an encoder: bert-tiny, bert-mini, ...)"""
     n_layer: int | None = None
