@@ -10,7 +10,8 @@ from .args import config_from_args, given_settings
 
 def cmd_pretrain(args) -> int:
     """Pretrain a GPT from scratch on a corpus, writing a self-contained run folder."""
-    from ..train import TrainConfig, pretrain
+    from ..evaluation.watch import pretrain_watching
+    from ..train import TrainConfig
     from ..kernels import reuse_freed_memory
 
     given = given_settings(TrainConfig, args)
@@ -19,7 +20,7 @@ def cmd_pretrain(args) -> int:
     else:
         cfg = config_from_args(TrainConfig, args)
     reuse_freed_memory()
-    result = pretrain(cfg)
+    result = pretrain_watching(cfg)  # train.pretrain, plus the --eval-task scores
     out = result.out
     if result.interrupted:
         print(f"\ninterrupted at step {result.step}: checkpoint saved in {out}; "

@@ -17,6 +17,8 @@ Three ways to get text into the pipeline, all ending in a list of `Document`s:
   Every path verifies the checksum, so a file that is there is the file we expect. The
   fetching itself (resume, verify, atomic rename) is `download.py`'s, shared with `hub`.
 - A path: one text file, or a folder whose `.txt` files are read recursively in sorted order.
+- `repeats:CORPUS`: any of those mixed with synthetic text whose spans repeat, the
+  induction-head curriculum (`synthetic.py`).
 
 Example:
     >>> docs = load_text("python-docs")
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .download import ENV_DATA_DIR, download_file, extract_member, reject_unless
+from .synthetic import is_repeats_spec, mix_repeats, parse_repeats_spec
 from ..errors import UserError
 from ..utils import atomic_write, sha256_file
 
@@ -461,6 +464,10 @@ def load_text(
             undecodable bytes (with the byte offset).
     """
     _check_encoding_errors(encoding_errors)
+    if is_repeats_spec(name_or_path):  # `repeats:CORPUS`: mixed with synthetic repeated spans (synthetic.py)
+        opts, base = parse_repeats_spec(name_or_path)
+        docs = load_text(base, encoding_errors=encoding_errors, cache_dir=cache_dir, progress=progress)
+        return [Document(n, t) for n, t in mix_repeats([(d.name, d.text) for d in docs], **opts)]
     if isinstance(name_or_path, str):
         if name_or_path in EMBEDDED_DATASETS:
             return _embedded_documents(name_or_path)

@@ -19,7 +19,9 @@ class TrainConfig(RunConfig):
     (`settings.py`); those re-declared here have pretraining's defaults and docs."""
 
     data: str = "python-stdlib"
-    """dataset name, text file, folder of .txt files, or a folder of token shards made by llmscratch prepare"""
+    """dataset name, text file, folder of .txt files, or a folder of token shards made by llmscratch prepare;
+    repeats:CORPUS (or repeats:share=0.9,seed=0:CORPUS) mixes CORPUS with synthetic text whose spans
+    repeat, a curriculum for copying from the context (docs/data.md)"""
     model: str = "mini"
     """model preset to train from scratch (a GPT: tiny, mini, small, ...; an encoder: bert-tiny, bert-mini, ...)"""
     n_layer: int | None = None
@@ -98,6 +100,13 @@ class TrainConfig(RunConfig):
     """evaluate, sample and checkpoint every N steps"""
     eval_batches: int = 20
     """validation batches per evaluation"""
+    eval_task: str | None = None
+    """also score zero-/few-shot tasks at each evaluation and log them in metrics.jsonl:
+    NAME or NAME:SHOTS, comma-separated, each a built-in task (copy, pattern, arithmetic,
+    python-docs-cloze) or a task file (e.g. copy,copy:3 logs task_copy_acc and
+    task_copy_3shot_acc: in-context copying as it appears)"""
+    eval_task_limit: int = 100
+    """--eval-task: examples scored per task at each evaluation"""
     val_fraction: float = 0.1
     """share of the tokens held out for validation (the tail)"""
     sample_tokens: int = 60
@@ -127,11 +136,12 @@ class TrainConfig(RunConfig):
                    "tokenizer", "max_steps", "time_budget", "schedule", "decay_fraction", "decay_start",
                    "decay_ends", "batch_size", "grad_accum", "context_length",
                    "dropout", "lr", "min_lr_ratio", "warmup_steps", "optimizer", "weight_decay", "beta1",
-                   "beta2", "grad_clip", "eval_every", "eval_batches", "val_fraction", "sample_tokens", "seed",
+                   "beta2", "grad_clip", "eval_every", "eval_batches", "eval_task", "eval_task_limit", "val_fraction",
+                   "sample_tokens", "seed",
                    "device", "precision", "compile", "strategy", "logger", "kernels", "gradient_checkpointing", "encoding_errors",
                    "resume", "progress")
-    POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "context_length",
-                "n_layer", "n_head", "n_embd")
+    POSITIVE = ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "eval_task_limit",
+                "context_length", "n_layer", "n_head", "n_embd")
 
     def model_overrides(self) -> dict:
         """The preset fields this config changes: its shape flags, --context-length and the
@@ -193,7 +203,8 @@ class TrainConfig(RunConfig):
     # a function of max_steps, so it stretches from the step the run stopped at), how
     # often to evaluate, and where and how fast to compute. Every other setting keeps the
     # value the run was started with.
-    RESUME_SAFE = ("out", "resume", "max_steps", "eval_every", "eval_batches", "sample_tokens", "device",
+    RESUME_SAFE = ("out", "resume", "max_steps", "eval_every", "eval_batches", "eval_task", "eval_task_limit",
+                   "sample_tokens", "device",
                    "precision", "compile", "logger", "kernels", "gradient_checkpointing", "progress")
 
 

@@ -165,9 +165,11 @@ def metrics_from_loss(loss: float, bytes_per_token: float) -> dict:
 
 
 def evaluate_pretraining(model: GPT, val_ids, bytes_per_token: float, cfg: TrainConfig, device: torch.device,
-                          amp: torch.dtype | None, rank: int, world: int, tokenizer=None) -> dict:
+                          amp: torch.dtype | None, rank: int, world: int, tokenizer=None,
+                          task_eval: Callable | None = None) -> dict:
     """The pretraining evaluation: loss, perplexity and bits per byte on the validation
-    tail, plus (rank 0, `cfg.sample_tokens` > 0) a sample continuing its first tokens."""
+    tail, plus (rank 0, `cfg.sample_tokens` > 0) a sample continuing its first tokens and
+    (rank 0, `task_eval`) the task scores `task_eval(model, tokenizer)` returns."""
     loss = evaluate(model, val_ids, cfg.batch_size, model.config.context_length, cfg.eval_batches,
                     device, amp, rank, world)
     result = metrics_from_loss(loss, bytes_per_token)
@@ -175,6 +177,9 @@ def evaluate_pretraining(model: GPT, val_ids, bytes_per_token: float, cfg: Train
     if (rank == 0 or cfg.strategy == "fsdp") and tokenizer is not None and cfg.sample_tokens > 0:
         with torch.autocast(device.type, enabled=False):  # sampled in the weights' own dtype
             result["sample"] = _sample(model, tokenizer, val_ids, cfg.sample_tokens, device, cfg.seed)
+    if task_eval is not None and rank == 0:
+        with torch.autocast(device.type, enabled=False):
+            result.update(task_eval(model, tokenizer))
     return result
 
 
@@ -194,7 +199,7 @@ class TrainResult:
 
 
 def pretrain(cfg: TrainConfig, *, stop_after: int | None = None,
-             step_hook: Callable[[int], None] | None = None) -> TrainResult:
+             step_hook: Callable[[int], None] | None = None, task_eval: Callable | None = None) -> TrainResult:
     """Run (or resume) a pretraining run as described by `cfg`; see the module docstring.
 
     Args:
@@ -202,8 +207,16 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None,
         stop_after: behave as if interrupted once this step is done (checkpoint, then
             return with `interrupted=True`); the schedule still follows `cfg.max_steps`.
         step_hook: called with the step index inside each training step (`loop.fit`).
+        task_eval: `task_eval(model, tokenizer) -> {name: score}`, merged into each
+            evaluation's record: what `cfg.eval_task` asks for, built by the evaluation
+            layer (`evaluation.watch.pretrain_watching`).
     """
+    if cfg.eval_task and task_eval is None:
+        raise UserError("--eval-task needs the task evaluator: call evaluation.watch.pretrain_watching(cfg) "
+                        "(as llmscratch pretrain does) instead of train.pretrain(cfg)")
     if objective_of(cfg) == "mlm":  # an encoder: masked-LM pretraining (train/mlm.py)
+        if task_eval is not None:
+            raise UserError("--eval-task scores a GPT's continuations; an encoder (masked LM) has none")
         out, fitted = pretrain_mlm(cfg, stop_after=stop_after)
         ev = fitted.last_eval
         return TrainResult(out, fitted.step, fitted.seen, ev.get("val_loss"), None, fitted.interrupted,
@@ -247,7 +260,8 @@ def pretrain(cfg: TrainConfig, *, stop_after: int | None = None,
               f"{' with bf16 autocast' if amp else ''}")
 
     evaluate_fn = partial(evaluate_pretraining, val_ids=val_ids, bytes_per_token=bytes_per_token, cfg=cfg,
-                          device=device, amp=amp, rank=rank, world=world, tokenizer=tokenizer)
+                          device=device, amp=amp, rank=rank, world=world, tokenizer=tokenizer,
+                          task_eval=task_eval)
     budget = parse_duration(cfg.time_budget) if cfg.time_budget is not None else None
     loop = cfg.loop_settings(stop_after=stop_after, schedule=schedule_of(cfg), budget_s=budget, clock_start=started,
                              plot_title=f"{cfg.model} on {cfg.data}", desc="pretrain")
