@@ -125,11 +125,12 @@ def child() -> None:
             mine: set[str] = set()
             _trace(["convert", str(run), str(hf)], package, mine, climbs)
             _trace(["convert", str(hf), str(Path(tmp) / f"{name}-run2")], package, mine, climbs)
-            per_family[name] = len(mine)
+            per_family[name] = sorted(mine)
             files |= mine
     print(json.dumps({"package": str(package), "files_entered": len(files), "files": sorted(files),
                       "climbs_back_up": len(climbs), "climbs": [f"{a} -> {b}" for a, b in sorted(climbs)],
-                      "files_per_family": per_family}))
+                      "files_per_family": {k: len(v) for k, v in per_family.items()},
+                      "family_files": per_family}))
 
 
 def static_path(package: Path, entry: tuple[str, str]) -> dict:

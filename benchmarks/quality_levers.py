@@ -81,6 +81,14 @@ LEVERS.update({
     "record + seq-len warmup 100": [*RECORD, "--seq-len-warmup", "100"],
     "record + decay 0.4": [*RECORD, "--decay-fraction", "0.4"],
 })
+# The three levers that helped at equal steps (qk-norm -0.039, value residual and seq-len warmup
+# -0.010 each), together; QK-norm bounds the attention logits, so a higher learning rate is
+# the natural next try on top.
+COMBINED = [*RECORD, "--qk-norm", "--value-residual", "--seq-len-warmup", "100"]
+LEVERS.update({
+    "record + qk-norm + value residual + seq-len warmup": COMBINED,
+    "record + qk-norm + value residual + seq-len warmup, lr 3e-3": [*COMBINED, "--lr", "3e-3"],
+})
 
 
 def parse_flags(flags: list[str]) -> dict[str, str | None]:

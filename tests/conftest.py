@@ -119,6 +119,29 @@ def tiny_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def untied_tiny_run(tmp_path_factory) -> Path:
+    """Like `tiny_run` with an untied head, so greedy text varies from prompt to prompt
+    (context 128): the batched server's and the decoder's runs."""
+    from llmscratch.checkpoints.run import save_model
+    from llmscratch.models.gpt import GPT, GPTConfig
+    from llmscratch.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("untied-run")
+    save_model(GPT(GPTConfig.from_name("tiny", tie_weights=False)), out, get_tokenizer("gpt2"))
+    return out
+
+
+def generate_alone(model, ids: list[int], n: int, eos_id: int, **kw) -> list[int]:
+    """The completion the library generates for `ids` by itself (cut at `eos_id`): what a
+    batched path must reproduce."""
+    from llmscratch import generate
+
+    out = generate(model, torch.tensor([ids]), n, eos_id=eos_id, **kw)[0, len(ids):].tolist()
+    return out[: out.index(eos_id)] if eos_id in out else out
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory, docs_text) -> Path:
     """A 20 KB slice of the embedded corpus as a text file (the size of the-verdict): small

@@ -17,7 +17,8 @@ import torch
 from llmscratch import GPT, GPTConfig, get_tokenizer
 from llmscratch.cli.main import main
 from llmscratch.hf.registry import save_hf
-from llmscratch.models.configs import MAX_LAYERS, MAX_PARAMS, estimate_params
+from llmscratch.models.bert import Bert, BertConfig
+from llmscratch.models.configs import MAX_LAYERS, MAX_PARAMS
 
 TOK = get_tokenizer("gpt2")
 
@@ -102,8 +103,13 @@ def test_size_estimate_matches_the_built_models():
         cfg = GPTConfig.from_name(name)
         with torch.device("meta"):
             n = GPT(cfg).num_params(include_embeddings=True)
-        assert abs(estimate_params(cfg) - n) / n < 0.02, name
-    assert estimate_params(GPTConfig.from_name("gpt2-124m")) < MAX_PARAMS
+        assert abs(cfg.estimated_params() - n) / n < 0.02, name
+    for name in ("bert-mini", "bert-base"):
+        cfg = BertConfig.from_name(name)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in Bert(cfg).parameters() if p.dim() == 2)
+        assert abs(cfg.estimated_params() - n) / n < 0.02, name
+    assert GPTConfig.from_name("gpt2-124m").estimated_params() < MAX_PARAMS
 
 
 def test_garbage_tokenizer_json_in_a_llama_folder(tmp_path, capsys):

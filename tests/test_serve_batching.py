@@ -13,31 +13,24 @@ import json
 import time
 
 import pytest
-import torch
 
 httpx = pytest.importorskip("httpx")
 
-from llmscratch import GPT, GPTConfig, generate, get_tokenizer  # noqa: E402
-from llmscratch.checkpoints.run import save_model  # noqa: E402
+from conftest import generate_alone  # noqa: E402
+from llmscratch import get_tokenizer  # noqa: E402
 from llmscratch.serve import BackgroundServer, SamplingParams, create_app, load_engine  # noqa: E402
 
 TOK = get_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny random GPT (untied head, so greedy text varies), context 128."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("batch-run")
-    save_model(GPT(GPTConfig.from_name("tiny", tie_weights=False)), path, TOK)
-    return path
+def run_dir(untied_tiny_run):
+    return untied_tiny_run
 
 
 def alone(engine, ids, n, **kw):
     """What the library generates for this prompt by itself: (text, completion tokens)."""
-    out = generate(engine.model, torch.tensor([ids]), n, eos_id=TOK.eot_id, **kw)[0, len(ids):].tolist()
-    if TOK.eot_id in out:
-        out = out[: out.index(TOK.eot_id)]
+    out = generate_alone(engine.model, ids, n, TOK.eot_id, **kw)
     return TOK.decode(out), len(out)
 
 

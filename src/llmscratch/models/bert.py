@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import FusedSelfAttention
-from .configs import check_sizes, config_from_dict, config_from_name, register_presets
+from .configs import check_sizes, preset_fields, register_presets, saved_fields
 from .kind import ENCODER
 from ..errors import UserError
 
@@ -78,7 +78,7 @@ class BertConfig:
             raise UserError(f"BertConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.model_type != MODEL_TYPE:
             raise UserError(f"BertConfig.model_type must be {MODEL_TYPE!r}, got {self.model_type!r}")
-        check_sizes(self)
+        check_sizes(self, self.estimated_params())
 
     @property
     def mlp_width(self) -> int:
@@ -91,6 +91,13 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def estimated_params(self) -> int:
+        """The parameters this config describes, from its sizes alone (weight matrices and
+        embeddings; biases and norms left out), without building anything."""
+        d = self.n_embd
+        per_layer = 4 * d * d + 2 * d * self.mlp_width  # q, k, v, out; the MLP's two
+        return self.n_layer * per_layer + (self.vocab_size + self.context_length + self.type_vocab_size) * d
+
     @staticmethod
     def presets() -> list[str]:
         return list(_PRESETS)
@@ -98,7 +105,7 @@ class BertConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> BertConfig:
         """A preset by name with fields overridden: `from_name("bert-tiny", vocab_size=2000)`."""
-        return config_from_name(cls, _PRESETS, name, overrides, what="encoder")
+        return cls(**preset_fields(cls, _PRESETS, name, overrides, what="encoder"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,7 +116,7 @@ class BertConfig:
         `norm_eps`, `intermediate_size` 0 for None); UserError for a key that is no field."""
         if d.get("intermediate_size") == 0:  # earlier versions wrote 0 for "4 x n_embd"
             d = {**d, "intermediate_size": None}
-        return config_from_dict(cls, d, renamed={"layer_norm_eps": "norm_eps"})
+        return cls(**saved_fields(cls, d, renamed={"layer_norm_eps": "norm_eps"}))
 
 
 def is_encoder_config(d: dict) -> bool:

@@ -4,6 +4,9 @@ overridden, and a saved config read back strictly.
 Both configs are frozen dataclasses with the same names for the same things (`n_embd`,
 `n_layer`, `n_head`, `intermediate_size` with None for 4 x `n_embd`, `norm_eps`, the
 `mlp_width` property); a family is one config class, one presets table and these two calls.
+They return the fields and the family's class builds itself (`cls(**preset_fields(...))`), so
+the checks run in the config's own `__post_init__` and this module never calls back into the
+family's.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ def all_presets_text() -> str:
     return "; ".join(f"{what}: {', '.join(table)}" for what, table in PRESET_TABLES.items())
 
 
-def config_from_name(cls: type, presets: dict[str, dict], name: str, overrides: dict, what: str = "model"):
-    """`cls` built from the preset `name` of `presets`, with `overrides` applied; a UserError
-    names an unknown preset (a `what` preset: "GPT", "encoder"), listing every family's,
-    or an unknown field."""
+def preset_fields(cls: type, presets: dict[str, dict], name: str, overrides: dict, what: str = "model") -> dict:
+    """The fields of the preset `name` of `presets` with `overrides` applied, for `cls(**...)`;
+    a UserError names an unknown preset (a `what` preset: "GPT", "encoder"), listing every
+    family's, or an unknown field."""
     if name not in presets:
         other = [w for w, table in PRESET_TABLES.items() if name in table]
         mine = [w for w, table in PRESET_TABLES.items() if table is presets]
@@ -46,11 +49,11 @@ def config_from_name(cls: type, presets: dict[str, dict], name: str, overrides: 
             raise UserError(f"{name!r} is an {other[0]} preset, not a {mine[0]} one")
         raise UserError(f"unknown {what} preset {name!r}; choose one of: {all_presets_text()}")
     check_fields(cls, overrides)
-    return cls(**{**presets[name], **overrides})
+    return {**presets[name], **overrides}
 
 
-def config_from_dict(cls: type, d: dict, renamed: dict[str, str] | None = None):
-    """`cls` from a saved config (a run folder's `"model"` section).
+def saved_fields(cls: type, d: dict, renamed: dict[str, str] | None = None) -> dict:
+    """The fields of a saved config (a run folder's `"model"` section), for `cls(**...)`.
 
     Args:
         d: the saved fields.
@@ -64,7 +67,7 @@ def config_from_dict(cls: type, d: dict, renamed: dict[str, str] | None = None):
     renamed = renamed or {}
     values = {renamed.get(k, k): v for k, v in d.items()}
     check_fields(cls, values, " in the saved model config")
-    return cls(**values)
+    return values
 
 
 MAX_LAYERS = 1000
@@ -77,28 +80,15 @@ MAX_PARAMS = 10**13
 bigger one (`n_embd: 1000000000`) is an error, not an allocation that overflows."""
 
 
-def estimate_params(config) -> int:
-    """The parameters a `GPTConfig` or `BertConfig` describes, from its sizes alone (the
-    weight matrices and embeddings; biases and norms left out), without building anything."""
-    d, hd = config.n_embd, config.head_dim
-    heads, kv = config.n_head, getattr(config, "kv_heads", config.n_head)
-    attn = d * heads * hd * 2 + d * kv * hd * 2  # q and out, k and v
-    mlp = (3 if getattr(config, "mlp", "") == "swiglu" else 2) * d * config.mlp_width
-    embeddings = config.vocab_size * d * (1 if getattr(config, "tie_weights", True) else 2)
-    if getattr(config, "position", "learned") == "learned":
-        embeddings += config.context_length * d
-    return config.n_layer * (attn + mlp) + embeddings
-
-
-def check_sizes(config) -> None:
+def check_sizes(config, n_params: int) -> None:
     """UserError when a config's sizes are beyond any model (`MAX_LAYERS`, `MAX_PARAMS`):
-    checked when a config is made, before anything is allocated."""
+    checked when a config is made, before anything is allocated (`n_params`: its own
+    `estimated_params()`)."""
     name = type(config).__name__
     if config.n_layer > MAX_LAYERS:
         raise UserError(f"{name}.n_layer is {config.n_layer}, over the limit of {MAX_LAYERS} layers")
-    n = estimate_params(config)
-    if n > MAX_PARAMS:
-        raise UserError(f"{name} describes {n:.3g} parameters (n_embd {config.n_embd}, n_layer "
+    if n_params > MAX_PARAMS:
+        raise UserError(f"{name} describes {n_params:.3g} parameters (n_embd {config.n_embd}, n_layer "
                         f"{config.n_layer}, vocab_size {config.vocab_size}), over the limit of {MAX_PARAMS:.0e}")
 
 
@@ -108,8 +98,9 @@ def check_fits_in_memory(config, where: str, bytes_per_param: int = 2) -> None:
     from ..utils import physical_memory
 
     total = physical_memory()
-    need = estimate_params(config) * bytes_per_param
+    n_params = config.estimated_params()
+    need = n_params * bytes_per_param
     if total and need > total:
-        raise UserError(f"{where}: the model has {estimate_params(config) / 1e9:.1f}B parameters, "
+        raise UserError(f"{where}: the model has {n_params / 1e9:.1f}B parameters, "
                         f"{need / 2**30:.0f} GiB even in bf16, more than this machine's "
                         f"{total / 2**30:.0f} GiB of memory")

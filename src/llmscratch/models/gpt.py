@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import FusedSelfAttention, KVCache, RMSNorm, rope_cos_sin, rope_frequencies
-from .configs import check_sizes, config_from_dict, config_from_name, register_presets
+from .configs import check_sizes, preset_fields, register_presets, saved_fields
 from .kind import DECODER
 from ..errors import UserError
 
@@ -137,7 +137,7 @@ class GPTConfig:
         cap = self.logit_softcap
         if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0):
             raise UserError(f"GPTConfig.logit_softcap must be a positive number or None, got {cap!r}")
-        check_sizes(self)
+        check_sizes(self, self.estimated_params())
 
     @property
     def head_dim(self) -> int:
@@ -152,6 +152,17 @@ class GPTConfig:
     def mlp_width(self) -> int:
         return self.intermediate_size or 4 * self.n_embd
 
+    def estimated_params(self) -> int:
+        """The parameters this config describes, from its sizes alone (weight matrices and
+        embeddings; biases and norms left out), without building anything."""
+        d, hd = self.n_embd, self.head_dim
+        attn = d * self.n_head * hd * 2 + d * self.kv_heads * hd * 2  # q and out, k and v
+        mlp = (3 if self.mlp == "swiglu" else 2) * d * self.mlp_width
+        embeddings = self.vocab_size * d * (1 if self.tie_weights else 2)
+        if self.position == "learned":
+            embeddings += self.context_length * d
+        return self.n_layer * (attn + mlp) + embeddings
+
     @staticmethod
     def presets() -> list[str]:
         return list(_PRESETS)
@@ -159,7 +170,7 @@ class GPTConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPTConfig":
         """A preset by name, with any field overridden: `from_name("tiny", vocab_size=512)`."""
-        return config_from_name(cls, _PRESETS, name, overrides)
+        return cls(**preset_fields(cls, _PRESETS, name, overrides))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,7 +178,7 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         """The config saved by `to_dict` (UserError for a key that is no field)."""
-        return config_from_dict(cls, d)
+        return cls(**saved_fields(cls, d))
 
 
 def check_rope_scaling(scaling, where: str) -> None:
