@@ -83,8 +83,10 @@ def test_load_text_reads_the_spec(corpus_file):
         load_text("repeats:/no/such/corpus.txt")
 
 
-def test_cli_bad_repeats_spec_is_one_line(capsys):
-    assert main(["pretrain", "--data", "repeats:share=2:python-docs", "--max-steps", "1"]) == 2
+def test_cli_bad_repeats_spec_is_one_line(capsys, tmp_path):
+    # its own --out: the default runs/pretrain may hold README command 1's run in a user's clone
+    assert main(["pretrain", "--data", "repeats:share=2:python-docs", "--max-steps", "1",
+                 "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert "share must be between 0 and 1" in err and "\n" not in err and "Traceback" not in err
 
