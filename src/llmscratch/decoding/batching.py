@@ -331,13 +331,9 @@ class BatchDecoder:
 
     def _prefill_together(self, new: list[DecodeRow]) -> None:
         """One left-padded forward pass for `new` rows, written into their slots."""
-        if not self.rows:
-            self.pos = 0
         width = max(len(r.prompt) for r in new)
-        self._reserve(max(width, self.pos))
-        if width > self.pos:
-            self._shift(width - self.pos)
-        n, k, pos = len(self.rows), len(new), self.pos
+        n, pos = self._slots_for(width)
+        k = len(new)
         idx = torch.zeros(k, width, dtype=torch.long)
         for i, r in enumerate(new):
             idx[i, width - len(r.prompt):] = torch.tensor(r.prompt)
@@ -352,9 +348,7 @@ class BatchDecoder:
         hidden = self.model.hidden_states(idx.to(self.device), views, pos - width, positions, key_mask)
         logits = self.model.lm_head(hidden[:, -1])  # (k, V)
         for i, r in enumerate(new):
-            r._logits = logits[i: i + 1]
-            r._generator = r.sampling.generator(self.device)
-            self.rows.append(r)
+            self._admit(r, logits[i: i + 1])
 
     def _advance_prefill(self) -> list[tuple[DecodeRow, int, str]]:
         """Encode up to `prefill_chunk` prompt tokens of the queued long prompts (oldest
@@ -383,20 +377,29 @@ class BatchDecoder:
     def _join(self, p: _Prefill, logits: torch.Tensor) -> None:
         """A fully encoded prompt takes its slot: its keys and values copied to the columns
         `_prefill_together` would have written (`[pos - len, pos)`)."""
-        if not self.rows:
-            self.pos = 0
         width = len(p.row.prompt)
-        self._reserve(max(width, self.pos))
-        if width > self.pos:
-            self._shift(width - self.pos)
-        n, pos = len(self.rows), self.pos
+        n, pos = self._slots_for(width)
         for c, own in zip(self.caches, p.caches):
             c.k[n, :, pos - width: pos] = own.k[0, :, :width]
             c.v[n, :, pos - width: pos] = own.v[0, :, :width]
         self.starts[n] = pos - width
-        p.row._logits = logits
-        p.row._generator = p.row.sampling.generator(self.device)
-        self.rows.append(p.row)
+        self._admit(p.row, logits)
+
+    def _slots_for(self, width: int) -> tuple[int, int]:
+        """Columns for prompts of up to `width` tokens ending at the shared cursor (the
+        packed rows shifted right if it is not that far yet): `(first free slot, cursor)`."""
+        if not self.rows:
+            self.pos = 0
+        self._reserve(max(width, self.pos))
+        if width > self.pos:
+            self._shift(width - self.pos)
+        return len(self.rows), self.pos
+
+    def _admit(self, r: DecodeRow, logits: torch.Tensor) -> None:
+        """`r` joins the packed rows, its first token to be sampled from `logits`."""
+        r._logits = logits
+        r._generator = r.sampling.generator(self.device)
+        self.rows.append(r)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[DecodeRow, int, str]]:
